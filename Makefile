@@ -1,0 +1,49 @@
+# Two commands matter on a fresh machine: `make run` and `make test`.
+# Every other target is built from the same pieces so nothing is done by hand.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STACK := tests/stack
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint typecheck pytest bench demo soak fuzz npm apt-test apt-bench clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || PY=python3; test -d $(VENV) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/x402-proxy run $(ARGS)
+
+# npm packages for the local chain (anvil) and the reference x402 servers.
+$(STACK)/node_modules/.installed: $(STACK)/package.json $(STACK)/package-lock.json
+	cd $(STACK) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
+npm: $(STACK)/node_modules/.installed
+
+# Debian packages the tests use as real clients or peers.
+APT_TEST := curl
+apt-test:
+	@missing=""; for p in $(APT_TEST); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check proxy tests
+	$(BIN)/ruff format --check proxy
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+pytest: $(STAMP) npm apt-test
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+clean:
+	rm -rf $(VENV) $(STACK)/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,137 @@
+"""`x402-proxy` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from proxy.config import Config, ConfigError, load_config, redacted
+from proxy.home import resolve_home
+
+NO_PROXY_DEFAULT = "localhost,127.0.0.1,::1"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="x402-proxy", description="Forward proxy that pays x402 challenges.")
+    parser.add_argument("--config", type=Path, help="TOML config file")
+    parser.add_argument("--home", help="state directory (env X402_PROXY_HOME, default ~/.x402-proxy)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start the proxy")
+    run.add_argument("--listen", help="HOST:PORT for the proxy listener (default 127.0.0.1:8402)")
+
+    ca = sub.add_parser("ca", help="the local CA used for HTTPS interception")
+    ca_sub = ca.add_subparsers(dest="ca_command", required=True)
+    ca_sub.add_parser("path", help="print the CA certificate path")
+    ca_sub.add_parser("export", help="print the CA certificate (PEM)")
+
+    env = sub.add_parser("env", help="print shell exports that route a tool through the proxy")
+    env.add_argument("--listen", help="proxy address, if not the configured one")
+    env.add_argument("--no-proxy", default=NO_PROXY_DEFAULT, help=f"NO_PROXY value (default {NO_PROXY_DEFAULT})")
+
+    config = sub.add_parser("config", help="configuration")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("check", help="validate and print the effective config (secrets redacted)")
+    return parser
+
+
+def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    if getattr(args, "listen", None):
+        overrides.setdefault("proxy", {})["listen"] = args.listen
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Flags given after the subcommand are accepted too (`x402-proxy run --config F`).
+    home = resolve_home(args.home, os.environ)
+    try:
+        config = load_config(args.config, os.environ, _cli_overrides(args))
+    except ConfigError as exc:
+        print(f"x402-proxy: {exc}", file=sys.stderr)
+        return 2
+    handler = {"run": _run, "ca": _ca, "env": _env, "config": _config}[args.command]
+    return handler(args, config, home)
+
+
+def _run(args: argparse.Namespace, config: Config, home: Path) -> int:
+    from proxy.app import configure_logging, run_loop, serve_forever
+    from proxy.tls.ca import CAError
+
+    configure_logging(config.log.level, config.log.format)
+    try:
+        return run_loop(lambda: serve_forever(config, home))
+    except CAError as exc:
+        print(f"x402-proxy: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"x402-proxy: cannot start: {exc}", file=sys.stderr)
+        return 2
+
+
+def _ca(args: argparse.Namespace, config: Config, home: Path) -> int:
+    from proxy.home import ensure_home
+    from proxy.tls.ca import CertificateAuthority
+
+    ca = CertificateAuthority.load_or_create(ensure_home(home))
+    if args.ca_command == "path":
+        print(ca.ca_pem_path)
+    else:
+        sys.stdout.write(ca.ca_pem_path.read_text())
+    return 0
+
+
+def env_exports(proxy_url: str, bundle: Path, ca_pem: Path, no_proxy: str) -> list[tuple[str, str]]:
+    return [
+        ("HTTP_PROXY", proxy_url),
+        ("http_proxy", proxy_url),
+        ("HTTPS_PROXY", proxy_url),
+        ("https_proxy", proxy_url),
+        ("NO_PROXY", no_proxy),
+        ("no_proxy", no_proxy),
+        # These replace a client's default roots, hence the combined bundle rather than our CA alone.
+        ("SSL_CERT_FILE", str(bundle)),
+        ("REQUESTS_CA_BUNDLE", str(bundle)),
+        ("CURL_CA_BUNDLE", str(bundle)),
+        # Node adds this to its built-in roots, so our CA alone is right.
+        ("NODE_EXTRA_CA_CERTS", str(ca_pem)),
+        ("NODE_USE_ENV_PROXY", "1"),
+    ]
+
+
+def _env(args: argparse.Namespace, config: Config, home: Path) -> int:
+    from proxy.home import ensure_home
+    from proxy.tls.ca import CertificateAuthority
+    from proxy.tls.trust import write_combined_bundle
+
+    ca = CertificateAuthority.load_or_create(ensure_home(home))
+    bundle = write_combined_bundle(home, ca.ca_pem_path)
+    host, port = config.proxy.listen_address
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard bind is reached via loopback locally
+        host = "127.0.0.1"
+    shown = f"[{host}]" if ":" in host else host
+    auth = ""
+    if config.proxy.auth.enabled:
+        from urllib.parse import quote
+
+        auth = f"{quote(config.proxy.auth.username, safe='')}:{quote(config.proxy.auth.password, safe='')}@"
+    url = f"http://{auth}{shown}:{port}"
+    for name, value in env_exports(url, bundle, ca.ca_pem_path, args.no_proxy):
+        print(f"export {name}={shlex.quote(value)}")
+    return 0
+
+
+def _config(args: argparse.Namespace, config: Config, home: Path) -> int:
+    print(json.dumps(redacted(config), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The whole configuration: one dataclass per section, owned by the module that uses it."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from proxy.config_loader import ConfigError, Layer, build, env_layer, file_layer, merge_layers, to_plain
+from proxy.engine.settings import ProxySettings, UpstreamSettings
+
+__all__ = ["Config", "ConfigError", "LogSettings", "load_config", "redacted"]
+
+
+@dataclass
+class LogSettings:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["plain", "json"] = "plain"
+    access_log: bool = True
+
+
+@dataclass
+class Config:
+    proxy: ProxySettings = field(default_factory=ProxySettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+    # Where the config came from, for messages; not a config key.
+    sources: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+TOP_LEVEL = {"proxy", "upstream", "log"}
+SECRET_KEYS = ("password", "token", "private_key", "passphrase", "secret")
+
+
+def load_config(
+    path: Path | None, env: Mapping[str, str] | None = None, cli: dict[str, Any] | None = None
+) -> Config:
+    """defaults < TOML file < env X402_PROXY_SECTION__KEY < CLI flags."""
+    env = os.environ if env is None else env
+    layers: list[Layer] = []
+    if path is not None:
+        layers.append(file_layer(path))
+    layers.append(env_layer(env, TOP_LEVEL))
+    if cli:
+        layers.append(Layer(cli, lambda dotted: f"command line ({dotted})"))
+    values, sources = merge_layers(layers)
+    for key in values:
+        if key not in TOP_LEVEL:
+            allowed = ", ".join(sorted(TOP_LEVEL))
+            raise ConfigError(key, sources.get(key, "?"), f"unknown section; allowed: {allowed}")
+    config = build(Config, values, sources)
+    config.sources = sources
+    return config
+
+
+def redacted(config: Config) -> dict[str, Any]:
+    plain = to_plain(config)
+    plain.pop("sources", None)
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {
+                k: ("<redacted>" if v and any(s in k for s in SECRET_KEYS) else scrub(v)) for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    result: dict[str, Any] = scrub(plain)
+    return result

@@ -1,0 +1,44 @@
+"""What flows between the engine and the stages that may act on a request (sessions, payments).
+
+A stage is an `Exchanger`: it receives the prepared request and returns an `Outcome`. Stages wrap
+each other like middleware; the innermost one is the plain upstream send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    method: str
+    url: URL
+    # End-to-end headers for upstream (hop-by-hop removed, Via added). Stages may add to them.
+    headers: CIMultiDict[str]
+    # The client's headers as received, for decisions (e.g. "already carries a payment header").
+    client_headers: CIMultiDictProxy[str]
+    # Whole body when it fits `max_replay_body` (replayable), else None with `body_stream` set.
+    body: bytes | None
+    body_stream: AsyncIterator[bytes] | None = None
+    tunnelled: bool = False
+
+    @property
+    def replayable(self) -> bool:
+        return self.body_stream is None
+
+
+@dataclass(slots=True)
+class Outcome:
+    response: aiohttp.ClientResponse
+    # Set when a stage already read the body (e.g. to parse a 402 challenge).
+    body: bytes | None = None
+    extra_headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+Exchanger = Callable[[Exchange], Awaitable[Outcome]]

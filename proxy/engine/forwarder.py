@@ -1,0 +1,230 @@
+"""Per-request forwarding: turn a client request into an upstream exchange and stream the answer back."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import itertools
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from proxy.engine import http_semantics as hs
+from proxy.engine.exchange import Exchange, Exchanger, Outcome
+from proxy.engine.responses import proxy_error
+from proxy.engine.settings import ProxySettings
+from proxy.engine.upstream import Upstream, UpstreamError, UpstreamRequest
+
+log = logging.getLogger("x402_proxy.engine")
+
+# Bodies up to this size are read whole and answered in one write: fewer syscalls for typical API calls.
+_SMALL_BODY = 64 * 1024
+_STREAM_CHUNK = 256 * 1024
+_DROP_REQUEST = frozenset({"host", "expect"})
+_DROP_RESPONSE = frozenset({"content-length"})
+_request_ids = itertools.count(1)
+_id_prefix = os.urandom(3).hex()
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelInfo:
+    """Attached to a request handler serving the inside of an intercepted CONNECT tunnel."""
+
+    authority: hs.Authority
+
+
+def check_proxy_auth(settings: ProxySettings, header: str | None) -> bool:
+    if not settings.auth.enabled:
+        return True
+    if not header:
+        return False
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    user, _, password = decoded.partition(":")
+    expected = f"{settings.auth.username}:{settings.auth.password}".encode()
+    return hmac.compare_digest(f"{user}:{password}".encode(), expected)
+
+
+PROXY_AUTH_CHALLENGE = 'Basic realm="x402-proxy", charset="UTF-8"'
+
+
+class Forwarder:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        upstream: Upstream,
+        listen_addresses: list[tuple[str, int]],
+    ) -> None:
+        self._settings = settings
+        self._upstream = upstream
+        self._listen = listen_addresses
+        self._local_names = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
+        self._exchanger: Exchanger = self._send
+        from proxy.engine.websocket_relay import relay_websocket
+
+        self._relay_websocket = relay_websocket
+
+    def wrap(self, stage: object) -> None:
+        """Install a stage around the current exchanger (stage(inner) -> Exchanger)."""
+        self._exchanger = stage(self._exchanger)  # type: ignore[operator]
+
+    def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
+        self._listen = addresses
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        tunnel: TunnelInfo | None = getattr(request.protocol, "x402_tunnel", None)
+        if tunnel is None and not check_proxy_auth(self._settings, request.headers.get("Proxy-Authorization")):
+            response = proxy_error(407, "proxy_auth_required", "proxy authentication required")
+            response.headers["Proxy-Authenticate"] = PROXY_AUTH_CHALLENGE
+            return response
+        try:
+            url = self._target_url(request, tunnel)
+        except hs.TargetError as exc:
+            return proxy_error(400, "bad_request_target", str(exc))
+        problem = hs.framing_error(request.headers)  # type: ignore[arg-type]
+        if problem:
+            return proxy_error(400, "bad_framing", problem, close=True)
+        if hs.via_has_loop(request.headers.getall("Via", [])):
+            return proxy_error(508, "loop_detected", "request already passed through this proxy")
+        authority = hs.Authority((url.host or "").lower(), url.port or 0)
+        if tunnel is None and hs.is_self_target(authority, self._listen, self._local_names):
+            return proxy_error(400, "self_target", "request is aimed at the proxy itself")
+
+        if hs.is_websocket_upgrade(request.headers):  # type: ignore[arg-type]
+            return await self._relay_websocket(request, url, self._upstream, self._settings)
+
+        exchange = await self._prepare(request, url, tunnel is not None)
+        try:
+            outcome = await self._exchanger(exchange)
+        except UpstreamError as exc:
+            log.info("upstream failure %s %s: %s", request.method, url.host, exc.message)
+            return proxy_error(exc.status, exc.reason_code, exc.message)
+        return await self._respond(request, outcome)
+
+    def _target_url(self, request: web.BaseRequest, tunnel: TunnelInfo | None) -> URL:
+        raw = request.raw_path
+        if tunnel is not None:
+            if not raw.startswith("/"):
+                if raw.startswith(("http://", "https://")):
+                    # Absolute-form inside a tunnel: honour only the path, the tunnel fixes the origin.
+                    raw = "/" + raw.split("/", 3)[3] if raw.count("/") >= 3 else "/"
+                else:
+                    raise hs.TargetError("request target inside the tunnel must start with /")
+            netloc = tunnel.authority.netloc("https")
+            return URL(f"https://{netloc}{raw}", encoded=True)
+        if raw.startswith("/") or raw == "*":
+            raise hs.TargetError(
+                "this is a forward proxy: send absolute-form requests (http://host/path) or CONNECT"
+            )
+        try:
+            url = URL(raw, encoded=True)
+        except ValueError as exc:
+            raise hs.TargetError(f"unparseable request target: {exc}") from exc
+        if url.scheme not in ("http", "https", "ws", "wss") or not url.host:
+            raise hs.TargetError(f"unsupported request target {raw[:200]!r}")
+        if url.user is not None or url.password is not None:
+            raise hs.TargetError("credentials in the request URL are not forwarded")
+        if url.scheme in ("ws", "wss"):
+            url = url.with_scheme("http" if url.scheme == "ws" else "https")
+        return url
+
+    async def _prepare(self, request: web.BaseRequest, url: URL, tunnelled: bool) -> Exchange:
+        headers = hs.end_to_end_headers(
+            request.headers.items(), hs.connection_tokens(request.headers), _DROP_REQUEST
+        )
+        headers["Via"] = hs.via_value(headers.pop("Via", None), request.version)  # type: ignore[arg-type]
+        if hs.expects_continue(request.headers):  # type: ignore[arg-type]
+            # The low-level server never sends 100 itself and the upstream client would wait for one:
+            # answer it here and strip the expectation (RFC 9110 10.1.1 lets a proxy do so).
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body, stream = await self._read_body(request)
+        return Exchange(
+            request_id=f"{_id_prefix}-{next(_request_ids)}",
+            method=request.method,
+            url=url,
+            headers=headers,
+            client_headers=request.headers,
+            body=body,
+            body_stream=stream,
+            tunnelled=tunnelled,
+        )
+
+    async def _read_body(self, request: web.BaseRequest) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
+        if not request.body_exists:
+            return None, None
+        limit = self._settings.max_replay_body
+        length = request.content_length
+        if length is not None and length > limit:
+            return None, _iterate(request.content, b"")
+        buffered = bytearray()
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                return bytes(buffered), None
+            buffered += chunk
+            if len(buffered) > limit:
+                # Too big to keep for a paid replay: stream what we have plus the rest.
+                return None, _iterate(request.content, bytes(buffered))
+
+    async def _send(self, exchange: Exchange) -> Outcome:
+        upstream_request = UpstreamRequest(exchange.method, exchange.url, exchange.headers, exchange.body)
+        response = await self._upstream.send(upstream_request, exchange.body_stream)
+        return Outcome(response)
+
+    async def _respond(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
+        upstream = outcome.response
+        headers = hs.end_to_end_headers(
+            upstream.headers.items(), hs.connection_tokens(upstream.headers), _DROP_RESPONSE
+        )
+        for name, value in outcome.extra_headers:
+            headers[name] = value
+        try:
+            body = outcome.body
+            length = upstream.content_length
+            if body is None and length is not None and length <= _SMALL_BODY:
+                body = await upstream.read()
+            if body is not None:
+                response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+                if request.method == "HEAD" and length is not None:
+                    response.content_length = length
+                return response
+            stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            if length is not None:
+                stream.content_length = length
+            await stream.prepare(request)
+            async for chunk in upstream.content.iter_chunked(_STREAM_CHUNK):
+                await stream.write(chunk)
+            await stream.write_eof()
+            return stream
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+            log.info("upstream body failed mid-stream for %s: %s", request.url.host, exc)
+            if not request.writer.output_size:
+                return proxy_error(502, "upstream_body_error", f"upstream body failed: {exc.__class__.__name__}")
+            # Headers are out: the only honest signal left is to cut the client connection.
+            request.transport.abort() if request.transport else None
+            raise ConnectionResetError("upstream body failed mid-stream") from exc
+        finally:
+            upstream.release()
+
+
+async def _iterate(content: aiohttp.StreamReader, head: bytes) -> AsyncIterator[bytes]:
+    if head:
+        yield head
+    while True:
+        chunk = await content.readany()
+        if not chunk:
+            return
+        yield chunk

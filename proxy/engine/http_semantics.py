@@ -1,0 +1,166 @@
+"""Pure RFC 9110/9112 decisions for a forward proxy: no sockets, no event loop.
+
+The engine calls these on every request, so they avoid allocations they do not need.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from multidict import CIMultiDict
+
+# RFC 9110 7.6.1 plus the de-facto Proxy-Connection and Keep-Alive.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+VIA_PSEUDONYM = "x402-proxy"
+DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+class TargetError(ValueError):
+    """The request target cannot be forwarded; the message is safe to show the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Authority:
+    host: str  # lower-case; IPv6 without brackets
+    port: int
+
+    @property
+    def is_ip(self) -> bool:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            return False
+        return True
+
+    def netloc(self, scheme: str) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if DEFAULT_PORTS.get(scheme) == self.port:
+            return host
+        return f"{host}:{self.port}"
+
+
+def parse_authority(value: str, default_port: int | None = None) -> Authority:
+    """Parse `host:port` (CONNECT target or Host header); IPv6 must be bracketed."""
+    value = value.strip()
+    if not value or any(c in value for c in "/\\@ \t?#"):
+        raise TargetError(f"invalid authority {value[:200]!r}")
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            raise TargetError("unterminated IPv6 literal")
+        host, rest = value[1:end], value[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError as exc:
+            raise TargetError(f"invalid IPv6 literal {host[:100]!r}") from exc
+        port_text = rest[1:] if rest.startswith(":") else ""
+        if rest and not rest.startswith(":"):
+            raise TargetError("garbage after IPv6 literal")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep:
+            host, port_text = value, ""
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise TargetError(f"invalid port {port_text[:20]!r}")
+        port = int(port_text)
+    elif default_port is not None:
+        port = default_port
+    else:
+        raise TargetError("port required")
+    if not host:
+        raise TargetError("empty host")
+    return Authority(host.lower().rstrip("."), port)
+
+
+def connection_tokens(headers: Mapping[str, str] | CIMultiDict[str]) -> set[str]:
+    """Header names listed in Connection (and Proxy-Connection) are hop-by-hop too."""
+    tokens: set[str] = set()
+    getall = getattr(headers, "getall", None)
+    for name in ("Connection", "Proxy-Connection"):
+        values: Iterable[str] = getall(name, ()) if getall else [headers.get(name, "")]
+        for value in values:
+            for token in value.split(","):
+                token = token.strip().lower()
+                if token:
+                    tokens.add(token)
+    return tokens
+
+
+def end_to_end_headers(
+    headers: Iterable[tuple[str, str]],
+    connection_listed: set[str],
+    drop: frozenset[str] = frozenset(),
+) -> CIMultiDict[str]:
+    """Copy headers minus hop-by-hop ones, those named in Connection, and `drop` (lower-case)."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in connection_listed or lower in drop:
+            continue
+        out.add(name, value)
+    return out
+
+
+def via_value(existing: str | None, http_version: tuple[int, int]) -> str:
+    entry = f"{http_version[0]}.{http_version[1]} {VIA_PSEUDONYM}"
+    return f"{existing}, {entry}" if existing else entry
+
+
+def via_has_loop(via_values: Iterable[str]) -> bool:
+    """Our own pseudonym in an incoming Via means the request has come round again."""
+    for value in via_values:
+        for hop in value.split(","):
+            parts = hop.split()
+            if len(parts) >= 2 and parts[1] == VIA_PSEUDONYM:
+                return True
+    return False
+
+
+def framing_error(headers: CIMultiDict[str]) -> str | None:
+    """Reject ambiguous message framing (request smuggling), RFC 9112 6.1 and 6.3."""
+    cls = headers.getall("Content-Length", [])
+    if headers.get("Transfer-Encoding") is not None and cls:
+        return "request has both Content-Length and Transfer-Encoding"
+    if len(cls) > 1 or (cls and "," in cls[0]):
+        values = {v.strip() for c in cls for v in c.split(",")}
+        if len(values) > 1:
+            return "request has conflicting Content-Length values"
+    return None
+
+
+def is_self_target(
+    authority: Authority, listen_addresses: Iterable[tuple[str, int]], local_names: frozenset[str]
+) -> bool:
+    """True when a request is aimed at one of our own listeners (would loop back to us)."""
+    for host, port in listen_addresses:
+        if authority.port != port:
+            continue
+        if authority.host == host.lower() or authority.host in local_names:
+            return True
+        if host in ("0.0.0.0", "::") and authority.is_ip:  # noqa: S104 - comparing, not binding
+            return True
+    return False
+
+
+def expects_continue(headers: CIMultiDict[str]) -> bool:
+    return headers.get("Expect", "").strip().lower() == "100-continue"
+
+
+def is_websocket_upgrade(headers: CIMultiDict[str]) -> bool:
+    return "websocket" in headers.get("Upgrade", "").lower() and "upgrade" in connection_tokens(headers)

@@ -1,0 +1,28 @@
+"""Answers the proxy itself writes: always plain text with a stable reason code header."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+ERROR_HEADER = "X-402-Proxy-Error"
+
+
+def proxy_error(status: int, reason_code: str, message: str, *, close: bool = False) -> web.Response:
+    response = web.Response(
+        status=status,
+        text=f"x402-proxy: {message}\n",
+        content_type="text/plain",
+        headers={ERROR_HEADER: reason_code},
+    )
+    if close:
+        response.force_close()
+    return response
+
+
+def raw_error(status: int, phrase: str, reason_code: str, message: str, extra: str = "") -> bytes:
+    """A complete HTTP/1.1 error response for the front door, which has no aiohttp request yet."""
+    body = f"x402-proxy: {message}\n".encode()
+    return (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
+        f"{ERROR_HEADER}: {reason_code}\r\n{extra}Connection: close\r\n\r\n"
+    ).encode() + body

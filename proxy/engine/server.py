@@ -1,0 +1,102 @@
+"""The proxy listener: binds, wires the front door to aiohttp's HTTP/1.1 machinery, and drains on stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from proxy.engine.forwarder import Forwarder, TunnelInfo
+from proxy.engine.front_door import FrontDoor, FrontDoorContext
+from proxy.engine.responses import ERROR_HEADER
+from proxy.engine.settings import ProxySettings, UpstreamSettings
+
+log = logging.getLogger("x402_proxy.server")
+
+
+class ProxyRequestHandler(RequestHandler):
+    """aiohttp's HTTP/1.1 connection handler with proxy-appropriate error answers."""
+
+    x402_tunnel: TunnelInfo | None = None
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, LineTooLong):
+            status, code, text = 431, "headers_too_large", "request head too large"
+        elif isinstance(exc, BadHttpMessage):
+            # aiohttp's message echoes client bytes; name the problem without reflecting input.
+            status, code, text = 400, "bad_request", f"malformed request ({exc.__class__.__name__})"
+        elif status >= 500:
+            log.error("unhandled error while proxying", exc_info=exc)
+            status, code, text = 500, "internal_error", "internal proxy error (see proxy log)"
+        else:
+            code, text = "bad_request", "malformed request"
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        response = web.Response(status=status, text=f"x402-proxy: {text}\n", headers={ERROR_HEADER: code})
+        response.force_close()
+        return response
+
+
+class ProxyServer:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        upstream_settings: UpstreamSettings,
+        forwarder: Forwarder,
+        leaf_context: Callable[[str], ssl.SSLContext],
+    ) -> None:
+        self._settings = settings
+        self._forwarder = forwarder
+        self._web_server = web.Server(forwarder.handle, handler_cancellation=True, access_log=None)
+        self._handler_kwargs: dict[str, Any] = {
+            "max_line_size": settings.max_header_bytes,
+            "max_field_size": settings.max_header_bytes,
+            "keepalive_timeout": settings.keepalive_timeout,
+            "access_log": None,
+        }
+        self._server: asyncio.Server | None = None
+        self._addresses: list[tuple[str, int]] = []
+        self._front = FrontDoorContext(
+            settings=settings,
+            make_handler=self._make_handler,
+            leaf_context=leaf_context,
+            listen_addresses=lambda: self._addresses,
+            connect_timeout=upstream_settings.connect_timeout,
+        )
+
+    def _make_handler(self, tunnel: TunnelInfo | None) -> asyncio.Protocol:
+        handler = ProxyRequestHandler(self._web_server, loop=asyncio.get_running_loop(), **self._handler_kwargs)
+        handler.x402_tunnel = tunnel
+        return handler
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        return list(self._addresses)
+
+    async def start(self) -> None:
+        host, port = self._settings.listen_address
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: FrontDoor(self._front), host, port, backlog=1024, reuse_address=True
+        )
+        self._addresses = [sock.getsockname()[:2] for sock in self._server.sockets]
+        self._forwarder.set_listen_addresses(self._addresses)
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        if self._server is not None:
+            self._server.close()
+        await self._web_server.shutdown(drain_timeout)
+        if self._server is not None:
+            await self._server.wait_closed()
