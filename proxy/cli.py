@@ -18,24 +18,33 @@ NO_PROXY_DEFAULT = "localhost,127.0.0.1,::1"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="x402-proxy", description="Forward proxy that pays x402 challenges.")
-    parser.add_argument("--config", type=Path, help="TOML config file")
-    parser.add_argument("--home", help="state directory (env X402_PROXY_HOME, default ~/.x402-proxy)")
+    # --config/--home are accepted before or after the subcommand; SUPPRESS keeps one from erasing the other.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
+    common.add_argument(
+        "--home", default=argparse.SUPPRESS, help="state directory (env X402_PROXY_HOME, default ~/.x402-proxy)"
+    )
+    parser = argparse.ArgumentParser(
+        prog="x402-proxy", description="Forward proxy that pays x402 challenges.", parents=[common]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="start the proxy")
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    run = add("run", help="start the proxy")
     run.add_argument("--listen", help="HOST:PORT for the proxy listener (default 127.0.0.1:8402)")
 
-    ca = sub.add_parser("ca", help="the local CA used for HTTPS interception")
+    ca = add("ca", help="the local CA used for HTTPS interception")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
     ca_sub.add_parser("path", help="print the CA certificate path")
     ca_sub.add_parser("export", help="print the CA certificate (PEM)")
 
-    env = sub.add_parser("env", help="print shell exports that route a tool through the proxy")
+    env = add("env", help="print shell exports that route a tool through the proxy")
     env.add_argument("--listen", help="proxy address, if not the configured one")
     env.add_argument("--no-proxy", default=NO_PROXY_DEFAULT, help=f"NO_PROXY value (default {NO_PROXY_DEFAULT})")
 
-    config = sub.add_parser("config", help="configuration")
+    config = add("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     config_sub.add_parser("check", help="validate and print the effective config (secrets redacted)")
     return parser
@@ -50,8 +59,8 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # Flags given after the subcommand are accepted too (`x402-proxy run --config F`).
-    home = resolve_home(args.home, os.environ)
+    args.config = getattr(args, "config", None)
+    home = resolve_home(getattr(args, "home", None), os.environ)
     try:
         config = load_config(args.config, os.environ, _cli_overrides(args))
     except ConfigError as exc:

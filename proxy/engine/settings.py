@@ -16,6 +16,10 @@ class SettingError(ValueError):
 
 
 def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT for a listener; port 0 asks the OS for a free port (tests, sidecars)."""
+    if value.endswith(":0"):
+        host, port = parse_listen(value[:-2] + ":1")[0], 0
+        return host, port
     try:
         authority = parse_authority(value)
     except TargetError as exc:
