@@ -22,7 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
     common.add_argument(
-        "--home", default=argparse.SUPPRESS, help="state directory (env X402_PROXY_HOME, default ~/.x402-proxy)"
+        "--home",
+        default=argparse.SUPPRESS,
+        help="state directory (env X402_PROXY_HOME, default ~/.x402-proxy)",
     )
     parser = argparse.ArgumentParser(
         prog="x402-proxy", description="Forward proxy that pays x402 challenges.", parents=[common]
@@ -42,7 +44,9 @@ def _parser() -> argparse.ArgumentParser:
 
     env = add("env", help="print shell exports that route a tool through the proxy")
     env.add_argument("--listen", help="proxy address, if not the configured one")
-    env.add_argument("--no-proxy", default=NO_PROXY_DEFAULT, help=f"NO_PROXY value (default {NO_PROXY_DEFAULT})")
+    env.add_argument(
+        "--no-proxy", default=NO_PROXY_DEFAULT, help=f"NO_PROXY value (default {NO_PROXY_DEFAULT})"
+    )
 
     config = add("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -123,7 +127,7 @@ def _env(args: argparse.Namespace, config: Config, home: Path) -> int:
     ca = CertificateAuthority.load_or_create(ensure_home(home))
     bundle = write_combined_bundle(home, ca.ca_pem_path)
     host, port = config.proxy.listen_address
-    if host in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard bind is reached via loopback locally
+    if host in ("0.0.0.0", "::"):
         host = "127.0.0.1"
     shown = f"[{host}]" if ":" in host else host
     auth = ""

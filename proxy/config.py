@@ -62,7 +62,8 @@ def redacted(config: Config) -> dict[str, Any]:
     def scrub(node: Any) -> Any:
         if isinstance(node, dict):
             return {
-                k: ("<redacted>" if v and any(s in k for s in SECRET_KEYS) else scrub(v)) for k, v in node.items()
+                k: ("<redacted>" if v and any(s in k for s in SECRET_KEYS) else scrub(v))
+                for k, v in node.items()
             }
         if isinstance(node, list):
             return [scrub(v) for v in node]

@@ -71,7 +71,7 @@ def file_layer(path: Path) -> Layer:
 
 
 def env_layer(env: Mapping[str, str], known_top: set[str]) -> Layer:
-    """`X402_PROXY_POLICY__MAX_PER_PAYMENT=0.05` -> policy.max_per_payment; values parsed as TOML if possible."""
+    """`X402_PROXY_POLICY__MAX_PER_PAYMENT=0.05` -> policy.max_per_payment; values are TOML if they parse."""
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
     for name, raw in env.items():
@@ -123,7 +123,9 @@ def merge_layers(layers: list[Layer]) -> tuple[dict[str, Any], dict[str, str]]:
 def build(cls: type[T], values: Mapping[str, Any], sources: Mapping[str, str], prefix: str = "") -> T:
     """Instantiate dataclass `cls` from `values`, converting and validating each field."""
     if not isinstance(values, Mapping):
-        raise ConfigError(prefix.rstrip(".") or "(root)", sources.get(prefix.rstrip("."), "?"), "must be a table")
+        raise ConfigError(
+            prefix.rstrip(".") or "(root)", sources.get(prefix.rstrip("."), "?"), "must be a table"
+        )
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in values:
@@ -158,7 +160,7 @@ def convert(hint: Any, value: Any, dotted: str, sources: Mapping[str, str]) -> A
     origin = get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in get_args(hint) if a is not type(None)]
-        if value is None or value == "" and type(None) in get_args(hint) and str not in options:
+        if value is None or (value == "" and type(None) in get_args(hint) and str not in options):
             return None
         errors = []
         for option in options:

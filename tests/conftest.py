@@ -6,21 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.certs import TestCA
+from tests.support.certs import UpstreamCA
 from tests.support.proxy_process import ProxyProcess
 from tests.support.upstream import Upstream, start_upstream
 
 
 @pytest.fixture(scope="session")
-def upstream_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
-    return TestCA.create(tmp_path_factory.mktemp("upstream-ca"), "test-upstream-ca")
+def upstream_ca(tmp_path_factory: pytest.TempPathFactory) -> UpstreamCA:
+    return UpstreamCA.create(tmp_path_factory.mktemp("upstream-ca"), "test-upstream-ca")
 
 
 @pytest.fixture(scope="session")
-def upstream(tmp_path_factory: pytest.TempPathFactory, upstream_ca: TestCA) -> Iterator[Upstream]:
+def upstream(tmp_path_factory: pytest.TempPathFactory, upstream_ca: UpstreamCA) -> Iterator[Upstream]:
     directory = tmp_path_factory.mktemp("upstream-certs")
     good = upstream_ca.issue(directory, ["127.0.0.2", "localhost"])
-    untrusted = TestCA.create(directory, "untrusted-ca").issue(directory, ["127.0.0.2"])
+    untrusted = UpstreamCA.create(directory, "untrusted-ca").issue(directory, ["127.0.0.2"])
     good_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     good_ctx.load_cert_chain(good.cert_path, good.key_path)
     bad_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -30,16 +30,16 @@ def upstream(tmp_path_factory: pytest.TempPathFactory, upstream_ca: TestCA) -> I
     stop()
 
 
-def proxy_config(upstream_ca: TestCA, extra: str = "") -> str:
+def proxy_config(upstream_ca: UpstreamCA, extra: str = "") -> str:
     return (
-        "[proxy]\nconnect_ports = [\"*\"]\n"
-        f"[upstream]\nextra_ca_bundle = \"{upstream_ca.cert_path}\"\nconnect_timeout = 3.0\nidle_timeout = 3.0\n"
+        '[proxy]\nconnect_ports = ["*"]\n'
+        f'[upstream]\nextra_ca_bundle = "{upstream_ca.cert_path}"\nconnect_timeout = 3.0\nidle_timeout = 3.0\n'
         f"{extra}"
     )
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory, upstream_ca: TestCA) -> Iterator[ProxyProcess]:
+def proxy(tmp_path_factory: pytest.TempPathFactory, upstream_ca: UpstreamCA) -> Iterator[ProxyProcess]:
     home = tmp_path_factory.mktemp("proxy") / "home"
     process = ProxyProcess(home, proxy_config(upstream_ca)).start()
     yield process

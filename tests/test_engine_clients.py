@@ -16,8 +16,18 @@ from tests.support.upstream import Upstream
 
 
 def test_env_prints_every_variable(proxy: ProxyProcess, proxy_env: dict[str, str]) -> None:
-    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "SSL_CERT_FILE",
-                 "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "NODE_USE_ENV_PROXY"):
+    for name in (
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "NO_PROXY",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "CURL_CA_BUNDLE",
+        "NODE_EXTRA_CA_CERTS",
+        "NODE_USE_ENV_PROXY",
+    ):
         assert proxy_env.get(name), name
     assert proxy_env["HTTP_PROXY"] == proxy.url
     bundle = open(proxy_env["SSL_CERT_FILE"]).read()
@@ -32,7 +42,11 @@ def test_env_prints_every_variable(proxy: ProxyProcess, proxy_env: dict[str, str
 def test_curl(proxy_env: dict[str, str], upstream: Upstream, scheme: str) -> None:
     base = upstream.http_url if scheme == "http" else upstream.https_url
     result = subprocess.run(
-        ["curl", "-sS", "--fail", f"{base}/echo/curl?x=1"], env=proxy_env, capture_output=True, text=True, timeout=30
+        ["curl", "-sS", "--fail", f"{base}/echo/curl?x=1"],
+        env=proxy_env,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     body = json.loads(result.stdout)
@@ -44,7 +58,9 @@ def test_curl(proxy_env: dict[str, str], upstream: Upstream, scheme: str) -> Non
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
-def test_requests(proxy_env: dict[str, str], upstream: Upstream, scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_requests(
+    proxy_env: dict[str, str], upstream: Upstream, scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in proxy_env.items():
         monkeypatch.setenv(name, value)
     base = upstream.http_url if scheme == "http" else upstream.https_url
@@ -56,11 +72,15 @@ def test_requests(proxy_env: dict[str, str], upstream: Upstream, scheme: str, mo
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
-def test_httpx(proxy_env: dict[str, str], upstream: Upstream, scheme: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_httpx(
+    proxy_env: dict[str, str], upstream: Upstream, scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name, value in proxy_env.items():
         monkeypatch.setenv(name, value)
     base = upstream.http_url if scheme == "http" else upstream.https_url
-    with httpx.Client(trust_env=True, verify=ssl.create_default_context(cafile=proxy_env["SSL_CERT_FILE"])) as client:
+    with httpx.Client(
+        trust_env=True, verify=ssl.create_default_context(cafile=proxy_env["SSL_CERT_FILE"])
+    ) as client:
         for i in range(3):
             response = client.get(f"{base}/echo/httpx{i}")
             assert response.status_code == 200, response.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
 from yarl import URL
 
 from proxy.engine import http_semantics as hs
@@ -86,7 +84,9 @@ class Forwarder:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         tunnel: TunnelInfo | None = getattr(request.protocol, "x402_tunnel", None)
-        if tunnel is None and not check_proxy_auth(self._settings, request.headers.get("Proxy-Authorization")):
+        if tunnel is None and not check_proxy_auth(
+            self._settings, request.headers.get("Proxy-Authorization")
+        ):
             response = proxy_error(407, "proxy_auth_required", "proxy authentication required")
             response.headers["Proxy-Authenticate"] = PROXY_AUTH_CHALLENGE
             return response
@@ -94,7 +94,7 @@ class Forwarder:
             url = self._target_url(request, tunnel)
         except hs.TargetError as exc:
             return proxy_error(400, "bad_request_target", str(exc))
-        problem = hs.framing_error(request.headers)  # type: ignore[arg-type]
+        problem = hs.framing_error(request.headers)
         if problem:
             return proxy_error(400, "bad_framing", problem, close=True)
         if hs.via_has_loop(request.headers.getall("Via", [])):
@@ -103,7 +103,7 @@ class Forwarder:
         if tunnel is None and hs.is_self_target(authority, self._listen, self._local_names):
             return proxy_error(400, "self_target", "request is aimed at the proxy itself")
 
-        if hs.is_websocket_upgrade(request.headers):  # type: ignore[arg-type]
+        if hs.is_websocket_upgrade(request.headers):
             return await self._relay_websocket(request, url, self._upstream, self._settings)
 
         exchange = await self._prepare(request, url, tunnel is not None)
@@ -145,8 +145,8 @@ class Forwarder:
         headers = hs.end_to_end_headers(
             request.headers.items(), hs.connection_tokens(request.headers), _DROP_REQUEST
         )
-        headers["Via"] = hs.via_value(headers.pop("Via", None), request.version)  # type: ignore[arg-type]
-        if hs.expects_continue(request.headers):  # type: ignore[arg-type]
+        headers["Via"] = hs.via_value(headers.pop("Via", None), request.version)
+        if hs.expects_continue(request.headers):
             # The low-level server never sends 100 itself and the upstream client would wait for one:
             # answer it here and strip the expectation (RFC 9110 10.1.1 lets a proxy do so).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -191,16 +191,22 @@ class Forwarder:
         )
         for name, value in outcome.extra_headers:
             headers[name] = value
+        stream: web.StreamResponse | None = None
         try:
             body = outcome.body
             length = upstream.content_length
+            if request.method == "HEAD":
+                # Keep the upstream's Content-Length: it describes the body a GET would get.
+                stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+                if length is not None:
+                    stream.content_length = length
+                return stream
             if body is None and length is not None and length <= _SMALL_BODY:
                 body = await upstream.read()
             if body is not None:
-                response = web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
-                if request.method == "HEAD" and length is not None:
-                    response.content_length = length
-                return response
+                return web.Response(
+                    status=upstream.status, reason=upstream.reason, headers=headers, body=body
+                )
             stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             if length is not None:
                 stream.content_length = length
@@ -209,13 +215,16 @@ class Forwarder:
                 await stream.write(chunk)
             await stream.write_eof()
             return stream
-        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-            log.info("upstream body failed mid-stream for %s: %s", request.url.host, exc)
-            if not request.writer.output_size:
-                return proxy_error(502, "upstream_body_error", f"upstream body failed: {exc.__class__.__name__}")
+        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+            log.info("upstream body failed mid-stream for %s: %s", request.url.host, exc.__class__.__name__)
+            if stream is None or not stream.prepared:
+                return proxy_error(
+                    502, "upstream_body_error", f"upstream body failed: {exc.__class__.__name__}"
+                )
             # Headers are out: the only honest signal left is to cut the client connection.
-            request.transport.abort() if request.transport else None
-            raise ConnectionResetError("upstream body failed mid-stream") from exc
+            if request.transport is not None:
+                request.transport.abort()
+            return stream
         finally:
             upstream.release()
 

@@ -89,9 +89,11 @@ class FrontDoor(asyncio.Protocol):
             self._hand_off()
             return
         end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or end > limit:
             if len(self._buffer) > limit:
-                self._refuse(431, "Request Header Fields Too Large", "headers_too_large", "CONNECT head too large")
+                self._refuse(
+                    431, "Request Header Fields Too Large", "headers_too_large", "CONNECT head too large"
+                )
             return
         head = bytes(self._buffer[:end])
         rest = bytes(self._buffer[end + 4 :])
@@ -130,11 +132,13 @@ class FrontDoor(asyncio.Protocol):
         assert transport is not None
         ctx = self._ctx
         if self._tunnel is not None:
-            self._refuse(400, "Bad Request", "nested_connect", "CONNECT inside an intercepted tunnel is not supported")
+            self._refuse(
+                400, "Bad Request", "nested_connect", "CONNECT inside an intercepted tunnel is not supported"
+            )
             return
         try:
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
-            method, target, version = request_line.split(" ")
+            _method, target, version = request_line.split(" ")
             if not version.startswith("HTTP/1."):
                 raise ValueError(version)
             authority = hs.parse_authority(target)
@@ -150,19 +154,29 @@ class FrontDoor(asyncio.Protocol):
             headers[name.lower()] = value.strip()
         if not check_proxy_auth(ctx.settings, headers.get("proxy-authorization")):
             self._refuse(
-                407, "Proxy Authentication Required", "proxy_auth_required", "proxy authentication required",
+                407,
+                "Proxy Authentication Required",
+                "proxy_auth_required",
+                "proxy authentication required",
                 f"Proxy-Authenticate: {PROXY_AUTH_CHALLENGE}\r\n",
             )
             return
         if not ctx.port_allowed(authority.port):
-            self._refuse(403, "Forbidden", "connect_port_not_allowed", f"CONNECT to port {authority.port} is not allowed")
+            self._refuse(
+                403,
+                "Forbidden",
+                "connect_port_not_allowed",
+                f"CONNECT to port {authority.port} is not allowed",
+            )
             return
         if hs.is_self_target(authority, ctx.listen_addresses(), ctx.local_names):
             self._refuse(400, "Bad Request", "self_target", "CONNECT is aimed at the proxy itself")
             return
         if early_data:
             # A client may not send tunnel bytes before our 200; refusing keeps framing unambiguous.
-            self._refuse(400, "Bad Request", "early_tunnel_data", "data sent before the tunnel was established")
+            self._refuse(
+                400, "Bad Request", "early_tunnel_data", "data sent before the tunnel was established"
+            )
             return
         if ctx.is_passthrough(authority.host):
             await self._passthrough(authority)
@@ -177,10 +191,20 @@ class FrontDoor(asyncio.Protocol):
             async with asyncio.timeout(self._ctx.connect_timeout):
                 up_reader, up_writer = await asyncio.open_connection(authority.host, authority.port)
         except TimeoutError:
-            self._refuse(504, "Gateway Timeout", "upstream_connect_timeout", f"connecting to {authority.host} timed out")
+            self._refuse(
+                504,
+                "Gateway Timeout",
+                "upstream_connect_timeout",
+                f"connecting to {authority.host} timed out",
+            )
             return
         except OSError as exc:
-            self._refuse(502, "Bad Gateway", "upstream_unreachable", f"cannot connect to {authority.host}: {exc.strerror}")
+            self._refuse(
+                502,
+                "Bad Gateway",
+                "upstream_unreachable",
+                f"cannot connect to {authority.host}: {exc.strerror}",
+            )
             return
         transport.write(CONNECT_ESTABLISHED)
         await splice(loop, transport, up_reader, up_writer)
@@ -192,7 +216,9 @@ class FrontDoor(asyncio.Protocol):
         try:
             context = self._ctx.leaf_context(authority.host)
         except Exception as exc:
-            self._refuse(502, "Bad Gateway", "certificate_error", f"cannot issue a certificate for {authority.host}")
+            self._refuse(
+                502, "Bad Gateway", "certificate_error", f"cannot issue a certificate for {authority.host}"
+            )
             log.warning("leaf certificate for %s failed: %s", authority.host, exc)
             return
         transport.write(CONNECT_ESTABLISHED)

@@ -9,7 +9,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 # RFC 9110 7.6.1 plus the de-facto Proxy-Connection and Keep-Alive.
 HOP_BY_HOP = frozenset(
@@ -88,7 +88,7 @@ def parse_authority(value: str, default_port: int | None = None) -> Authority:
     return Authority(host.lower().rstrip("."), port)
 
 
-def connection_tokens(headers: Mapping[str, str] | CIMultiDict[str]) -> set[str]:
+def connection_tokens(headers: Mapping[str, str] | MultiMapping[str]) -> set[str]:
     """Header names listed in Connection (and Proxy-Connection) are hop-by-hop too."""
     tokens: set[str] = set()
     getall = getattr(headers, "getall", None)
@@ -132,7 +132,7 @@ def via_has_loop(via_values: Iterable[str]) -> bool:
     return False
 
 
-def framing_error(headers: CIMultiDict[str]) -> str | None:
+def framing_error(headers: MultiMapping[str]) -> str | None:
     """Reject ambiguous message framing (request smuggling), RFC 9112 6.1 and 6.3."""
     cls = headers.getall("Content-Length", [])
     if headers.get("Transfer-Encoding") is not None and cls:
@@ -153,14 +153,14 @@ def is_self_target(
             continue
         if authority.host == host.lower() or authority.host in local_names:
             return True
-        if host in ("0.0.0.0", "::") and authority.is_ip:  # noqa: S104 - comparing, not binding
+        if host in ("0.0.0.0", "::") and authority.is_ip:
             return True
     return False
 
 
-def expects_continue(headers: CIMultiDict[str]) -> bool:
+def expects_continue(headers: MultiMapping[str]) -> bool:
     return headers.get("Expect", "").strip().lower() == "100-continue"
 
 
-def is_websocket_upgrade(headers: CIMultiDict[str]) -> bool:
+def is_websocket_upgrade(headers: MultiMapping[str]) -> bool:
     return "websocket" in headers.get("Upgrade", "").lower() and "upgrade" in connection_tokens(headers)

@@ -77,7 +77,9 @@ class ProxyServer:
         )
 
     def _make_handler(self, tunnel: TunnelInfo | None) -> asyncio.Protocol:
-        handler = ProxyRequestHandler(self._web_server, loop=asyncio.get_running_loop(), **self._handler_kwargs)
+        handler = ProxyRequestHandler(
+            self._web_server, loop=asyncio.get_running_loop(), **self._handler_kwargs
+        )
         handler.x402_tunnel = tunnel
         return handler
 

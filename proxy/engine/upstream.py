@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ssl
 from dataclasses import dataclass
 
@@ -68,7 +67,9 @@ class Upstream:
             )
         return self._session
 
-    async def send(self, request: UpstreamRequest, body_stream: object | None = None) -> aiohttp.ClientResponse:
+    async def send(
+        self, request: UpstreamRequest, body_stream: object | None = None
+    ) -> aiohttp.ClientResponse:
         """Send one request; map transport failures to UpstreamError with a readable reason."""
         data = body_stream if body_stream is not None else request.body
         try:
@@ -82,12 +83,15 @@ class Upstream:
             )
         except aiohttp.ClientConnectorCertificateError as exc:
             raise UpstreamError(
-                502, "upstream_tls_error", f"upstream TLS certificate verification failed for {_host(request)}: "
-                f"{exc.certificate_error}"
+                502,
+                "upstream_tls_error",
+                f"upstream TLS certificate verification failed for {_host(request)}: {exc.certificate_error}",
             ) from exc
         except aiohttp.ClientSSLError as exc:
             raise UpstreamError(
-                502, "upstream_tls_error", f"TLS handshake with upstream {_host(request)} failed: {_reason(exc)}"
+                502,
+                "upstream_tls_error",
+                f"TLS handshake with upstream {_host(request)} failed: {_reason(exc)}",
             ) from exc
         except aiohttp.ConnectionTimeoutError as exc:
             raise UpstreamError(
@@ -103,17 +107,21 @@ class Upstream:
             ) from exc
         except aiohttp.ServerDisconnectedError as exc:
             raise UpstreamError(
-                502, "upstream_disconnected", f"upstream {_host(request)} closed the connection without answering"
+                502,
+                "upstream_disconnected",
+                f"upstream {_host(request)} closed the connection without answering",
             ) from exc
         except aiohttp.ClientResponseError as exc:
             raise UpstreamError(
-                502, "upstream_bad_response", f"upstream {_host(request)} sent an invalid response: {exc.message}"
+                502,
+                "upstream_bad_response",
+                f"upstream {_host(request)} sent an invalid response: {exc.message}",
             ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(
                 502, "upstream_error", f"upstream {_host(request)} failed: {_reason(exc)}"
             ) from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamError(504, "upstream_timeout", f"upstream {_host(request)} timed out") from exc
 
     async def close(self) -> None:

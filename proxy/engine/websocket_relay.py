@@ -47,12 +47,14 @@ async def relay_websocket(
         )
     except aiohttp.WSServerHandshakeError as exc:
         return proxy_error(502, "websocket_refused", f"upstream refused the WebSocket upgrade: {exc.status}")
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-        return proxy_error(502, "upstream_unreachable", f"WebSocket upstream failed: {exc.__class__.__name__}")
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        return proxy_error(
+            502, "upstream_unreachable", f"WebSocket upstream failed: {exc.__class__.__name__}"
+        )
 
     chosen = (upstream_ws.protocol,) if upstream_ws.protocol else ()
     client_ws = web.WebSocketResponse(protocols=chosen, autoping=False, max_msg_size=0, autoclose=False)
-    await client_ws.prepare(request)  # type: ignore[arg-type]
+    await client_ws.prepare(request)
 
     async def pump(
         source: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
@@ -68,14 +70,17 @@ async def relay_websocket(
             elif message.type == WSMsgType.PONG:
                 await sink.pong(message.data)
             elif message.type == WSMsgType.CLOSE:
-                await sink.close(code=source.close_code or 1000, message=message.extra or b"")
+                await sink.close(code=source.close_code or 1000, message=str(message.extra or "").encode())
                 return
             else:
                 break
         if not sink.closed:
             await sink.close(code=source.close_code or 1000)
 
-    tasks = [asyncio.create_task(pump(client_ws, upstream_ws)), asyncio.create_task(pump(upstream_ws, client_ws))]
+    tasks = [
+        asyncio.create_task(pump(client_ws, upstream_ws)),
+        asyncio.create_task(pump(upstream_ws, client_ws)),
+    ]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         await asyncio.wait(tasks, timeout=5)

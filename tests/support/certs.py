@@ -20,13 +20,13 @@ class IssuedCert:
 
 
 @dataclass
-class TestCA:
+class UpstreamCA:
     cert: x509.Certificate
     key: ec.EllipticCurvePrivateKey
     cert_path: Path
 
     @classmethod
-    def create(cls, directory: Path, name: str) -> TestCA:
+    def create(cls, directory: Path, name: str) -> UpstreamCA:
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = dt.datetime.now(dt.UTC)

@@ -26,13 +26,32 @@ class ProxyProcess:
         self.log_path = home.parent / f"{home.name}-proxy.log"
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "proxy", "--home", str(self.home), "--config", str(self.config_path), *args]
-        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60, check=check, cwd=REPO)
+        cmd = [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--home",
+            str(self.home),
+            "--config",
+            str(self.config_path),
+            *args,
+        ]
+        return subprocess.run(
+            cmd, env=self.env, capture_output=True, text=True, timeout=60, check=check, cwd=REPO
+        )
 
     def start(self, listen: str = "127.0.0.1:0", timeout: float = 20) -> ProxyProcess:
         cmd = [
-            sys.executable, "-m", "proxy", "--home", str(self.home), "--config", str(self.config_path),
-            "run", "--listen", listen,
+            sys.executable,
+            "-m",
+            "proxy",
+            "--home",
+            str(self.home),
+            "--config",
+            str(self.config_path),
+            "run",
+            "--listen",
+            listen,
         ]
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(

@@ -51,12 +51,14 @@ def _app(state: Upstream) -> web.Application:
             size += len(chunk)
             if size <= 1024 * 1024:
                 chunks.append(chunk)
-        item = Received(request.method, request.path_qs, list(request.headers.items()), hasher.hexdigest(), size)
+        item = Received(
+            request.method, request.path_qs, list(request.headers.items()), hasher.hexdigest(), size
+        )
         state.received.append(item)
         return b"".join(chunks), item
 
     async def echo(request: web.Request) -> web.Response:
-        body, item = await record(request)
+        _, item = await record(request)
         return web.json_response(
             {
                 "method": item.method,
@@ -89,7 +91,9 @@ def _app(state: Upstream) -> web.Application:
         await record(request)
         count = int(request.query.get("count", "3"))
         delay = float(request.query.get("delay", "0.3"))
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
         await response.prepare(request)
         for i in range(count):
             await response.write(f"data: event {i}\n\n".encode())
