@@ -8,10 +8,31 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+
+class BodyReader(Protocol):
+    def iter_chunked(self, n: int) -> AsyncIterator[bytes]: ...
+
+
+class UpstreamResponse(Protocol):
+    """The subset of a response the engine and stages use (aiohttp's ClientResponse satisfies it)."""
+
+    @property
+    def status(self) -> int: ...
+    @property
+    def reason(self) -> str | None: ...
+    @property
+    def headers(self) -> CIMultiDictProxy[str]: ...
+    @property
+    def content_length(self) -> int | None: ...
+    @property
+    def content(self) -> BodyReader: ...
+    async def read(self) -> bytes: ...
+    def release(self) -> object: ...
 
 
 @dataclass(slots=True)
@@ -35,7 +56,7 @@ class Exchange:
 
 @dataclass(slots=True)
 class Outcome:
-    response: aiohttp.ClientResponse
+    response: UpstreamResponse
     # Set when a stage already read the body (e.g. to parse a 402 challenge).
     body: bytes | None = None
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
