@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from proxy.config import Config
+from proxy.payments.assets import AssetRegistry
+from proxy.payments.networks import NetworkRegistry
+from proxy.payments.payer import BalanceLookup, Payer
+from proxy.payments.stage import PaymentStage
+from proxy.payments.wallet import Wallet, load_wallet, token_balance
+from proxy.store.sqlite import SqliteLedgerStore
 from proxy.engine.forwarder import Forwarder
 from proxy.engine.server import ProxyServer
 from proxy.engine.upstream import Upstream
@@ -28,10 +35,41 @@ class Runtime:
     bundle: Path
     upstream: Upstream
     server: ProxyServer
+    store: SqliteLedgerStore
+    payer: Payer
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         await self.server.stop(drain_timeout)
         await self.upstream.close()
+        self.store.close()
+
+
+def balance_lookup(config: Config, networks: NetworkRegistry, wallet: Wallet | None) -> BalanceLookup | None:
+    """Balances come from the configured RPC of each network; without one the check is skipped."""
+    if wallet is None or not config.rpc:
+        return None
+    urls: dict[str, str] = {}
+    for name, url in config.rpc.items():
+        network = networks.lookup(name)
+        if network is not None:
+            urls[network.caip2] = url
+    address = wallet.address
+
+    async def lookup(network: str, asset: str) -> int | None:
+        url = urls.get(network)
+        return None if url is None else await token_balance(url, asset, address)
+
+    return lookup
+
+
+def build_payer(config: Config, home: Path, env: dict[str, str] | None = None) -> tuple[Payer, SqliteLedgerStore]:
+    networks = NetworkRegistry(extra=config.networks)
+    assets = AssetRegistry(networks, config.assets)
+    wallet = load_wallet(config.wallet, os.environ if env is None else env)
+    store = SqliteLedgerStore(home / "state.db")
+    payer = Payer(config.policy, assets, wallet, store, balance_lookup=balance_lookup(config, networks, wallet))
+    payer.recover()
+    return payer, store
 
 
 async def start(config: Config, home: Path) -> Runtime:
@@ -39,10 +77,16 @@ async def start(config: Config, home: Path) -> Runtime:
     ca = CertificateAuthority.load_or_create(home)
     bundle = write_combined_bundle(home, ca.ca_pem_path)
     upstream = Upstream(config.upstream, upstream_client_context(config.upstream.extra_ca_bundle))
+    payer, store = build_payer(config, home)
     forwarder = Forwarder(config.proxy, upstream, [])
+    forwarder.wrap(PaymentStage(payer))
     server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)
     await server.start()
-    return Runtime(config, home, ca, bundle, upstream, server)
+    if payer.wallet is None:
+        log.warning("no wallet configured: 402 challenges are passed to the client unpaid")
+    else:
+        log.info("paying from wallet %s", payer.wallet.address)
+    return Runtime(config, home, ca, bundle, upstream, server, store, payer)
 
 
 async def serve_forever(config: Config, home: Path) -> int:

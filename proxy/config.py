@@ -10,6 +10,10 @@ from typing import Any, Literal
 
 from proxy.config_loader import ConfigError, Layer, build, env_layer, file_layer, merge_layers, to_plain
 from proxy.engine.settings import ProxySettings, UpstreamSettings
+from proxy.payments.assets import AssetConfig
+from proxy.payments.networks import NetworkConfig
+from proxy.payments.policy import PolicyConfig
+from proxy.payments.wallet import WalletConfig
 
 __all__ = ["Config", "ConfigError", "LogSettings", "load_config", "redacted"]
 
@@ -26,11 +30,18 @@ class Config:
     proxy: ProxySettings = field(default_factory=ProxySettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    wallet: WalletConfig = field(default_factory=WalletConfig)
+    # Tokens beyond the built-in USDC list, and networks beyond the built-in table (e.g. a local chain).
+    assets: list[AssetConfig] = field(default_factory=list)
+    networks: list[NetworkConfig] = field(default_factory=list)
+    # JSON-RPC endpoint per network (CAIP-2 id or V1 name), used for balances only.
+    rpc: dict[str, str] = field(default_factory=dict)
     # Where the config came from, for messages; not a config key.
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
 
-TOP_LEVEL = {"proxy", "upstream", "log"}
+TOP_LEVEL = {"proxy", "upstream", "log", "policy", "wallet", "assets", "networks", "rpc"}
 SECRET_KEYS = ("password", "token", "private_key", "passphrase", "secret")
 
 

@@ -111,7 +111,10 @@ class Forwarder:
             outcome = await self._exchanger(exchange)
         except UpstreamError as exc:
             log.info("upstream failure %s %s: %s", request.method, url.host, exc.message)
-            return proxy_error(exc.status, exc.reason_code, exc.message)
+            response = proxy_error(exc.status, exc.reason_code, exc.message)
+            for name, value in exc.extra_headers:
+                response.headers[name] = value
+            return response
         return await self._respond(request, outcome)
 
     def _target_url(self, request: web.BaseRequest, tunnel: TunnelInfo | None) -> URL:

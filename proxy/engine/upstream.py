@@ -25,6 +25,8 @@ class UpstreamError(Exception):
         self.status = status
         self.reason_code = reason_code
         self.message = message
+        # Stages add headers here (e.g. the ledger id of a payment sent before the failure).
+        self.extra_headers: list[tuple[str, str]] = []
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,336 @@
+"""The one place where a 402 becomes a payment.
+
+Order of operations for ``on_402`` (each step can end it):
+
+1. the request already carries a payment credential  -> PassThrough (never pay on top of one)
+2. no x402 challenge                                  -> PassThrough
+   malformed challenge                                -> Refused(malformed_challenge)
+3. request body cannot be replayed                    -> Refused(body_too_large_to_replay)
+4. no wallet (and not dry-run)                        -> Refused(no_wallet)
+5. under one asyncio.Lock: read budgets and in-doubt payments from the ledger, decide (pure),
+   then write the ledger row -- pending, durable -- or a dry_run row and Refused(dry_run).
+   Serializing 5 means two concurrent 402s cannot both fit into a budget that fits one.
+6. sign (CPU only), record Permit2's nonce if any      -> PaymentPlan
+
+The engine sends the request again with the plan's header, then reports exactly one outcome:
+``record_response`` or ``record_transport_failure``. A row is never signed twice: a retry needs a
+new 402 and goes through all of the above, and while an earlier payment for the same request is
+``unknown`` and could still settle, the new 402 is refused with ``payment_in_doubt``.
+
+``StoreError`` propagates from ``on_402``: the ledger could not record the payment, so nothing was
+signed; the engine should return the server's 402 to the client unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from x402.extensions.payment_identifier import generate_payment_id
+
+from proxy.payments.amounts import to_budget_units
+from proxy.payments.assets import AssetRegistry
+from proxy.payments.challenge import Challenge, MalformedChallenge, parse_challenge
+from proxy.payments.headers import CLIENT_PAYMENT_HEADERS, has_any_header
+from proxy.payments.policy import (
+    PaymentContext,
+    Policy,
+    PolicyConfig,
+    ReasonCode,
+    Refusal,
+    Selection,
+    candidate_assets,
+    choose_requirement,
+    normalize_host,
+)
+from proxy.payments.settlement import read_settlement, rejection_reason
+from proxy.payments.signer import (
+    CLOCK_SKEW_ALLOWANCE,
+    SigningError,
+    build_payment_header,
+    offers_payment_identifier,
+    plan_authorization,
+)
+from proxy.payments.wallet import Wallet
+from proxy.store.base import LedgerStore, NewPayment, PaymentRecord, PaymentState, SpendTotals, StoreError
+
+log = logging.getLogger("proxy.payments")
+
+BUDGET_WINDOW_SECONDS = 24 * 3600  # budgets are rolling 24 h windows, not calendar days
+MAX_REASON_CHARS = 500
+
+BalanceLookup = Callable[[str, str], Awaitable[int | None]]
+"""(CAIP-2 network, asset address) -> the wallet's balance in atomic units, or None if unknown."""
+
+
+@dataclass(frozen=True)
+class PaymentRequestInfo:
+    method: str
+    url: str
+    host: str
+    headers: Mapping[str, str]
+    session_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PassThrough:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    reason_code: ReasonCode
+    detail: str
+    ledger_id: int | None = None  # set for dry_run (the row recording what would have been paid)
+
+
+@dataclass(frozen=True)
+class PaymentPlan:
+    ledger_id: int
+    header_name: str
+    header_value: str
+    record: PaymentRecord
+    selection: Selection
+    valid_before: int  # unix seconds; until then the signed authorization can settle
+
+
+Outcome = PassThrough | Refused | PaymentPlan
+
+
+class Payer:
+    def __init__(
+        self,
+        policy: Policy | PolicyConfig,
+        assets: AssetRegistry,
+        wallet: Wallet | None,
+        store: LedgerStore,
+        clock: Callable[[], float] = time.time,
+        *,
+        balance_lookup: BalanceLookup | None = None,
+        balance_timeout: float = 2.0,
+    ) -> None:
+        self.policy = policy if isinstance(policy, Policy) else Policy.compile(policy, assets.networks)
+        self.assets = assets
+        self.wallet = wallet
+        self.store = store
+        self.clock = clock
+        self._balance_lookup = balance_lookup
+        self._balance_timeout = balance_timeout
+        self._lock = asyncio.Lock()
+
+    def recover(self) -> list[PaymentRecord]:
+        """Call once at startup: payments left pending by a crash become unknown."""
+        recovered = list(self.store.recover_on_startup(now=self.clock()))
+        for record in recovered:
+            log.warning("payment #%s was pending at shutdown; its outcome is unknown", record.id)
+        return recovered
+
+    async def on_402(
+        self,
+        request: PaymentRequestInfo,
+        status: int,
+        resp_headers: Mapping[str, str],
+        body: bytes,
+        body_replayable: bool,
+    ) -> Outcome:
+        if has_any_header(request.headers, CLIENT_PAYMENT_HEADERS):
+            return PassThrough("the request already carries a payment credential")
+        try:
+            challenge = parse_challenge(status, resp_headers, body, self.assets.networks)
+        except MalformedChallenge as exc:
+            return Refused(ReasonCode.MALFORMED_CHALLENGE, exc.detail)
+        if challenge is None:
+            return PassThrough("no x402 challenge in the response")
+        if not body_replayable:
+            return Refused(
+                ReasonCode.BODY_TOO_LARGE_TO_REPLAY,
+                "the request body was not buffered, so the paid request cannot be replayed",
+            )
+        if self.wallet is None and not self.policy.dry_run:
+            return Refused(ReasonCode.NO_WALLET, "no wallet configured; the proxy cannot pay")
+
+        balances = await self._balances(challenge)
+        async with self._lock:
+            now = self.clock()
+            decision = choose_requirement(
+                challenge, self.policy, self.assets, self._context(request, now, balances)
+            )
+            if isinstance(decision, Refusal):
+                log.info(
+                    "not paying %s %s: %s (%s)",
+                    request.method,
+                    request.url,
+                    decision.reason_code,
+                    decision.detail,
+                )
+                return Refused(decision.reason_code, decision.detail)
+            if self.policy.dry_run:
+                row = self.store.insert_dry_run(self._new_payment(request, challenge, decision), now=now)
+                return Refused(ReasonCode.DRY_RUN, f"dry run: would pay {decision.describe()}", row.id)
+            assert self.wallet is not None
+            window = plan_authorization(decision, now)
+            payment_id = generate_payment_id() if offers_payment_identifier(challenge) else None
+            new = self._new_payment(
+                request,
+                challenge,
+                decision,
+                nonce=window.nonce,
+                valid_before=window.valid_before if window.nonce is not None else None,
+                payment_id=payment_id,
+            )
+            record = self.store.insert_pending(new, now=now)  # durable before anything is signed
+
+        try:
+            header = build_payment_header(challenge, decision, self.wallet, now, payment_id, window)
+        except SigningError as exc:
+            self.store.mark_rejected(record.id, reason=_clip(f"not signed: {exc}"), now=self.clock())
+            return Refused(ReasonCode.SCHEME_NOT_SUPPORTED, str(exc))
+        if record.nonce != header.nonce or record.valid_before != header.valid_before:
+            # Permit2 / upto: the SDK drew the nonce and deadline; record them before the header leaves.
+            record = self.store.set_authorization(
+                record.id, nonce=header.nonce, valid_before=header.valid_before, now=self.clock()
+            )
+        log.info("paying #%s: %s for %s %s", record.id, decision.describe(), request.method, request.url)
+        return PaymentPlan(record.id, header.name, header.value, record, decision, header.valid_before)
+
+    def record_response(
+        self, plan: PaymentPlan, status: int, resp_headers: Mapping[str, str], body: bytes | None = None
+    ) -> PaymentRecord:
+        """Record how the server answered the paid request."""
+        now = self.clock()
+        receipt = read_settlement(resp_headers)
+        try:
+            if receipt is not None and (
+                receipt.success is True or (receipt.success is None and receipt.transaction)
+            ):
+                return self.store.mark_settled(
+                    plan.ledger_id, tx_hash=receipt.transaction, payer=receipt.payer, now=now
+                )
+            if status == 402:
+                reason = (
+                    receipt.error_reason
+                    if receipt and receipt.error_reason
+                    else rejection_reason(resp_headers, body)
+                )
+                return self.store.mark_rejected(plan.ledger_id, reason=_clip(reason), now=now)
+            if receipt is not None and receipt.success is False:
+                reason = f"HTTP {status}; settlement failed: {receipt.error_reason or 'no reason given'}"
+                return self.store.mark_unsettled(plan.ledger_id, reason=_clip(reason), now=now)
+            if status >= 400:
+                return self.store.mark_unsettled(
+                    plan.ledger_id, reason=f"HTTP {status} without a settlement receipt", now=now
+                )
+            # Served without a receipt: the need was met, so treat the payment as spent.
+            return self.store.mark_settled(
+                plan.ledger_id, reason=f"HTTP {status} without a settlement receipt", now=now
+            )
+        except StoreError as exc:
+            if exc.kind != "transition":
+                raise
+            log.warning("payment #%s already recorded: %s", plan.ledger_id, exc)
+            current = self.store.get(plan.ledger_id)
+            assert current is not None
+            return current
+
+    def record_transport_failure(self, plan: PaymentPlan, error: BaseException | str) -> PaymentRecord:
+        """The paid request failed in transit: the payment may or may not settle. Never re-sign it."""
+        text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        try:
+            return self.store.mark_unknown(
+                plan.ledger_id,
+                reason=_clip(f"transport failure after sending payment: {text}"),
+                now=self.clock(),
+            )
+        except StoreError as exc:
+            if exc.kind != "transition":
+                raise
+            current = self.store.get(plan.ledger_id)
+            assert current is not None
+            return current
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _context(
+        self, request: PaymentRequestInfo, now: float, balances: Mapping[tuple[str, str], int] | None
+    ) -> PaymentContext:
+        host = normalize_host(request.host)
+        in_doubt = self.store.find_in_doubt(
+            request.method.upper(), request.url, still_valid_at=now - CLOCK_SKEW_ALLOWANCE
+        )
+        return PaymentContext(
+            host=host,
+            url=request.url,
+            now=now,
+            spent_today_global=self._spent(now, None),
+            spent_today_host=self._spent(now, host),
+            balances=balances,
+            in_doubt_payment_id=in_doubt.id if in_doubt else None,
+        )
+
+    def _spent(self, now: float, host: str | None) -> int:
+        since = now - BUDGET_WINDOW_SECONDS
+        units = spend_in_budget_units(self.store.spent_since(since, host, now=now))
+        if self.policy.dry_run:
+            # A dry run counts its own simulated payments, so it shows when the budget would run out.
+            dry = self.store.list(state=PaymentState.DRY_RUN, host=host, since=since, limit=10_000)
+            units += sum(to_budget_units(r.amount, r.decimals) for r in dry)
+        return units
+
+    async def _balances(self, challenge: Challenge) -> Mapping[tuple[str, str], int] | None:
+        if self._balance_lookup is None or self.wallet is None:
+            return None
+        pairs = candidate_assets(challenge, self.policy, self.assets)
+        if not pairs:
+            return None
+        lookup = self._balance_lookup
+
+        async def one(network: str, asset: str) -> int | None:
+            try:
+                return await asyncio.wait_for(lookup(network, asset), self._balance_timeout)
+            except Exception as exc:  # advisory: an unreachable RPC must not block payment
+                log.debug("balance lookup for %s on %s failed: %s", asset, network, exc)
+                return None
+
+        results = await asyncio.gather(*(one(n, a) for n, a in pairs))
+        return {pair: value for pair, value in zip(pairs, results, strict=True) if value is not None}
+
+    def _new_payment(
+        self,
+        request: PaymentRequestInfo,
+        challenge: Challenge,
+        selection: Selection,
+        *,
+        nonce: str | None = None,
+        valid_before: int | None = None,
+        payment_id: str | None = None,
+    ) -> NewPayment:
+        requirement = selection.requirement
+        return NewPayment(
+            amount=selection.amount,
+            decimals=selection.asset.decimals,
+            asset=requirement.asset,
+            network=selection.network.caip2,
+            pay_to=requirement.pay_to,
+            host=normalize_host(request.host),
+            method=request.method.upper(),
+            url=request.url,
+            x402_version=challenge.version,
+            scheme=requirement.scheme,
+            resource=requirement.resource_url or challenge.resource_url,
+            nonce=nonce,
+            valid_before=valid_before,
+            payment_id=payment_id,
+            payer=self.wallet.address if self.wallet else None,
+            session_id=request.session_id,
+        )
+
+
+def spend_in_budget_units(totals: SpendTotals) -> int:
+    return sum(to_budget_units(amount, decimals) for (_n, _a, decimals), amount in totals.by_asset.items())
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"

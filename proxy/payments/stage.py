@@ -1,0 +1,138 @@
+"""Engine glue for payments: notice a 402, ask the Payer, replay once with the payment header.
+
+The decisions (is this a challenge, may we pay, what to sign) live in `payer.py` and below; this
+module only moves bytes and records what happened. At most one paid attempt per client request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from multidict import CIMultiDict
+
+from proxy.engine.exchange import Exchange, Exchanger, Outcome
+from proxy.engine.responses import ERROR_HEADER
+from proxy.engine.upstream import UpstreamError
+from proxy.payments.challenge import challenge_refetch_headers, needs_challenge_refetch
+from proxy.payments.payer import Payer, PaymentPlan, PaymentRequestInfo, Refused
+
+log = logging.getLogger("x402_proxy.payments")
+
+PAYMENT_HEADER = "X-402-Proxy-Payment"
+# A 402 body is read whole to find a V1 challenge; a bigger one is not a challenge we will honour.
+MAX_CHALLENGE_BODY = 1024 * 1024
+
+
+class ChallengeBodyTooLarge(Exception):
+    pass
+
+
+async def read_bounded(outcome: Outcome, limit: int = MAX_CHALLENGE_BODY) -> bytes:
+    if outcome.body is not None:
+        return outcome.body
+    length = outcome.response.content_length
+    if length is not None and length > limit:
+        outcome.response.release()
+        raise ChallengeBodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in outcome.response.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            outcome.response.release()
+            raise ChallengeBodyTooLarge
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    outcome.body = body
+    return body
+
+
+def _with_headers(exchange: Exchange, extra: dict[str, str], drop: tuple[str, ...] = ()) -> Exchange:
+    headers = CIMultiDict(exchange.headers)
+    for name in drop:
+        headers.popall(name, None)
+    for name, value in extra.items():
+        headers[name] = value  # replaces anything the client sent under that name
+    return dataclasses.replace(exchange, headers=headers)
+
+
+class PaymentStage:
+    def __init__(self, payer: Payer) -> None:
+        self._payer = payer
+
+    def __call__(self, inner: Exchanger) -> Exchanger:
+        async def exchange(request: Exchange) -> Outcome:
+            outcome = await inner(request)
+            if outcome.response.status != 402:
+                return outcome
+            return await self._on_402(request, outcome, inner)
+
+        return exchange
+
+    async def _on_402(self, request: Exchange, outcome: Outcome, inner: Exchanger) -> Outcome:
+        try:
+            body = await read_bounded(outcome)
+        except ChallengeBodyTooLarge:
+            log.warning("402 from %s has a body over %d bytes; not inspected", request.url.host, MAX_CHALLENGE_BODY)
+            return _refusal_outcome(outcome, "malformed_challenge", b"x402-proxy: 402 body too large to inspect\n")
+        challenge_source = outcome
+        if needs_challenge_refetch(402, outcome.response.headers, body) and request.replayable:
+            # A V1 server answered a browser-like request with an HTML paywall: ask again as an API client
+            # for the JSON challenge, but give the client the original page if we end up not paying.
+            refetch = _with_headers(request, challenge_refetch_headers(request.headers))
+            challenge_source = await inner(refetch)
+            if challenge_source.response.status != 402:
+                challenge_source.response.release()
+                return outcome
+            try:
+                await read_bounded(challenge_source)
+            except ChallengeBodyTooLarge:
+                return outcome
+        info = PaymentRequestInfo(
+            method=request.method,
+            url=str(request.url),
+            host=request.url.host or "",
+            headers=request.client_headers,
+        )
+        decision = await self._payer.on_402(
+            info,
+            402,
+            challenge_source.response.headers,
+            challenge_source.body or b"",
+            request.replayable,
+        )
+        if isinstance(decision, Refused):
+            outcome.extra_headers.append((ERROR_HEADER, decision.reason_code.value))
+            if decision.ledger_id is not None:
+                outcome.extra_headers.append((PAYMENT_HEADER, str(decision.ledger_id)))
+            return outcome
+        if not isinstance(decision, PaymentPlan):
+            return outcome
+        return await self._pay(request, decision, inner)
+
+    async def _pay(self, request: Exchange, plan: PaymentPlan, inner: Exchanger) -> Outcome:
+        paid_request = _with_headers(request, {plan.header_name: plan.header_value})
+        try:
+            paid = await inner(paid_request)
+        except UpstreamError as exc:
+            record = self._payer.record_transport_failure(plan, f"{exc.reason_code}: {exc.message}")
+            exc.extra_headers.append((PAYMENT_HEADER, str(record.id)))
+            raise
+        rejection_body: bytes | None = None
+        if paid.response.status == 402:
+            try:
+                rejection_body = await read_bounded(paid)
+            except ChallengeBodyTooLarge:
+                rejection_body = None
+        record = self._payer.record_response(plan, paid.response.status, paid.response.headers, rejection_body)
+        paid.extra_headers.append((PAYMENT_HEADER, str(record.id)))
+        if record.state.value == "rejected":
+            paid.extra_headers.append((ERROR_HEADER, "payment_rejected"))
+        return paid
+
+
+def _refusal_outcome(outcome: Outcome, code: str, body: bytes) -> Outcome:
+    outcome.body = body
+    outcome.extra_headers.append((ERROR_HEADER, code))
+    return outcome

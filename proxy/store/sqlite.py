@@ -1,0 +1,452 @@
+"""SQLite ledger: WAL + synchronous=FULL, so a committed row survives a crash or power loss.
+
+One connection per store, used under a lock: safe to call from any thread, though the proxy calls
+it from the event-loop thread (each call is a local write of a few hundred bytes, ~1 ms with the
+fsync). Other components (sessions) can keep their tables in the same file: ``schema_version``
+is keyed by component, and ``open_database`` / ``apply_migrations`` are reusable.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.store.base import (
+    ALLOWED_TRANSITIONS,
+    NewPayment,
+    PaymentRecord,
+    PaymentState,
+    SpendTotals,
+    StoreError,
+)
+
+BUSY_TIMEOUT_MS = 5000
+MAX_LIST_LIMIT = 10_000
+LEDGER_COMPONENT = "ledger"
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    statements: tuple[str, ...]
+
+
+LEDGER_MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        (
+            """
+            CREATE TABLE payments (
+                id            INTEGER PRIMARY KEY AUTOINCREMENT,
+                created_at    REAL    NOT NULL,
+                updated_at    REAL    NOT NULL,
+                state         TEXT    NOT NULL CHECK (state IN
+                                ('pending','settled','rejected','unsettled','unknown','dry_run')),
+                amount        TEXT    NOT NULL,  -- decimal string: uint256 does not fit SQLite INTEGER
+                decimals      INTEGER NOT NULL,
+                asset         TEXT    NOT NULL,
+                network       TEXT    NOT NULL,
+                pay_to        TEXT    NOT NULL,
+                host          TEXT    NOT NULL,
+                method        TEXT    NOT NULL,
+                url           TEXT    NOT NULL,
+                x402_version  INTEGER NOT NULL,
+                scheme        TEXT    NOT NULL,
+                resource      TEXT,
+                nonce         TEXT,
+                valid_before  INTEGER,
+                payment_id    TEXT,
+                payer         TEXT,
+                tx_hash       TEXT,
+                reason        TEXT,
+                session_id    TEXT
+            )
+            """,
+            "CREATE INDEX payments_created ON payments (created_at)",
+            "CREATE INDEX payments_host_created ON payments (host, created_at)",
+            "CREATE INDEX payments_state ON payments (state)",
+            "CREATE INDEX payments_request ON payments (url, method, state)",
+        ),
+    ),
+)
+
+
+def describe_sqlite_error(exc: sqlite3.Error, path: Path) -> StoreError:
+    """Map SQLite's error codes to a named, actionable StoreError."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    text = str(exc).lower()
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
+        return StoreError(
+            f"ledger {path} is locked by another process (waited {BUSY_TIMEOUT_MS // 1000} s); "
+            "is another x402-proxy running with the same home?",
+            "locked",
+        )
+    if name.startswith("SQLITE_FULL") or "disk is full" in text:
+        return StoreError(f"disk full: cannot write ledger {path}", "full")
+    if (
+        name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB"))
+        or "not a database" in text
+        or "malformed" in text
+    ):
+        return StoreError(
+            f"ledger {path} is corrupt or not a SQLite database; move it aside to start fresh", "corrupt"
+        )
+    if name.startswith("SQLITE_READONLY") or "readonly" in text:
+        return StoreError(f"ledger {path} is read-only", "readonly")
+    if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
+        return StoreError(f"cannot open ledger {path}", "io")
+    return StoreError(f"ledger {path}: {type(exc).__name__}: {exc}", "io")
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open (creating 0600) the state database with the durability settings the ledger needs."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & 0o077:
+                os.fchmod(fd, 0o600)  # the ledger reveals spending habits: private to the user
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise StoreError(f"cannot create ledger {path}: {exc.strerror}", "io") from None
+    try:
+        conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise describe_sqlite_error(exc, path) from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        journal = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(journal).lower() != "wal":
+            raise StoreError(f"ledger {path}: cannot enable WAL (got {journal})", "io")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    except sqlite3.Error as exc:
+        conn.close()
+        raise describe_sqlite_error(exc, path) from None
+    except StoreError:
+        conn.close()
+        raise
+    return conn
+
+
+def apply_migrations(
+    conn: sqlite3.Connection, component: str, migrations: Sequence[Migration], path: Path
+) -> int:
+    """Bring `component`'s tables to the newest version, atomically. Returns that version."""
+    versions = [m.version for m in migrations]
+    if versions != sorted(set(versions)):
+        raise ValueError("migration versions must be unique and increasing")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version "
+                "(component TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+            )
+            row = conn.execute(
+                "SELECT version FROM schema_version WHERE component = ?", (component,)
+            ).fetchone()
+            current = int(row[0]) if row else 0
+            newest = versions[-1] if versions else 0
+            if current > newest:
+                raise StoreError(
+                    f"ledger {path}: {component} schema v{current} is newer than this program (v{newest})",
+                    "schema",
+                )
+            for migration in migrations:
+                if migration.version > current:
+                    for statement in migration.statements:
+                        conn.execute(statement)
+                    current = migration.version
+            conn.execute(
+                "INSERT INTO schema_version (component, version) VALUES (?, ?) "
+                "ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+                (component, current),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            _rollback_quietly(conn)
+            raise
+    except sqlite3.Error as exc:
+        raise describe_sqlite_error(exc, path) from None
+    return current
+
+
+def _rollback_quietly(conn: sqlite3.Connection) -> None:
+    """Roll back if a transaction is still open; SQLite may already have (e.g. on SQLITE_FULL)."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original error is the one worth reporting
+
+
+class SqliteLedgerStore:
+    """LedgerStore on SQLite. See the module docstring for durability and threading."""
+
+    def __init__(self, path: Path, *, clock: Any = time.time) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._lock = threading.RLock()
+        self._conn = open_database(self.path)
+        self._conn.row_factory = sqlite3.Row
+        try:
+            apply_migrations(self._conn, LEDGER_COMPONENT, LEDGER_MIGRATIONS, self.path)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._conn
+                    self._conn.execute("COMMIT")  # synchronous=FULL: durable when this returns
+                except BaseException:
+                    _rollback_quietly(self._conn)
+                    raise
+            except sqlite3.Error as exc:
+                raise describe_sqlite_error(exc, self.path) from None
+
+    @contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                yield self._conn
+            except sqlite3.Error as exc:
+                raise describe_sqlite_error(exc, self.path) from None
+
+    def _now(self, now: float | None) -> float:
+        return float(self._clock() if now is None else now)
+
+    # -- writes -----------------------------------------------------------------------------------
+
+    def insert_pending(self, new: NewPayment, *, now: float | None = None) -> PaymentRecord:
+        return self._insert(new, PaymentState.PENDING, self._now(now))
+
+    def insert_dry_run(self, new: NewPayment, *, now: float | None = None) -> PaymentRecord:
+        return self._insert(new, PaymentState.DRY_RUN, self._now(now))
+
+    def _insert(self, new: NewPayment, state: PaymentState, now: float) -> PaymentRecord:
+        with self._transaction() as conn:
+            cursor = conn.execute(
+                "INSERT INTO payments (created_at, updated_at, state, amount, decimals, asset, network, "
+                "pay_to, host, method, url, x402_version, scheme, resource, nonce, valid_before, payment_id, "
+                "payer, reason, session_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    now,
+                    now,
+                    state.value,
+                    str(new.amount),
+                    new.decimals,
+                    new.asset,
+                    new.network,
+                    new.pay_to,
+                    new.host,
+                    new.method.upper(),
+                    new.url,
+                    new.x402_version,
+                    new.scheme,
+                    new.resource,
+                    new.nonce,
+                    new.valid_before,
+                    new.payment_id,
+                    new.payer,
+                    new.reason,
+                    new.session_id,
+                ),
+            )
+            row_id = cursor.lastrowid
+            assert row_id is not None
+            return self._fetch(conn, row_id)
+
+    def set_authorization(
+        self, payment_id: int, *, nonce: str, valid_before: int, now: float | None = None
+    ) -> PaymentRecord:
+        with self._transaction() as conn:
+            record = self._fetch(conn, payment_id)
+            if record.state is not PaymentState.PENDING:
+                raise StoreError(f"payment #{payment_id} is {record.state}, not pending", "transition")
+            conn.execute(
+                "UPDATE payments SET nonce = ?, valid_before = ?, updated_at = ? WHERE id = ?",
+                (nonce, valid_before, self._now(now), payment_id),
+            )
+            return self._fetch(conn, payment_id)
+
+    def mark_settled(
+        self,
+        payment_id: int,
+        *,
+        tx_hash: str | None = None,
+        payer: str | None = None,
+        reason: str | None = None,
+        now: float | None = None,
+    ) -> PaymentRecord:
+        return self._transition(
+            payment_id, PaymentState.SETTLED, now, reason=reason, tx_hash=tx_hash, payer=payer
+        )
+
+    def mark_rejected(self, payment_id: int, *, reason: str, now: float | None = None) -> PaymentRecord:
+        return self._transition(payment_id, PaymentState.REJECTED, now, reason=reason)
+
+    def mark_unsettled(self, payment_id: int, *, reason: str, now: float | None = None) -> PaymentRecord:
+        return self._transition(payment_id, PaymentState.UNSETTLED, now, reason=reason)
+
+    def mark_unknown(self, payment_id: int, *, reason: str, now: float | None = None) -> PaymentRecord:
+        return self._transition(payment_id, PaymentState.UNKNOWN, now, reason=reason)
+
+    def _transition(
+        self,
+        payment_id: int,
+        target: PaymentState,
+        now: float | None,
+        *,
+        reason: str | None,
+        tx_hash: str | None = None,
+        payer: str | None = None,
+    ) -> PaymentRecord:
+        with self._transaction() as conn:
+            record = self._fetch(conn, payment_id)
+            if record.state not in ALLOWED_TRANSITIONS[target]:
+                raise StoreError(
+                    f"payment #{payment_id} is {record.state}; cannot mark it {target}", "transition"
+                )
+            conn.execute(
+                "UPDATE payments SET state = ?, updated_at = ?, reason = COALESCE(?, reason), "
+                "tx_hash = COALESCE(?, tx_hash), payer = COALESCE(?, payer) WHERE id = ?",
+                (target.value, self._now(now), reason, tx_hash, payer, payment_id),
+            )
+            return self._fetch(conn, payment_id)
+
+    def recover_on_startup(self, *, now: float | None = None) -> Sequence[PaymentRecord]:
+        with self._transaction() as conn:
+            ids = [row["id"] for row in conn.execute("SELECT id FROM payments WHERE state = 'pending'")]
+            conn.execute(
+                "UPDATE payments SET state = 'unknown', updated_at = ?, "
+                "reason = 'the proxy stopped before the outcome was recorded' WHERE state = 'pending'",
+                (self._now(now),),
+            )
+            return [self._fetch(conn, row_id) for row_id in ids]
+
+    # -- reads ------------------------------------------------------------------------------------
+
+    def get(self, payment_id: int) -> PaymentRecord | None:
+        with self._reading() as conn:
+            row = conn.execute("SELECT * FROM payments WHERE id = ?", (payment_id,)).fetchone()
+            return _record(row) if row else None
+
+    def list(
+        self,
+        state: PaymentState | None = None,
+        host: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> Sequence[PaymentRecord]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(PaymentState(state).value)
+        if host is not None:
+            clauses.append("host = ?")
+            params.append(host)
+        if since is not None:
+            clauses.append("created_at >= ?")
+            params.append(since)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(max(1, min(int(limit), MAX_LIST_LIMIT)))
+        with self._reading() as conn:
+            # `where` is built only from the constant fragments above; every value is a bound parameter.
+            query = f"SELECT * FROM payments {where} ORDER BY id DESC LIMIT ?"  # noqa: S608
+            rows = conn.execute(query, params)
+            return [_record(row) for row in rows]
+
+    def spent_since(self, since: float, host: str | None = None, *, now: float | None = None) -> SpendTotals:
+        still_valid_at = self._now(now)
+        sql = (
+            "SELECT network, asset, decimals, amount FROM payments WHERE created_at >= ? AND ("
+            "state IN ('pending', 'settled', 'unknown') "
+            "OR (state = 'unsettled' AND (valid_before IS NULL OR valid_before > ?)))"
+        )
+        params: list[Any] = [since, still_valid_at]
+        if host is not None:
+            sql += " AND host = ?"
+            params.append(host)
+        totals: dict[tuple[str, str, int], int] = {}
+        count = 0
+        with self._reading() as conn:
+            for row in conn.execute(sql, params):
+                key = (row["network"], str(row["asset"]).lower(), int(row["decimals"]))
+                totals[key] = totals.get(key, 0) + int(row["amount"])
+                count += 1
+        return SpendTotals(totals, count)
+
+    def find_in_doubt(self, method: str, url: str, *, still_valid_at: float) -> PaymentRecord | None:
+        with self._reading() as conn:
+            row = conn.execute(
+                "SELECT * FROM payments WHERE url = ? AND method = ? AND state = 'unknown' "
+                "AND valid_before IS NOT NULL AND valid_before > ? ORDER BY id DESC LIMIT 1",
+                (url, method.upper(), still_valid_at),
+            ).fetchone()
+            return _record(row) if row else None
+
+    def _fetch(self, conn: sqlite3.Connection, payment_id: int) -> PaymentRecord:
+        row = conn.execute("SELECT * FROM payments WHERE id = ?", (payment_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"payment #{payment_id} does not exist", "transition")
+        return _record(row)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SqliteLedgerStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _record(row: sqlite3.Row) -> PaymentRecord:
+    return PaymentRecord(
+        id=int(row["id"]),
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        state=PaymentState(row["state"]),
+        amount=int(row["amount"]),
+        decimals=int(row["decimals"]),
+        asset=row["asset"],
+        network=row["network"],
+        pay_to=row["pay_to"],
+        host=row["host"],
+        method=row["method"],
+        url=row["url"],
+        x402_version=int(row["x402_version"]),
+        scheme=row["scheme"],
+        resource=row["resource"],
+        nonce=row["nonce"],
+        valid_before=None if row["valid_before"] is None else int(row["valid_before"]),
+        payment_id=row["payment_id"],
+        payer=row["payer"],
+        tx_hash=row["tx_hash"],
+        reason=row["reason"],
+        session_id=row["session_id"],
+    )

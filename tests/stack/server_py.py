@@ -1,0 +1,347 @@
+"""Reference V2 resource server: FastAPI + the PyPI SDK's `PaymentMiddlewareASGI`.
+
+Prices are in the local TestUSDC (explicit asset + atomic amount + EIP-712 `extra`), never "$0.01",
+which would resolve to the real Base Sepolia USDC.
+
+Routes (every handler answers JSON including the request headers it received, so tests can
+assert which credentials reached the origin):
+  GET  /free                 no payment
+  POST /free/echo            no payment, echoes body
+  GET  /paid/a, /paid/b      paid (--price, --price-b)
+  GET  /paid/fail500         paid; handler answers 500, so the SDK must not settle
+  GET  /paid/slow?delay=S    paid; handler sleeps S seconds first (timeouts, concurrency)
+  POST /paid/echo            paid; echoes body and headers
+  GET  /__stats              handler invocation counts and settlements seen by this server
+
+Options: --siwx enables the sign-in-with-x extension on paid routes (a wallet that paid for a path
+gets it again by SIWX alone); --payment-identifier optional|required declares that extension and
+turns on idempotent replay (same id + same payload -> cached response, different payload -> 409).
+
+Self-contained so it runs as `python -m tests.stack.server_py ...` or by file path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from x402 import x402ResourceServer
+from x402.extensions.payment_identifier import (
+    PAYMENT_IDENTIFIER,
+    declare_payment_identifier_extension,
+    payment_identifier_resource_server_extension,
+)
+from x402.extensions.sign_in_with_x import (
+    CreateSIWxResourceServerExtensionOptions,
+    DeclareSIWxOptions,
+    InMemorySIWxStorage,
+    create_siwx_resource_server_extension,
+    declare_siwx_extension,
+)
+from x402.http import FacilitatorConfig, HTTPFacilitatorClient, PaymentOption, RouteConfig
+from x402.http.middleware.fastapi import PaymentMiddlewareASGI
+from x402.mechanisms.evm.exact import ExactEvmServerScheme
+from x402.schemas import AssetAmount
+
+log = logging.getLogger("x402-stack.server_py")
+
+PAID_ROUTES = ("GET /paid/a", "GET /paid/b", "GET /paid/fail500", "GET /paid/slow", "POST /paid/echo")
+
+
+@dataclass
+class ServerConfig:
+    port: int
+    facilitator_url: str
+    asset: str
+    pay_to: str
+    price: int = 1000
+    price_b: int | None = None
+    network: str = "eip155:84532"
+    token_name: str = "USDC"
+    token_version: str = "2"
+    max_timeout_seconds: int = 60
+    host: str = "127.0.0.1"
+    origin: str | None = None
+    siwx: bool = False
+    payment_identifier: str = "off"  # off | optional | required
+
+    @property
+    def public_origin(self) -> str:
+        return self.origin or f"http://{self.host}:{self.port}"
+
+
+@dataclass
+class _Stats:
+    handled: Counter[str] = field(default_factory=Counter)
+    settlements: list[dict[str, Any]] = field(default_factory=list)
+    idempotent_replays: int = 0
+    idempotency_conflicts: int = 0
+
+
+def _headers(request: Request) -> dict[str, str]:
+    """Request headers as received (lower-cased names; repeated headers joined with ', ')."""
+    out: dict[str, str] = {}
+    for key, value in request.headers.items():
+        out[key] = f"{out[key]}, {value}" if key in out else value
+    return out
+
+
+def _payer(request: Request) -> str | None:
+    payload = getattr(request.state, "payment_payload", None)
+    if payload is None:
+        return None
+    auth = (payload.payload or {}).get("authorization") or {}
+    return auth.get("from")
+
+
+def _report(request: Request, **extra: Any) -> dict[str, Any]:
+    return {
+        "ok": True,
+        "method": request.method,
+        "path": request.url.path,
+        "query": request.url.query,
+        "headers": _headers(request),
+        # True when this request carried a verified payment (False for free routes and SIWX access).
+        "paid": getattr(request.state, "payment_payload", None) is not None,
+        "payer": _payer(request),
+        **extra,
+    }
+
+
+def _route(cfg: ServerConfig, amount: int, description: str, extensions: dict[str, Any]) -> RouteConfig:
+    return RouteConfig(
+        accepts=PaymentOption(
+            scheme="exact",
+            pay_to=cfg.pay_to,
+            price=AssetAmount(
+                amount=str(amount),
+                asset=cfg.asset,
+                extra={"name": cfg.token_name, "version": cfg.token_version},
+            ),
+            network=cfg.network,
+            max_timeout_seconds=cfg.max_timeout_seconds,
+        ),
+        description=description,
+        mime_type="application/json",
+        extensions=dict(extensions) or None,
+    )
+
+
+def _payment_identifier_of(header: str) -> tuple[str, str] | None:
+    """(payment id, payload fingerprint) from a PAYMENT-SIGNATURE header, if it carries an id."""
+    try:
+        data = json.loads(base64.b64decode(header))
+        info = ((data.get("extensions") or {}).get(PAYMENT_IDENTIFIER) or {}).get("info") or {}
+        pid = info.get("id")
+    except Exception:
+        return None
+    if not isinstance(pid, str) or not pid:
+        return None
+    fingerprint = hashlib.sha256(
+        json.dumps([data.get("accepted"), data.get("payload")], sort_keys=True).encode()
+    ).hexdigest()
+    return pid, fingerprint
+
+
+def create_app(cfg: ServerConfig) -> FastAPI:
+    stats = _Stats()
+    facilitator = HTTPFacilitatorClient(FacilitatorConfig(url=cfg.facilitator_url, timeout=60.0))
+    server = x402ResourceServer(facilitator)
+    # Typed as Any: the SDK class is unannotated and does not match its own Protocol (mypy-only issue).
+    scheme_cls: Any = ExactEvmServerScheme
+    server.register(cfg.network, scheme_cls())
+
+    async def record_settlement(ctx: Any) -> None:
+        resource = getattr(ctx.payment_payload, "resource", None)
+        stats.settlements.append(
+            {
+                "resource": resource.url if resource else None,
+                "payer": ctx.result.payer,
+                "transaction": ctx.result.transaction,
+                "success": ctx.result.success,
+            }
+        )
+
+    server.on_after_settle(record_settlement)
+
+    extensions: dict[str, Any] = {}
+    if cfg.siwx:
+        server.register_extension(
+            create_siwx_resource_server_extension(
+                CreateSIWxResourceServerExtensionOptions(
+                    storage=InMemorySIWxStorage(), origin=cfg.public_origin
+                )
+            )
+        )
+        extensions.update(
+            declare_siwx_extension(
+                DeclareSIWxOptions(
+                    network=cfg.network,
+                    statement="Sign in to reuse your x402 purchase",
+                    expiration_seconds=300,
+                )
+            )
+        )
+    if cfg.payment_identifier != "off":
+        server.register_extension(cast(Any, payment_identifier_resource_server_extension))
+        extensions[PAYMENT_IDENTIFIER] = declare_payment_identifier_extension(
+            required=cfg.payment_identifier == "required"
+        )
+
+    price_b = cfg.price_b if cfg.price_b is not None else cfg.price
+    routes = {
+        "GET /paid/a": _route(cfg, cfg.price, "paid resource A", extensions),
+        "GET /paid/b": _route(cfg, price_b, "paid resource B", extensions),
+        "GET /paid/fail500": _route(cfg, cfg.price, "paid resource whose handler fails", extensions),
+        "GET /paid/slow": _route(cfg, cfg.price, "paid resource with a slow handler", extensions),
+        "POST /paid/echo": _route(cfg, cfg.price, "paid echo", extensions),
+    }
+
+    app = FastAPI(title="x402 reference server (python)")
+    app.add_middleware(PaymentMiddlewareASGI, routes=routes, server=server)
+
+    if cfg.payment_identifier != "off":
+        idempotency_cache: dict[str, tuple[str, int, dict[str, str], bytes]] = {}
+        id_locks: dict[str, asyncio.Lock] = {}
+
+        # Added after the payment middleware, so it wraps it: a replay never reaches verify/settle.
+        @app.middleware("http")
+        async def payment_identifier_idempotency(request: Request, call_next: Any) -> Response:
+            header = request.headers.get("payment-signature")
+            ident = _payment_identifier_of(header) if header else None
+            if ident is None:
+                response: Response = await call_next(request)
+                return response
+            pid, fingerprint = ident
+            async with id_locks.setdefault(pid, asyncio.Lock()):
+                cached = idempotency_cache.get(pid)
+                if cached is not None:
+                    if cached[0] != fingerprint:
+                        stats.idempotency_conflicts += 1
+                        return JSONResponse(
+                            {"error": "payment identifier already used with a different payload"}, 409
+                        )
+                    stats.idempotent_replays += 1
+                    return Response(content=cached[3], status_code=cached[1], headers=cached[2])
+                response = await call_next(request)
+                body = b"".join([chunk async for chunk in response.body_iterator])  # type: ignore[attr-defined]
+                headers = dict(response.headers)
+                if response.status_code < 400 and "payment-response" in headers:
+                    idempotency_cache[pid] = (fingerprint, response.status_code, headers, body)
+                return Response(content=body, status_code=response.status_code, headers=headers)
+
+    @app.get("/free")
+    async def free(request: Request) -> dict[str, Any]:
+        stats.handled["/free"] += 1
+        return _report(request)
+
+    @app.post("/free/echo")
+    async def free_echo(request: Request) -> dict[str, Any]:
+        stats.handled["/free/echo"] += 1
+        body = await request.body()
+        return _report(
+            request, body=body.decode("utf-8", "replace"), body_sha256=hashlib.sha256(body).hexdigest()
+        )
+
+    @app.get("/paid/a")
+    async def paid_a(request: Request) -> dict[str, Any]:
+        stats.handled["/paid/a"] += 1
+        return _report(request, resource="a")
+
+    @app.get("/paid/b")
+    async def paid_b(request: Request) -> dict[str, Any]:
+        stats.handled["/paid/b"] += 1
+        return _report(request, resource="b")
+
+    @app.get("/paid/fail500")
+    async def paid_fail500(request: Request) -> JSONResponse:
+        stats.handled["/paid/fail500"] += 1
+        return JSONResponse({**_report(request), "ok": False, "error": "handler failed on purpose"}, 500)
+
+    @app.get("/paid/slow")
+    async def paid_slow(request: Request, delay: float = 1.0) -> dict[str, Any]:
+        stats.handled["/paid/slow"] += 1
+        await asyncio.sleep(delay)
+        return _report(request, resource="slow", delay=delay)
+
+    @app.post("/paid/echo")
+    async def paid_echo(request: Request) -> dict[str, Any]:
+        stats.handled["/paid/echo"] += 1
+        body = await request.body()
+        return _report(
+            request, body=body.decode("utf-8", "replace"), body_sha256=hashlib.sha256(body).hexdigest()
+        )
+
+    @app.get("/__stats")
+    async def get_stats() -> dict[str, Any]:
+        return {
+            "handled": dict(stats.handled),
+            "settlements": list(stats.settlements),
+            "idempotent_replays": stats.idempotent_replays,
+            "idempotency_conflicts": stats.idempotency_conflicts,
+            "config": {
+                "price": cfg.price,
+                "price_b": price_b,
+                "siwx": cfg.siwx,
+                "payment_identifier": cfg.payment_identifier,
+            },
+        }
+
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    env = os.environ.get
+    p = argparse.ArgumentParser(description="x402 reference resource server (FastAPI, V2)")
+    p.add_argument("--host", default=env("HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(env("PORT", "0")) or None, required=env("PORT") is None)
+    p.add_argument(
+        "--facilitator", default=env("X402_FACILITATOR_URL"), required=env("X402_FACILITATOR_URL") is None
+    )
+    p.add_argument("--asset", default=env("X402_ASSET"), required=env("X402_ASSET") is None)
+    p.add_argument("--pay-to", default=env("X402_PAY_TO"), required=env("X402_PAY_TO") is None)
+    p.add_argument("--price", type=int, default=int(env("X402_PRICE", "1000")), help="atomic units")
+    p.add_argument("--price-b", type=int, default=None, help="price of /paid/b (default: --price)")
+    p.add_argument("--network", default=env("X402_NETWORK", "eip155:84532"))
+    p.add_argument("--max-timeout", type=int, default=60)
+    p.add_argument("--origin", default=None, help="public origin for SIWX (default http://host:port)")
+    p.add_argument("--siwx", action="store_true", default=env("X402_SIWX") == "1")
+    p.add_argument(
+        "--payment-identifier", choices=("off", "optional", "required"), default=env("X402_PAYMENT_ID", "off")
+    )
+    a = p.parse_args(argv)
+    return ServerConfig(
+        port=a.port,
+        facilitator_url=a.facilitator,
+        asset=a.asset,
+        pay_to=a.pay_to,
+        price=a.price,
+        price_b=a.price_b,
+        network=a.network,
+        max_timeout_seconds=a.max_timeout,
+        host=a.host,
+        origin=a.origin,
+        siwx=a.siwx,
+        payment_identifier=a.payment_identifier,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+
+
+if __name__ == "__main__":
+    main()
