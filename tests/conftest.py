@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.stack.fixtures import x402_stack
 from tests.support.certs import UpstreamCA
 from tests.support.proxy_process import ProxyProcess
 from tests.support.upstream import Upstream, start_upstream
@@ -58,4 +59,4 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.stack)
 
 
-__all__ = ["Path", "proxy_config"]
+__all__ = ["Path", "proxy_config", "x402_stack"]

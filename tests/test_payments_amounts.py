@@ -53,4 +53,6 @@ def test_format_units() -> None:
     assert format_units(1_000_000, 6) == "1"
     assert format_units(1_234_567, 6) == "1.234567"
     assert format_units(5, 0) == "5"
-    assert format_units(2**256 - 1, 6).startswith("115792089237316195423570985008687907853269984665640564039457584007913")
+    assert format_units(2**256 - 1, 6).startswith(
+        "115792089237316195423570985008687907853269984665640564039457584007913"
+    )

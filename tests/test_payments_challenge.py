@@ -3,6 +3,17 @@ import json
 
 import pytest
 from multidict import CIMultiDict
+
+from proxy.payments.challenge import (
+    MAX_ACCEPTS,
+    MAX_SIGNING_WINDOW,
+    MIN_SIGNING_WINDOW,
+    MalformedChallenge,
+    challenge_refetch_headers,
+    needs_challenge_refetch,
+    parse_challenge,
+)
+from proxy.payments.networks import NetworkConfig, NetworkRegistry
 from tests.test_payments_fixtures import (
     BASE_SEPOLIA_USDC,
     DROP,
@@ -16,23 +27,14 @@ from tests.test_payments_fixtures import (
     v2_response,
 )
 
-from proxy.payments.challenge import (
-    MAX_ACCEPTS,
-    MAX_SIGNING_WINDOW,
-    MIN_SIGNING_WINDOW,
-    MalformedChallenge,
-    challenge_refetch_headers,
-    needs_challenge_refetch,
-    parse_challenge,
-)
-from proxy.payments.networks import NetworkConfig, NetworkRegistry
-
 # --- well-formed challenges ------------------------------------------------------------------
 
 
 def test_v2_header_challenge_is_normalized_and_keeps_the_raw_requirement() -> None:
     requirement = v2_requirement(somethingNew={"kept": True})
-    status, headers, body = v2_response(requirement, extensions={"payment-identifier": {"info": {"required": False}}})
+    status, headers, body = v2_response(
+        requirement, extensions={"payment-identifier": {"info": {"required": False}}}
+    )
     challenge = parse_challenge(status, headers, body)
     assert challenge is not None
     assert challenge.version == 2
@@ -112,7 +114,9 @@ def test_configured_networks_are_used_for_v1_names() -> None:
     assert challenge is not None and challenge.requirements[0].network == "eip155:31337"
 
 
-@pytest.mark.parametrize(("given", "window"), [(0, MIN_SIGNING_WINDOW), (60, 60), (86_400, MAX_SIGNING_WINDOW)])
+@pytest.mark.parametrize(
+    ("given", "window"), [(0, MIN_SIGNING_WINDOW), (60, 60), (86_400, MAX_SIGNING_WINDOW)]
+)
 def test_timeout_is_clamped_to_a_sane_signing_window(given: int, window: int) -> None:
     challenge = parse_challenge(*v2_response(v2_requirement(maxTimeoutSeconds=given)))
     assert challenge is not None and challenge.requirements[0].max_timeout_seconds == window
@@ -169,7 +173,9 @@ def test_ten_thousand_accepts_are_refused_before_any_work() -> None:
     assert "10000 payment options" in _malformed(402, {}, json.dumps(compact).encode())
     many = v2_document(*[v2_requirement() for _ in range(MAX_ACCEPTS + 1)])
     assert "payment options" in _malformed(402, {"PAYMENT-REQUIRED": b64json(many)}, b"")
-    assert parse_challenge(402, {"PAYMENT-REQUIRED": b64json(v2_document(*[v2_requirement()] * MAX_ACCEPTS))}, b"")
+    assert parse_challenge(
+        402, {"PAYMENT-REQUIRED": b64json(v2_document(*[v2_requirement()] * MAX_ACCEPTS))}, b""
+    )
 
 
 def test_huge_v1_body_claiming_x402_is_malformed() -> None:
@@ -181,7 +187,9 @@ def test_huge_v1_body_claiming_x402_is_malformed() -> None:
 
 def test_unsupported_version() -> None:
     assert "x402Version" in _malformed(402, {}, json.dumps({"x402Version": 3, "accepts": []}).encode())
-    assert "x402Version" in _malformed(402, {"PAYMENT-REQUIRED": b64json({"x402Version": "2", "accepts": []})}, b"")
+    assert "x402Version" in _malformed(
+        402, {"PAYMENT-REQUIRED": b64json({"x402Version": "2", "accepts": []})}, b""
+    )
 
 
 def test_missing_or_empty_accepts() -> None:
@@ -237,6 +245,11 @@ def test_huge_json_number_does_not_crash_the_parser() -> None:
 
 def test_nan_is_not_json() -> None:
     text = json.dumps(v2_document()).replace("60", "NaN")
+    _malformed(402, {"PAYMENT-REQUIRED": base64.b64encode(text.encode()).decode()}, b"")
+
+
+def test_overflowing_float_is_malformed_because_it_could_not_be_echoed() -> None:
+    text = json.dumps(v2_document(v2_requirement(outputSchema={"x": 1.5}))).replace("1.5", "1e400")
     _malformed(402, {"PAYMENT-REQUIRED": base64.b64encode(text.encode()).decode()}, b"")
 
 

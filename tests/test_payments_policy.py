@@ -144,12 +144,19 @@ def test_over_max_per_payment() -> None:
 
 
 def test_network_not_allowed_for_mainnet_by_default() -> None:
-    mainnet = v2_requirement(network="eip155:8453", asset=BASE_USDC, extra={"name": "USD Coin", "version": "2"})
+    mainnet = v2_requirement(
+        network="eip155:8453", asset=BASE_USDC, extra={"name": "USD Coin", "version": "2"}
+    )
     result = refused(decide(challenge(mainnet)), ReasonCode.NETWORK_NOT_ALLOWED)
     assert "not in allowed_networks" in result.detail
     listed_but_gated = policy(allowed_networks=["base"])
-    assert "allow_mainnet" in refused(decide(challenge(mainnet), listed_but_gated), ReasonCode.NETWORK_NOT_ALLOWED).detail
-    assert isinstance(decide(challenge(mainnet), policy(allowed_networks=["base"], allow_mainnet=True)), Selection)
+    assert (
+        "allow_mainnet"
+        in refused(decide(challenge(mainnet), listed_but_gated), ReasonCode.NETWORK_NOT_ALLOWED).detail
+    )
+    assert isinstance(
+        decide(challenge(mainnet), policy(allowed_networks=["base"], allow_mainnet=True)), Selection
+    )
     # allow_mainnet alone does not open every mainnet: the network must be listed too
     refused(decide(challenge(mainnet), policy(allow_mainnet=True)), ReasonCode.NETWORK_NOT_ALLOWED)
 
@@ -163,7 +170,9 @@ def test_network_allow_list_restricts_testnets_too() -> None:
 
 def test_unknown_and_non_evm_networks_are_not_allowed() -> None:
     refused(decide(challenge(v2_requirement(network="eip155:999999"))), ReasonCode.NETWORK_NOT_ALLOWED)
-    solana = v2_requirement(network="solana:devnet", asset="So11111111111111111111111111111111111111112", payTo="x")
+    solana = v2_requirement(
+        network="solana:devnet", asset="So11111111111111111111111111111111111111112", payTo="x"
+    )
     refused(decide(challenge(solana)), ReasonCode.NETWORK_NOT_ALLOWED)
 
 
@@ -174,7 +183,9 @@ def test_asset_not_allowed_when_unknown_or_not_listed() -> None:
     refused(decide(challenge(v2_requirement()), pol), ReasonCode.ASSET_NOT_ALLOWED)
     # case-insensitive address comparison
     pol = policy(allowed_assets=[BASE_SEPOLIA_USDC.lower()])
-    assert isinstance(decide(challenge(v2_requirement(asset=BASE_SEPOLIA_USDC.upper().replace("0X", "0x"))), pol), Selection)
+    assert isinstance(
+        decide(challenge(v2_requirement(asset=BASE_SEPOLIA_USDC.upper().replace("0X", "0x"))), pol), Selection
+    )
 
 
 def test_asset_without_eip712_domain_is_not_signable() -> None:
@@ -202,9 +213,14 @@ def test_scheme_not_supported() -> None:
 def test_pay_to_deny_and_allow_lists() -> None:
     refused(decide(challenge(), policy(pay_to_deny=[PAY_TO.lower()])), ReasonCode.PAY_TO_NOT_ALLOWED)
     refused(decide(challenge(), policy(pay_to_allow=[OTHER_PAY_TO])), ReasonCode.PAY_TO_NOT_ALLOWED)
-    assert isinstance(decide(challenge(), policy(pay_to_allow=[PAY_TO.upper().replace("0X", "0x")])), Selection)
+    assert isinstance(
+        decide(challenge(), policy(pay_to_allow=[PAY_TO.upper().replace("0X", "0x")])), Selection
+    )
     # deny wins over allow
-    refused(decide(challenge(), policy(pay_to_allow=[PAY_TO], pay_to_deny=[PAY_TO])), ReasonCode.PAY_TO_NOT_ALLOWED)
+    refused(
+        decide(challenge(), policy(pay_to_allow=[PAY_TO], pay_to_deny=[PAY_TO])),
+        ReasonCode.PAY_TO_NOT_ALLOWED,
+    )
 
 
 def test_host_allow_and_deny_globs() -> None:
@@ -250,10 +266,15 @@ def test_the_most_informative_refusal_is_reported() -> None:
     wrong_network = v2_requirement(network="eip155:8453", asset=BASE_USDC)
     too_dear = v2_requirement(amount="5000000")
     unknown_scheme = v2_requirement(scheme="streaming")
-    result = refused(decide(challenge(wrong_network, unknown_scheme, too_dear)), ReasonCode.OVER_MAX_PER_PAYMENT)
+    result = refused(
+        decide(challenge(wrong_network, unknown_scheme, too_dear)), ReasonCode.OVER_MAX_PER_PAYMENT
+    )
     assert result.requirement_index == 2
     # ties go to the server's first option
-    result = refused(decide(challenge(v2_requirement(scheme="a"), v2_requirement(scheme="b"))), ReasonCode.SCHEME_NOT_SUPPORTED)
+    result = refused(
+        decide(challenge(v2_requirement(scheme="a"), v2_requirement(scheme="b"))),
+        ReasonCode.SCHEME_NOT_SUPPORTED,
+    )
     assert result.requirement_index == 0
 
 

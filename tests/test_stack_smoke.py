@@ -9,12 +9,22 @@ answers 500 and moves no money.
 from __future__ import annotations
 
 import base64
+import datetime
+import ipaddress
 import json
+import secrets
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from eth_account import Account
 from eth_typing import HexStr
+from web3.exceptions import ContractLogicError
 from x402 import x402Client
 from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, append_payment_identifier_to_extensions
 from x402.extensions.sign_in_with_x import SIGN_IN_WITH_X, create_siwx_client_hook
@@ -24,7 +34,7 @@ from x402.mechanisms.evm.exact import register_exact_evm_client
 from x402.schemas import PaymentPayload, PaymentRequired, PaymentRequiredV1
 from x402.schemas.hooks import PaymentRequiredContext
 
-from tests.stack import Stack
+from tests.stack import PAYER_2, Stack
 
 pytest_plugins = ["tests.stack.fixtures"]
 pytestmark = pytest.mark.stack
@@ -235,3 +245,107 @@ async def test_payment_identifier_replays_idempotently(x402_stack: Stack) -> Non
         stats = server.stats()
         assert stats["handled"]["/paid/a"] == 1
         assert stats["idempotent_replays"] == 1
+
+
+def self_signed_cert(directory: Path, ip: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ip)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]), critical=False
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_https_variant_settles(x402_stack: Stack, tmp_path: Path) -> None:
+    stack = x402_stack
+    cert, key = self_signed_cert(tmp_path, "127.0.0.2")
+    http = sdk_client(stack)
+    with stack.start_py_server(host="127.0.0.2", ssl_certfile=cert, ssl_keyfile=key, price=2500) as server:
+        assert server.url.startswith("https://127.0.0.2:")
+        url = f"{server.url}/paid/a"
+        async with httpx.AsyncClient(trust_env=False, timeout=60, verify=str(cert)) as client:
+            required = challenge(http, await client.get(url))
+            assert required.accepts[0].get_amount() == "2500"
+            headers, _ = await pay(http, required)
+            merchant_before = stack.balance_of(stack.pay_to)
+            r = await client.get(url, headers=headers)
+        assert r.status_code == 200, r.text
+        assert stack.balance_of(stack.pay_to) == merchant_before + 2500
+
+
+def test_token_enforces_eip3009_rules(x402_stack: Stack) -> None:
+    """TestUSDC behaves like FiatToken where facilitators depend on it (simulated with eth_call)."""
+    stack = x402_stack
+    token = stack.chain.token
+    assert (token.functions.name().call(), token.functions.version().call()) == ("USDC", "2")
+    assert token.functions.decimals().call() == 6
+    now = stack.chain.latest_timestamp()
+
+    def signed(valid_after: int, valid_before: int, key: str = stack.payer_key) -> tuple[list[Any], bytes]:
+        nonce = secrets.token_bytes(32)
+        message = {
+            "from": stack.payer_address,
+            "to": stack.pay_to,
+            "value": 1,
+            "validAfter": valid_after,
+            "validBefore": valid_before,
+            "nonce": nonce,
+        }
+        sig = Account.sign_typed_data(
+            key,
+            {"name": "USDC", "version": "2", "chainId": stack.chain_id, "verifyingContract": stack.token},
+            {
+                "TransferWithAuthorization": [
+                    {"name": "from", "type": "address"},
+                    {"name": "to", "type": "address"},
+                    {"name": "value", "type": "uint256"},
+                    {"name": "validAfter", "type": "uint256"},
+                    {"name": "validBefore", "type": "uint256"},
+                    {"name": "nonce", "type": "bytes32"},
+                ]
+            },
+            message,
+        ).signature
+        return [stack.payer_address, stack.pay_to, 1, valid_after, valid_before, nonce], bytes(sig)
+
+    def call(args: list[Any], sig: bytes, *, packed: bool = False) -> str:
+        fn = (
+            token.get_function_by_signature(
+                "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,bytes)"
+            )(*args, sig)
+            if packed
+            else token.get_function_by_signature(
+                "transferWithAuthorization(address,address,uint256,uint256,uint256,bytes32,uint8,bytes32,bytes32)"
+            )(*args, sig[64], sig[:32], sig[32:64])
+        )
+        try:
+            fn.call({"from": stack.pay_to})
+        except ContractLogicError as exc:
+            return str(exc)
+        return "ok"
+
+    args, sig = signed(0, now + 3600)
+    assert call(args, sig) == "ok"
+    assert call(args, sig, packed=True) == "ok"
+    assert "authorization is not yet valid" in call(*signed(now + 3600, now + 7200))
+    assert "authorization is expired" in call(*signed(0, now - 1))
+    assert "invalid signature" in call(*signed(0, now + 3600, key=PAYER_2.key))

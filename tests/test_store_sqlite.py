@@ -193,7 +193,8 @@ def test_spent_since_counts_money_that_may_move(store: SqliteLedgerStore) -> Non
 def test_spent_since_keeps_assets_apart(store: SqliteLedgerStore) -> None:
     store.insert_pending(new_payment(amount=5), now=NOW)
     store.insert_pending(new_payment(amount=7, asset="0xAAAA", decimals=18), now=NOW)
-    store.insert_pending(new_payment(amount=9, asset="0xaaaa", decimals=18), now=NOW)  # same asset, other case
+    # the same asset spelled in another case
+    store.insert_pending(new_payment(amount=9, asset="0xaaaa", decimals=18), now=NOW)
     totals = store.spent_since(NOW - 1, now=NOW)
     assert totals.by_asset[("eip155:84532", "0xaaaa", 18)] == 16
     assert len(totals.by_asset) == 2

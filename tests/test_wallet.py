@@ -189,7 +189,9 @@ async def test_token_balance_reads_balance_of_over_json_rpc() -> None:
             assert call["data"].lower().endswith(owner[2:].lower())
             result = "0x" + (1_234_567).to_bytes(32, "big").hex()
         else:
-            return web.json_response({"jsonrpc": "2.0", "id": body["id"], "error": {"code": -32601, "message": "no"}})
+            return web.json_response(
+                {"jsonrpc": "2.0", "id": body["id"], "error": {"code": -32601, "message": "no"}}
+            )
         return web.json_response({"jsonrpc": "2.0", "id": body["id"], "result": result})
 
     app = web.Application()

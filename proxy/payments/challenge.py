@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -158,7 +159,7 @@ def _b64decode(value: str) -> bytes | None:
 
 def _loads(raw: bytes) -> Any:
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+        return json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # ValueError covers JSONDecodeError and Python's int-digits limit on absurd numbers.
         raise MalformedChallenge(f"challenge is not valid JSON ({type(exc).__name__})") from None
@@ -166,6 +167,14 @@ def _loads(raw: bytes) -> Any:
 
 def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    # 1e400 parses to inf, which json.dumps would echo back as the non-JSON token "Infinity".
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError("number out of range")
+    return value
 
 
 def _sniff_body(body: bytes) -> dict[str, Any] | None:

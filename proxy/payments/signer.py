@@ -173,9 +173,14 @@ def _sign_permit2(selection: Selection, wallet: Wallet) -> dict[str, Any]:
     are not signed (they need an RPC-capable signer): the wallet must already have approved
     Permit2 for the token.
     """
-    requirement = PaymentRequirements.model_validate(dict(selection.requirement.raw))
-    requirement = requirement.model_copy(
-        update={"max_timeout_seconds": selection.requirement.max_timeout_seconds + CLOCK_SKEW_ALLOWANCE}
+    source = selection.requirement
+    requirement = PaymentRequirements.model_validate(
+        {
+            **source.raw,
+            "amount": str(selection.amount),  # the SDK model wants a string; JSON may have had an int
+            "extra": dict(source.extra),
+            "maxTimeoutSeconds": source.max_timeout_seconds + CLOCK_SKEW_ALLOWANCE,
+        }
     )
     signer = EthAccountSigner(wallet.account)
     if selection.scheme == "upto":

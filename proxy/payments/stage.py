@@ -71,24 +71,23 @@ class PaymentStage:
         return exchange
 
     async def _on_402(self, request: Exchange, outcome: Outcome, inner: Exchanger) -> Outcome:
-        try:
-            body = await read_bounded(outcome)
-        except ChallengeBodyTooLarge:
-            log.warning("402 from %s has a body over %d bytes; not inspected", request.url.host, MAX_CHALLENGE_BODY)
-            return _refusal_outcome(outcome, "malformed_challenge", b"x402-proxy: 402 body too large to inspect\n")
         challenge_source = outcome
-        if needs_challenge_refetch(402, outcome.response.headers, body) and request.replayable:
-            # A V1 server answered a browser-like request with an HTML paywall: ask again as an API client
-            # for the JSON challenge, but give the client the original page if we end up not paying.
+        if request.replayable and needs_challenge_refetch(402, outcome.response.headers, b""):
+            # A V1 server answered a browser-like request with an HTML paywall (megabytes of it): ask
+            # again as an API client for the JSON challenge, and leave the page unread so the client
+            # still gets it, streamed, if we end up not paying.
             refetch = _with_headers(request, challenge_refetch_headers(request.headers))
             challenge_source = await inner(refetch)
             if challenge_source.response.status != 402:
                 challenge_source.response.release()
                 return outcome
-            try:
-                await read_bounded(challenge_source)
-            except ChallengeBodyTooLarge:
+        try:
+            await read_bounded(challenge_source)
+        except ChallengeBodyTooLarge:
+            log.warning("402 from %s has a body over %d bytes; not inspected", request.url.host, MAX_CHALLENGE_BODY)
+            if challenge_source is not outcome:
                 return outcome
+            return _refusal_outcome(outcome, "malformed_challenge", b"x402-proxy: 402 body too large to inspect\n")
         info = PaymentRequestInfo(
             method=request.method,
             url=str(request.url),
@@ -109,6 +108,8 @@ class PaymentStage:
             return outcome
         if not isinstance(decision, PaymentPlan):
             return outcome
+        if challenge_source is not outcome:
+            outcome.response.release()
         return await self._pay(request, decision, inner)
 
     async def _pay(self, request: Exchange, plan: PaymentPlan, inner: Exchanger) -> Outcome:

@@ -86,7 +86,9 @@ class PyServer:
         self.proc.stop()
 
     def stats(self) -> dict[str, Any]:
-        data: dict[str, Any] = httpx.get(f"{self.url}/__stats", timeout=10, trust_env=False).json()
+        data: dict[str, Any] = httpx.get(
+            f"{self.url}/__stats", timeout=10, trust_env=False, verify=False
+        ).json()
         return data
 
     def __enter__(self) -> PyServer:
@@ -152,15 +154,20 @@ class Stack:
         siwx: bool = False,
         payment_identifier: str = "off",
         max_timeout_seconds: int = 60,
+        host: str = "127.0.0.1",
+        ssl_certfile: str | Path | None = None,
+        ssl_keyfile: str | Path | None = None,
         extra_args: list[str] | None = None,
         timeout: float = STARTUP_TIMEOUT,
     ) -> PyServer:
         """Start another FastAPI reference server (e.g. with SIWX or another price) and wait for it.
 
         It is stopped with the stack; stop it earlier with `.stop()` or use it as a context manager.
-        `payment_identifier` is "off", "optional" or "required".
+        `payment_identifier` is "off", "optional" or "required". With `ssl_certfile`/`ssl_keyfile` it
+        serves HTTPS (the URL is https://host:port); `host` may be another loopback address such as
+        127.0.0.2 to match a test certificate.
         """
-        port = free_port()
+        port = free_port(host)
         args = _server_argv(
             "py",
             port=port,
@@ -174,10 +181,13 @@ class Stack:
         if siwx:
             args.append("--siwx")
         args += ["--payment-identifier", payment_identifier, "--max-timeout", str(max_timeout_seconds)]
+        args += ["--host", host]
+        if ssl_certfile is not None:
+            args += ["--ssl-certfile", str(ssl_certfile), "--ssl-keyfile", str(ssl_keyfile or ssl_certfile)]
         args += list(extra_args or [])
         name = f"server_py-{port}"
         proc = ManagedProcess(name, args, self.workdir / f"{name}.log")
-        url = f"http://127.0.0.1:{port}"
+        url = f"{'https' if ssl_certfile else 'http'}://{host}:{port}"
         server = PyServer(url=url, proc=proc, args=args)
         self._extra.append(server)
         try:

@@ -34,10 +34,10 @@ class StackStartupError(RuntimeError):
     """A stack component did not come up; the message carries its log tail."""
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     """A currently free loopback port (the OS picks; tiny race until the child binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -164,10 +164,13 @@ def wait_until(
 
 
 def http_ready(url: str) -> Callable[[], bool]:
-    """Probe: the URL answers with any HTTP status below 500 (e.g. 200 or 402)."""
+    """Probe: the URL answers with any HTTP status below 500 (e.g. 200 or 402).
+
+    Certificates are not checked: this only asks "is it listening yet" of our own loopback child.
+    """
 
     def probe() -> bool:
-        r = httpx.get(url, timeout=1.0, trust_env=False)
+        r = httpx.get(url, timeout=1.0, trust_env=False, verify=False)
         return r.status_code < 500
 
     return probe

@@ -13,7 +13,8 @@ assert which credentials reached the origin):
   POST /paid/echo            paid; echoes body and headers
   GET  /__stats              handler invocation counts and settlements seen by this server
 
-Options: --siwx enables the sign-in-with-x extension on paid routes (a wallet that paid for a path
+Options: --ssl-certfile/--ssl-keyfile serve HTTPS (for tests through the proxy's CONNECT interception);
+--siwx enables the sign-in-with-x extension on paid routes (a wallet that paid for a path
 gets it again by SIWX alone); --payment-identifier optional|required declares that extension and
 turns on idempotent replay (same id + same payload -> cached response, different payload -> 409).
 
@@ -75,10 +76,13 @@ class ServerConfig:
     origin: str | None = None
     siwx: bool = False
     payment_identifier: str = "off"  # off | optional | required
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
 
     @property
     def public_origin(self) -> str:
-        return self.origin or f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_certfile else "http"
+        return self.origin or f"{scheme}://{self.host}:{self.port}"
 
 
 @dataclass
@@ -315,7 +319,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--price-b", type=int, default=None, help="price of /paid/b (default: --price)")
     p.add_argument("--network", default=env("X402_NETWORK", "eip155:84532"))
     p.add_argument("--max-timeout", type=int, default=60)
-    p.add_argument("--origin", default=None, help="public origin for SIWX (default http://host:port)")
+    p.add_argument("--origin", default=None, help="public origin for SIWX (default http(s)://host:port)")
+    p.add_argument("--ssl-certfile", default=None, help="serve HTTPS with this PEM certificate (chain)")
+    p.add_argument("--ssl-keyfile", default=None, help="private key for --ssl-certfile")
     p.add_argument("--siwx", action="store_true", default=env("X402_SIWX") == "1")
     p.add_argument(
         "--payment-identifier", choices=("off", "optional", "required"), default=env("X402_PAYMENT_ID", "off")
@@ -334,13 +340,23 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         origin=a.origin,
         siwx=a.siwx,
         payment_identifier=a.payment_identifier,
+        ssl_certfile=a.ssl_certfile,
+        ssl_keyfile=a.ssl_keyfile,
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        create_app(cfg),
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        access_log=False,
+        ssl_certfile=cfg.ssl_certfile,
+        ssl_keyfile=cfg.ssl_keyfile,
+    )
 
 
 if __name__ == "__main__":
