@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import subprocess
+from pathlib import Path
 
 import aiohttp
 import httpx
@@ -100,3 +102,22 @@ async def test_aiohttp_trust_env(
             async with session.get(f"{base}/echo/aio{i}") as response:
                 assert response.status == 200
                 assert (await response.json())["path"] == f"/echo/aio{i}"
+
+
+NODE_FETCH = Path(__file__).parent / "stack" / "clients" / "node_fetch.mjs"
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_node_fetch_env_http_proxy_agent(proxy_env: dict[str, str], upstream: Upstream, scheme: str) -> None:
+    base = upstream.http_url if scheme == "http" else upstream.https_url
+    env = {"PATH": os.environ["PATH"], **proxy_env}
+    result = subprocess.run(
+        ["node", str(NODE_FETCH), f"{base}/echo/node", "POST", "from node"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["status"] == 200
+    echoed = json.loads(answer["body"])
+    assert echoed["scheme"] == scheme and echoed["body_len"] == len("from node")
+    assert "x402-proxy" in dict(echoed["headers"])["Via"]

@@ -37,6 +37,12 @@ class TunnelInfo:
     """Attached to a request handler serving the inside of an intercepted CONNECT tunnel."""
 
     authority: hs.Authority
+    # Some clients (undici's proxy agent, websockets for ws://) tunnel plain HTTP through CONNECT too.
+    tls: bool = True
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
 
 
 def check_proxy_auth(settings: ProxySettings, header: str | None) -> bool:
@@ -126,8 +132,8 @@ class Forwarder:
                     raw = "/" + raw.split("/", 3)[3] if raw.count("/") >= 3 else "/"
                 else:
                     raise hs.TargetError("request target inside the tunnel must start with /")
-            netloc = tunnel.authority.netloc("https")
-            return URL(f"https://{netloc}{raw}", encoded=True)
+            netloc = tunnel.authority.netloc(tunnel.scheme)
+            return URL(f"{tunnel.scheme}://{netloc}{raw}", encoded=True)
         if raw.startswith("/") or raw == "*":
             raise hs.TargetError(
                 "this is a forward proxy: send absolute-form requests (http://host/path) or CONNECT"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import logging
+import os
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,15 +215,27 @@ class FrontDoor(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         loop = asyncio.get_running_loop()
+        transport.write(CONNECT_ESTABLISHED)
+        try:
+            first = await _peek_first_byte(loop, transport, TLS_HANDSHAKE_TIMEOUT)
+        except (OSError, TimeoutError):
+            transport.abort()
+            return
+        if not first:
+            transport.close()
+            return
+        if first != b"\x16":  # not a TLS handshake record: plain HTTP inside the tunnel
+            plain = FrontDoor(self._ctx, TunnelInfo(authority, tls=False))
+            transport.set_protocol(plain)
+            plain.connection_made(transport)
+            transport.resume_reading()
+            return
         try:
             context = self._ctx.leaf_context(authority.host)
         except Exception as exc:
-            self._refuse(
-                502, "Bad Gateway", "certificate_error", f"cannot issue a certificate for {authority.host}"
-            )
             log.warning("leaf certificate for %s failed: %s", authority.host, exc)
+            transport.abort()
             return
-        transport.write(CONNECT_ESTABLISHED)
         inner = FrontDoor(self._ctx, TunnelInfo(authority))
         # start_tls resumes reading itself; resuming earlier would hand the ClientHello to the old protocol.
         try:
@@ -236,3 +250,35 @@ class FrontDoor(asyncio.Protocol):
             transport.abort()
             return
         inner.connection_made(tls_transport)
+
+
+async def _peek_first_byte(
+    loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, timeout: float
+) -> bytes:
+    """Look at the tunnel's first byte without consuming it, so start_tls still sees the whole ClientHello.
+
+    The transport is paused; a duplicate descriptor is watched instead of the transport's own, which
+    the loop already owns.
+    """
+    sock = transport.get_extra_info("socket")
+    peek = socket.socket(fileno=os.dup(sock.fileno()))
+    peek.setblocking(False)
+    result: asyncio.Future[bytes] = loop.create_future()
+
+    def readable() -> None:
+        if result.done():
+            return
+        try:
+            result.set_result(peek.recv(1, socket.MSG_PEEK))
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            result.set_exception(exc)
+
+    loop.add_reader(peek.fileno(), readable)
+    try:
+        async with asyncio.timeout(timeout):
+            return await result
+    finally:
+        loop.remove_reader(peek.fileno())
+        peek.close()

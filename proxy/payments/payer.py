@@ -97,7 +97,7 @@ class PaymentPlan:
     valid_before: int  # unix seconds; until then the signed authorization can settle
 
 
-Outcome = PassThrough | Refused | PaymentPlan
+PayerDecision = PassThrough | Refused | PaymentPlan
 
 
 class Payer:
@@ -135,7 +135,7 @@ class Payer:
         resp_headers: Mapping[str, str],
         body: bytes,
         body_replayable: bool,
-    ) -> Outcome:
+    ) -> PayerDecision:
         if has_any_header(request.headers, CLIENT_PAYMENT_HEADERS):
             return PassThrough("the request already carries a payment credential")
         try:
@@ -185,9 +185,11 @@ class Payer:
 
         try:
             header = build_payment_header(challenge, decision, self.wallet, now, payment_id, window)
-        except SigningError as exc:
-            self.store.mark_rejected(record.id, reason=_clip(f"not signed: {exc}"), now=self.clock())
-            return Refused(ReasonCode.SCHEME_NOT_SUPPORTED, str(exc))
+        except Exception as exc:
+            # Nothing left the process: close the row so it neither blocks nor counts.
+            detail = str(exc) if isinstance(exc, SigningError) else f"{type(exc).__name__}: {exc}"
+            self.store.mark_rejected(record.id, reason=_clip(f"not signed: {detail}"), now=self.clock())
+            return Refused(ReasonCode.SCHEME_NOT_SUPPORTED, detail)
         if record.nonce != header.nonce or record.valid_before != header.valid_before:
             # Permit2 / upto: the SDK drew the nonce and deadline; record them before the header leaves.
             record = self.store.set_authorization(

@@ -84,10 +84,14 @@ class PaymentStage:
         try:
             await read_bounded(challenge_source)
         except ChallengeBodyTooLarge:
-            log.warning("402 from %s has a body over %d bytes; not inspected", request.url.host, MAX_CHALLENGE_BODY)
+            log.warning(
+                "402 from %s has a body over %d bytes; not inspected", request.url.host, MAX_CHALLENGE_BODY
+            )
             if challenge_source is not outcome:
                 return outcome
-            return _refusal_outcome(outcome, "malformed_challenge", b"x402-proxy: 402 body too large to inspect\n")
+            return _refusal_outcome(
+                outcome, "malformed_challenge", b"x402-proxy: 402 body too large to inspect\n"
+            )
         info = PaymentRequestInfo(
             method=request.method,
             url=str(request.url),
@@ -126,7 +130,9 @@ class PaymentStage:
                 rejection_body = await read_bounded(paid)
             except ChallengeBodyTooLarge:
                 rejection_body = None
-        record = self._payer.record_response(plan, paid.response.status, paid.response.headers, rejection_body)
+        record = self._payer.record_response(
+            plan, paid.response.status, paid.response.headers, rejection_body
+        )
         paid.extra_headers.append((PAYMENT_HEADER, str(record.id)))
         if record.state.value == "rejected":
             paid.extra_headers.append((ERROR_HEADER, "payment_rejected"))
