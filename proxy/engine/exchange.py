@@ -61,5 +61,9 @@ class Outcome:
     body: bytes | None = None
     extra_headers: list[tuple[str, str]] = field(default_factory=list)
 
+    def release_body(self) -> None:
+        """Drop an answer we will not forward (its connection is not reused if the body was unread)."""
+        self.response.release()
+
 
 Exchanger = Callable[[Exchange], Awaitable[Outcome]]

@@ -73,6 +73,8 @@ class PaymentRequestInfo:
     host: str
     headers: Mapping[str, str]
     session_id: str | None = None
+    # Atomic units this one request may pay at most, on top of the policy (None = policy only).
+    max_amount: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,16 @@ class Payer:
             decision = choose_requirement(
                 challenge, self.policy, self.assets, self._context(request, now, balances)
             )
+            if (
+                not isinstance(decision, Refusal)
+                and request.max_amount is not None
+                and decision.requirement.amount > request.max_amount
+            ):
+                decision = Refusal(
+                    ReasonCode.OVER_REQUEST_CAP,
+                    f"price {decision.requirement.amount} exceeds this request's cap {request.max_amount}",
+                    decision.requirement.index,
+                )
             if isinstance(decision, Refusal):
                 log.info(
                     "not paying %s %s: %s (%s)",

@@ -51,6 +51,8 @@ class ReasonCode(StrEnum):
     DRY_RUN = "dry_run"
     NO_WALLET = "no_wallet"
     PAYMENT_IN_DOUBT = "payment_in_doubt"
+    # A per-request ceiling below the policy's (a session's cap, or an admin start's max_payment).
+    OVER_REQUEST_CAP = "over_request_cap"
 
 
 TESTNETS_KEYWORD = "testnets"

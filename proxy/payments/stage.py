@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.responses import ERROR_HEADER
 from proxy.engine.upstream import UpstreamError
 from proxy.payments.challenge import challenge_refetch_headers, needs_challenge_refetch
 from proxy.payments.payer import Payer, PaymentPlan, PaymentRequestInfo, Refused
+from proxy.store.base import PaymentRecord
 
 log = logging.getLogger("x402_proxy.payments")
 
@@ -57,20 +59,40 @@ def _with_headers(exchange: Exchange, extra: dict[str, str], drop: tuple[str, ..
     return dataclasses.replace(exchange, headers=headers)
 
 
+@dataclass
+class PaymentAttempt:
+    """What became of one 402: the answer for the client, and the payment if one was sent."""
+
+    outcome: Outcome
+    record: PaymentRecord | None = None
+    # Headers of the 402 that was paid: sessions read the server's SIWX offer from them.
+    challenge_headers: CIMultiDictProxy[str] | None = None
+    refusal: str | None = None
+
+
 class PaymentStage:
     def __init__(self, payer: Payer) -> None:
-        self._payer = payer
+        self.payer = payer
 
     def __call__(self, inner: Exchanger) -> Exchanger:
         async def exchange(request: Exchange) -> Outcome:
             outcome = await inner(request)
             if outcome.response.status != 402:
                 return outcome
-            return await self._on_402(request, outcome, inner)
+            return (await self.attempt(request, outcome, inner)).outcome
 
         return exchange
 
-    async def _on_402(self, request: Exchange, outcome: Outcome, inner: Exchanger) -> Outcome:
+    async def attempt(
+        self,
+        request: Exchange,
+        outcome: Outcome,
+        inner: Exchanger,
+        *,
+        max_amount: int | None = None,
+        session_id: str | None = None,
+    ) -> PaymentAttempt:
+        """Given a 402 for `request`, pay at most once and replay; never raises for a refusal."""
         challenge_source = outcome
         if request.replayable and needs_challenge_refetch(402, outcome.response.headers, b""):
             # A V1 server answered a browser-like request with an HTML paywall (megabytes of it): ask
@@ -80,7 +102,7 @@ class PaymentStage:
             challenge_source = await inner(refetch)
             if challenge_source.response.status != 402:
                 challenge_source.response.release()
-                return outcome
+                return PaymentAttempt(outcome)
         try:
             await read_bounded(challenge_source)
         except ChallengeBodyTooLarge:
@@ -88,17 +110,20 @@ class PaymentStage:
                 "402 from %s has a body over %d bytes; not inspected", request.url.host, MAX_CHALLENGE_BODY
             )
             if challenge_source is not outcome:
-                return outcome
-            return _refusal_outcome(
-                outcome, "malformed_challenge", b"x402-proxy: 402 body too large to inspect\n"
+                return PaymentAttempt(outcome)
+            too_large = b"x402-proxy: 402 body too large to inspect\n"
+            return PaymentAttempt(
+                _refusal_outcome(outcome, "malformed_challenge", too_large), refusal="malformed_challenge"
             )
         info = PaymentRequestInfo(
             method=request.method,
             url=str(request.url),
             host=request.url.host or "",
             headers=request.client_headers,
+            session_id=session_id,
+            max_amount=max_amount,
         )
-        decision = await self._payer.on_402(
+        decision = await self.payer.on_402(
             info,
             402,
             challenge_source.response.headers,
@@ -109,19 +134,22 @@ class PaymentStage:
             outcome.extra_headers.append((ERROR_HEADER, decision.reason_code.value))
             if decision.ledger_id is not None:
                 outcome.extra_headers.append((PAYMENT_HEADER, str(decision.ledger_id)))
-            return outcome
+            return PaymentAttempt(outcome, refusal=decision.reason_code.value)
         if not isinstance(decision, PaymentPlan):
-            return outcome
+            return PaymentAttempt(outcome)
         if challenge_source is not outcome:
-            outcome.response.release()
-        return await self._pay(request, decision, inner)
+            outcome.release_body()
+        paid, record = await self._pay(request, decision, inner)
+        return PaymentAttempt(paid, record, challenge_source.response.headers)
 
-    async def _pay(self, request: Exchange, plan: PaymentPlan, inner: Exchanger) -> Outcome:
+    async def _pay(
+        self, request: Exchange, plan: PaymentPlan, inner: Exchanger
+    ) -> tuple[Outcome, PaymentRecord]:
         paid_request = _with_headers(request, {plan.header_name: plan.header_value})
         try:
             paid = await inner(paid_request)
         except UpstreamError as exc:
-            record = self._payer.record_transport_failure(plan, f"{exc.reason_code}: {exc.message}")
+            record = self.payer.record_transport_failure(plan, f"{exc.reason_code}: {exc.message}")
             exc.extra_headers.append((PAYMENT_HEADER, str(record.id)))
             raise
         rejection_body: bytes | None = None
@@ -130,13 +158,11 @@ class PaymentStage:
                 rejection_body = await read_bounded(paid)
             except ChallengeBodyTooLarge:
                 rejection_body = None
-        record = self._payer.record_response(
-            plan, paid.response.status, paid.response.headers, rejection_body
-        )
+        record = self.payer.record_response(plan, paid.response.status, paid.response.headers, rejection_body)
         paid.extra_headers.append((PAYMENT_HEADER, str(record.id)))
         if record.state.value == "rejected":
             paid.extra_headers.append((ERROR_HEADER, "payment_rejected"))
-        return paid
+        return paid, record
 
 
 def _refusal_outcome(outcome: Outcome, code: str, body: bytes) -> Outcome:
