@@ -16,6 +16,9 @@ from proxy.payments.networks import NetworkRegistry
 from proxy.payments.payer import BalanceLookup, Payer
 from proxy.payments.stage import PaymentStage
 from proxy.payments.wallet import Wallet, load_wallet, token_balance
+from proxy.sessions.manager import SessionManager
+from proxy.sessions.stage import SessionStage
+from proxy.store.session_store import SqliteSessionStore
 from proxy.store.sqlite import SqliteLedgerStore
 from proxy.engine.forwarder import Forwarder
 from proxy.engine.server import ProxyServer
@@ -37,9 +40,16 @@ class Runtime:
     server: ProxyServer
     store: SqliteLedgerStore
     payer: Payer
+    sessions: SessionManager | None
+    background: list[asyncio.Task[None]]
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         await self.server.stop(drain_timeout)
+        for task in self.background:
+            task.cancel()
+        if self.sessions is not None:
+            self.sessions.flush()
+            self.sessions.store.close()
         await self.upstream.close()
         self.store.close()
 
@@ -62,12 +72,16 @@ def balance_lookup(config: Config, networks: NetworkRegistry, wallet: Wallet | N
     return lookup
 
 
-def build_payer(config: Config, home: Path, env: dict[str, str] | None = None) -> tuple[Payer, SqliteLedgerStore]:
+def build_payer(
+    config: Config, home: Path, env: dict[str, str] | None = None
+) -> tuple[Payer, SqliteLedgerStore]:
     networks = NetworkRegistry(extra=config.networks)
     assets = AssetRegistry(networks, config.assets)
     wallet = load_wallet(config.wallet, os.environ if env is None else env)
     store = SqliteLedgerStore(home / "state.db")
-    payer = Payer(config.policy, assets, wallet, store, balance_lookup=balance_lookup(config, networks, wallet))
+    payer = Payer(
+        config.policy, assets, wallet, store, balance_lookup=balance_lookup(config, networks, wallet)
+    )
     payer.recover()
     return payer, store
 
@@ -79,14 +93,27 @@ async def start(config: Config, home: Path) -> Runtime:
     upstream = Upstream(config.upstream, upstream_client_context(config.upstream.extra_ca_bundle))
     payer, store = build_payer(config, home)
     forwarder = Forwarder(config.proxy, upstream, [])
-    forwarder.wrap(PaymentStage(payer))
+    payments = PaymentStage(payer)
+    sessions: SessionManager | None = None
+    background: list[asyncio.Task[None]] = []
+    if config.sessions.enabled:
+        sessions = SessionManager(
+            SqliteSessionStore(home / "state.db"), flush_interval=config.sessions.flush_interval
+        )
+        restored = sessions.load()
+        if restored:
+            log.info("restored %d active sessions", restored)
+        forwarder.wrap(SessionStage(sessions, payments, config.sessions, payer.wallet))
+        background.append(asyncio.create_task(sessions.run_flusher()))
+    else:
+        forwarder.wrap(payments)
     server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)
     await server.start()
     if payer.wallet is None:
         log.warning("no wallet configured: 402 challenges are passed to the client unpaid")
     else:
         log.info("paying from wallet %s", payer.wallet.address)
-    return Runtime(config, home, ca, bundle, upstream, server, store, payer)
+    return Runtime(config, home, ca, bundle, upstream, server, store, payer, sessions, background)
 
 
 async def serve_forever(config: Config, home: Path) -> int:

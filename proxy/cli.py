@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     config = add("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     config_sub.add_parser("check", help="validate and print the effective config (secrets redacted)")
+
+    from proxy.wallet_cli import add_parser as add_wallet_parser
+
+    add_wallet_parser(sub, common)
     return parser
 
 
@@ -70,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"x402-proxy: {exc}", file=sys.stderr)
         return 2
-    handler = {"run": _run, "ca": _ca, "env": _env, "config": _config}[args.command]
+    handler = {"run": _run, "ca": _ca, "env": _env, "config": _config, "wallet": _wallet}[args.command]
     return handler(args, config, home)
 
 
@@ -144,6 +148,12 @@ def _env(args: argparse.Namespace, config: Config, home: Path) -> int:
 def _config(args: argparse.Namespace, config: Config, home: Path) -> int:
     print(json.dumps(redacted(config), indent=2, default=str))
     return 0
+
+
+def _wallet(args: argparse.Namespace, config: Config, home: Path) -> int:
+    from proxy.wallet_cli import run
+
+    return run(args, config, home)
 
 
 if __name__ == "__main__":

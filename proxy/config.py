@@ -14,6 +14,7 @@ from proxy.payments.assets import AssetConfig
 from proxy.payments.networks import NetworkConfig
 from proxy.payments.policy import PolicyConfig
 from proxy.payments.wallet import WalletConfig
+from proxy.sessions.settings import SessionSettings
 
 __all__ = ["Config", "ConfigError", "LogSettings", "load_config", "redacted"]
 
@@ -35,13 +36,14 @@ class Config:
     # Tokens beyond the built-in USDC list, and networks beyond the built-in table (e.g. a local chain).
     assets: list[AssetConfig] = field(default_factory=list)
     networks: list[NetworkConfig] = field(default_factory=list)
+    sessions: SessionSettings = field(default_factory=SessionSettings)
     # JSON-RPC endpoint per network (CAIP-2 id or V1 name), used for balances only.
     rpc: dict[str, str] = field(default_factory=dict)
     # Where the config came from, for messages; not a config key.
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
 
-TOP_LEVEL = {"proxy", "upstream", "log", "policy", "wallet", "assets", "networks", "rpc"}
+TOP_LEVEL = {"proxy", "upstream", "log", "policy", "wallet", "assets", "networks", "rpc", "sessions"}
 SECRET_KEYS = ("password", "token", "private_key", "passphrase", "secret")
 
 

@@ -7,7 +7,7 @@ each other like middleware; the innermost one is the plain upstream send.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -52,6 +52,13 @@ class Exchange:
     @property
     def replayable(self) -> bool:
         return self.body_stream is None
+
+    def with_headers(self, extra: dict[str, str]) -> Exchange:
+        """A copy whose headers carry `extra`, replacing anything the client sent under those names."""
+        headers = CIMultiDict(self.headers)
+        for name, value in extra.items():
+            headers[name] = value
+        return replace(self, headers=headers)
 
 
 @dataclass(slots=True)

@@ -2,19 +2,39 @@
 
 from __future__ import annotations
 
+import asyncio
 import ssl
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.engine.exchange import UpstreamResponse
 from proxy.engine.settings import UpstreamSettings
+from proxy.engine.upstream_pool import (
+    DisconnectedError,
+    HeadTimeoutError,
+    NoResponseError,
+    PoolKey,
+    RequestBodyError,
+    RequestHeadError,
+    ResponseHeadError,
+    UpstreamConnection,
+    UpstreamPool,
+    build_head,
+)
 
 # aiohttp would otherwise invent these; a proxy must send only what the client sent.
 _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
 # Challenges with many requirements and extensions exceed aiohttp's 8 KiB default field size.
 MAX_UPSTREAM_FIELD = 128 * 1024
+MAX_UPSTREAM_HEAD = 1024 * 1024
+# Requests carrying any of these may move money: never sent twice by the transport.
+PAYMENT_HEADERS = ("PAYMENT-SIGNATURE", "X-PAYMENT", "SIGN-IN-WITH-X")
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class UpstreamError(Exception):
@@ -42,9 +62,12 @@ class Upstream:
         self._settings = settings
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
+        self._pool: UpstreamPool | None = None
+        self._hosts: dict[PoolKey, str] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
+        """aiohttp's client, kept for WebSocket relaying; plain requests go through `send` and the pool."""
         if self._session is None:
             connector = aiohttp.TCPConnector(
                 limit=0,  # the client decides concurrency, not us
@@ -69,67 +92,148 @@ class Upstream:
             )
         return self._session
 
-    async def send(
-        self, request: UpstreamRequest, body_stream: object | None = None
-    ) -> aiohttp.ClientResponse:
-        """Send one request; map transport failures to UpstreamError with a readable reason."""
-        data = body_stream if body_stream is not None else request.body
-        try:
-            return await self.session.request(
-                request.method,
-                request.url,
-                headers=request.headers,
-                data=data,
-                allow_redirects=False,
-                compress=None,
+    @property
+    def pool(self) -> UpstreamPool:
+        if self._pool is None:
+            self._pool = UpstreamPool(
+                asyncio.get_running_loop(),
+                self._ssl,
+                connect_timeout=self._settings.connect_timeout,
+                idle_timeout=self._settings.idle_timeout,
+                max_field=MAX_UPSTREAM_FIELD,
+                max_head=MAX_UPSTREAM_HEAD,
             )
-        except aiohttp.ClientConnectorCertificateError as exc:
+        return self._pool
+
+    async def send(
+        self, request: UpstreamRequest, body_stream: AsyncIterator[bytes] | None = None
+    ) -> UpstreamResponse:
+        """Send one request over a pooled connection; failures become UpstreamError with a readable reason.
+
+        A request is sent a second time (on a new connection) only when the first connection died before
+        a single response byte arrived, the request was idempotent or went out on a reused connection
+        (the classic keep-alive race), its body is replayable, and it carries no payment header.
+        """
+        url = request.url
+        key: PoolKey = (url.scheme, url.raw_host or "", url.port or 0)
+        head, stream_length = self._head(request, body_stream, key)
+        body = request.body if body_stream is None else None
+        is_head = request.method == "HEAD"
+        pool = self.pool
+        conn = pool.acquire(key)
+        try:
+            if conn is None:
+                conn = await self._connect(key, request)
+            try:
+                return await conn.exchange(head, body, body_stream, stream_length, is_head)
+            except NoResponseError as exc:
+                if not (
+                    body_stream is None
+                    and (exc.reused or request.method in _IDEMPOTENT)
+                    and not _carries_payment(request.headers)
+                ):
+                    raise
+            conn = await self._connect(key, request)
+            return await conn.exchange(head, body, None, None, is_head)
+        except UpstreamError:
+            raise
+        except Exception as exc:
+            raise _map_error(exc, request) from exc
+
+    def _head(
+        self, request: UpstreamRequest, body_stream: AsyncIterator[bytes] | None, key: PoolKey
+    ) -> tuple[bytes, int | None]:
+        headers = request.headers
+        extra: tuple[tuple[str, str], ...] = ()
+        stream_length: int | None = None
+        if body_stream is not None:
+            declared = headers.get("Content-Length")
+            if declared is not None and declared.isdigit():
+                stream_length = int(declared)
+            else:
+                if declared is not None:
+                    headers = headers.copy()
+                    del headers["Content-Length"]
+                extra = (("Transfer-Encoding", "chunked"),)
+        elif request.body is not None:
+            length = str(len(request.body))
+            if headers.get("Content-Length") != length:
+                headers = headers.copy()
+                headers["Content-Length"] = length
+        elif request.method in _BODY_METHODS and "Content-Length" not in headers:
+            extra = (("Content-Length", "0"),)
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = _host_header(request.url)
+        try:
+            return build_head(request.method, request.url.raw_path_qs, host, headers, extra), stream_length
+        except (RequestHeadError, UnicodeEncodeError) as exc:
+            raise UpstreamError(400, "bad_request_header", f"request cannot be forwarded: {exc}") from exc
+
+    async def _connect(self, key: PoolKey, request: UpstreamRequest) -> UpstreamConnection:
+        try:
+            return await self.pool.connect(key)
+        except ssl.SSLCertVerificationError as exc:
             raise UpstreamError(
                 502,
                 "upstream_tls_error",
-                f"upstream TLS certificate verification failed for {_host(request)}: {exc.certificate_error}",
+                f"upstream TLS certificate verification failed for {_host(request)}: "
+                f"{exc.verify_message or exc.reason}",
             ) from exc
-        except aiohttp.ClientSSLError as exc:
+        except ssl.SSLError as exc:
             raise UpstreamError(
                 502,
                 "upstream_tls_error",
-                f"TLS handshake with upstream {_host(request)} failed: {_reason(exc)}",
+                f"TLS handshake with upstream {_host(request)} failed: {exc.reason or _reason(exc)}",
             ) from exc
-        except aiohttp.ConnectionTimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamError(
                 504, "upstream_connect_timeout", f"connecting to upstream {_host(request)} timed out"
             ) from exc
-        except aiohttp.SocketTimeoutError as exc:
-            raise UpstreamError(
-                504, "upstream_timeout", f"upstream {_host(request)} did not answer in time"
-            ) from exc
-        except aiohttp.ClientConnectorError as exc:
+        except OSError as exc:
             raise UpstreamError(
                 502, "upstream_unreachable", f"cannot connect to upstream {_host(request)}: {_reason(exc)}"
             ) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise UpstreamError(
-                502,
-                "upstream_disconnected",
-                f"upstream {_host(request)} closed the connection without answering",
-            ) from exc
-        except aiohttp.ClientResponseError as exc:
-            raise UpstreamError(
-                502,
-                "upstream_bad_response",
-                f"upstream {_host(request)} sent an invalid response: {exc.message}",
-            ) from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UpstreamError(
-                502, "upstream_error", f"upstream {_host(request)} failed: {_reason(exc)}"
-            ) from exc
-        except TimeoutError as exc:
-            raise UpstreamError(504, "upstream_timeout", f"upstream {_host(request)} timed out") from exc
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _map_error(exc: Exception, request: UpstreamRequest) -> UpstreamError:
+    host = _host(request)
+    if isinstance(exc, NoResponseError | DisconnectedError):
+        return UpstreamError(
+            502, "upstream_disconnected", f"upstream {host} closed the connection without answering"
+        )
+    if isinstance(exc, HeadTimeoutError):
+        return UpstreamError(504, "upstream_timeout", f"upstream {host} did not answer in time")
+    if isinstance(exc, ResponseHeadError):
+        return UpstreamError(502, "upstream_bad_response", f"upstream {host} sent an invalid response: {exc}")
+    if isinstance(exc, RequestBodyError):
+        return UpstreamError(
+            502, "upstream_error", f"sending the request body to upstream {host} failed: {exc}"
+        )
+    if isinstance(exc, TimeoutError):
+        return UpstreamError(504, "upstream_timeout", f"upstream {host} timed out")
+    return UpstreamError(502, "upstream_error", f"upstream {host} failed: {_reason(exc)}")
+
+
+def _carries_payment(headers: CIMultiDict[str]) -> bool:
+    return any(name in headers for name in PAYMENT_HEADERS)
+
+
+def _host_header(url: URL) -> str:
+    host = url.raw_host or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if url.port is not None and not url.is_default_port():
+        host = f"{host}:{url.port}"
+    return host
 
 
 def _host(request: UpstreamRequest) -> str:

@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from decimal import ROUND_FLOOR, Decimal
 
 from x402.extensions.payment_identifier import generate_payment_id
 
@@ -73,8 +74,9 @@ class PaymentRequestInfo:
     host: str
     headers: Mapping[str, str]
     session_id: str | None = None
-    # Atomic units this one request may pay at most, on top of the policy (None = policy only).
-    max_amount: int | None = None
+    # The most this one request may pay, in the asset's units (e.g. Decimal("0.05")), on top of the
+    # policy; converted with the chosen asset's decimals (None = policy only).
+    max_amount: Decimal | None = None
 
 
 @dataclass(frozen=True)
@@ -160,16 +162,14 @@ class Payer:
             decision = choose_requirement(
                 challenge, self.policy, self.assets, self._context(request, now, balances)
             )
-            if (
-                not isinstance(decision, Refusal)
-                and request.max_amount is not None
-                and decision.requirement.amount > request.max_amount
-            ):
-                decision = Refusal(
-                    ReasonCode.OVER_REQUEST_CAP,
-                    f"price {decision.requirement.amount} exceeds this request's cap {request.max_amount}",
-                    decision.requirement.index,
-                )
+            if not isinstance(decision, Refusal) and request.max_amount is not None:
+                cap = int(request.max_amount.scaleb(decision.asset.decimals).to_integral_value(ROUND_FLOOR))
+                if decision.amount > cap:
+                    decision = Refusal(
+                        ReasonCode.OVER_REQUEST_CAP,
+                        f"price {decision.describe()} exceeds this request's cap of {request.max_amount}",
+                        decision.requirement.index,
+                    )
             if isinstance(decision, Refusal):
                 log.info(
                     "not paying %s %s: %s (%s)",

@@ -6,11 +6,11 @@ module only moves bytes and records what happened. At most one paid attempt per 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
+from decimal import Decimal
 
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDictProxy
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.responses import ERROR_HEADER
@@ -50,15 +50,6 @@ async def read_bounded(outcome: Outcome, limit: int = MAX_CHALLENGE_BODY) -> byt
     return body
 
 
-def _with_headers(exchange: Exchange, extra: dict[str, str], drop: tuple[str, ...] = ()) -> Exchange:
-    headers = CIMultiDict(exchange.headers)
-    for name in drop:
-        headers.popall(name, None)
-    for name, value in extra.items():
-        headers[name] = value  # replaces anything the client sent under that name
-    return dataclasses.replace(exchange, headers=headers)
-
-
 @dataclass
 class PaymentAttempt:
     """What became of one 402: the answer for the client, and the payment if one was sent."""
@@ -89,7 +80,7 @@ class PaymentStage:
         outcome: Outcome,
         inner: Exchanger,
         *,
-        max_amount: int | None = None,
+        max_amount: Decimal | None = None,
         session_id: str | None = None,
     ) -> PaymentAttempt:
         """Given a 402 for `request`, pay at most once and replay; never raises for a refusal."""
@@ -98,7 +89,7 @@ class PaymentStage:
             # A V1 server answered a browser-like request with an HTML paywall (megabytes of it): ask
             # again as an API client for the JSON challenge, and leave the page unread so the client
             # still gets it, streamed, if we end up not paying.
-            refetch = _with_headers(request, challenge_refetch_headers(request.headers))
+            refetch = request.with_headers(challenge_refetch_headers(request.headers))
             challenge_source = await inner(refetch)
             if challenge_source.response.status != 402:
                 challenge_source.response.release()
@@ -145,7 +136,7 @@ class PaymentStage:
     async def _pay(
         self, request: Exchange, plan: PaymentPlan, inner: Exchanger
     ) -> tuple[Outcome, PaymentRecord]:
-        paid_request = _with_headers(request, {plan.header_name: plan.header_value})
+        paid_request = request.with_headers({plan.header_name: plan.header_value})
         try:
             paid = await inner(paid_request)
         except UpstreamError as exc:

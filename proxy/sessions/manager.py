@@ -89,6 +89,12 @@ class SessionManager:
         self._store.save([session])
         self._dirty.discard(session.id)
 
+    def renewed(self, session: Session) -> None:
+        """A renewal changed expiry and credentials: re-key the cache and write it through."""
+        self._live[session.id] = session
+        self._store.save([session])
+        self._dirty.discard(session.id)
+
     def touch(self, session: Session, now: float) -> None:
         session.touch(now)
         self._dirty.add(session.id)

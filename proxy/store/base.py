@@ -105,6 +105,10 @@ class SpendTotals:
 
 
 class LedgerStore(Protocol):
+    def attach_session(self, payment_id: int, session_id: str) -> None:
+        """Link a payment to the session it opened or renewed."""
+        ...
+
     def insert_pending(self, new: NewPayment, *, now: float | None = None) -> PaymentRecord:
         """Insert a pending row; returns only once the row is durable on disk."""
         ...

@@ -94,7 +94,8 @@ class SqliteSessionStore:
     def load_active(self, now: float) -> list[Session]:
         with self._use(write=False) as conn:
             rows = conn.execute(
-                "SELECT data FROM sessions WHERE ended_at IS NULL AND expires_at > ? ORDER BY created_at", (now,)
+                "SELECT data FROM sessions WHERE ended_at IS NULL AND expires_at > ? ORDER BY created_at",
+                (now,),
             ).fetchall()
         return [_load(row[0]) for row in rows]
 
@@ -125,9 +126,7 @@ class SqliteSessionStore:
     def prune(self, before: float) -> int:
         """Forget sessions that ended or expired before `before` (the ledger keeps their payments)."""
         with self._use(write=True) as conn:
-            cursor = conn.execute(
-                "DELETE FROM sessions WHERE COALESCE(ended_at, expires_at) < ?", (before,)
-            )
+            cursor = conn.execute("DELETE FROM sessions WHERE COALESCE(ended_at, expires_at) < ?", (before,))
             return cursor.rowcount
 
     def close(self) -> None:

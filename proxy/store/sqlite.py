@@ -336,6 +336,11 @@ class SqliteLedgerStore:
             )
             return self._fetch(conn, payment_id)
 
+    def attach_session(self, payment_id: int, session_id: str) -> None:
+        """Link a payment to the session it opened or renewed (the session exists only after payment)."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE payments SET session_id = ? WHERE id = ?", (session_id, payment_id))
+
     def recover_on_startup(self, *, now: float | None = None) -> Sequence[PaymentRecord]:
         with self._transaction() as conn:
             ids = [row["id"] for row in conn.execute("SELECT id FROM payments WHERE state = 'pending'")]

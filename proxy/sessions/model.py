@@ -1,0 +1,279 @@
+"""The session record: what was paid, where its credentials may go, and for how long. Pure data.
+
+Limits match the seed tools' schema: TTL 60 s .. 30 days (default 3600 s), label <= 100 chars.
+A session's state is derived, never stored: ``ended`` if ``ended_at`` is set, else ``expired``
+once ``now >= expires_at``, else ``active``. Ending a session wipes its credentials (the seed
+tools kept the token of an ended session usable).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from proxy.sessions.scope import Scope
+
+SessionState = Literal["active", "ended", "expired"]
+CredentialKind = Literal["cookies", "token_headers", "session_token", "siwx"]
+CREDENTIAL_KINDS: frozenset[str] = frozenset({"cookies", "token_headers", "session_token", "siwx"})
+
+TTL_MIN = 60
+TTL_MAX = 30 * 24 * 3600  # 2_592_000
+TTL_DEFAULT = 3600
+LABEL_MAX = 100
+
+
+class SessionValueError(ValueError):
+    """A session parameter is out of range. ``field`` names it (the config loader points at it)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def validate_ttl(ttl: object, *, field: str = "ttl_seconds") -> int:
+    if isinstance(ttl, bool) or not isinstance(ttl, int):
+        raise SessionValueError(field, f"{field} must be an integer number of seconds, got {ttl!r}")
+    if not TTL_MIN <= ttl <= TTL_MAX:
+        raise SessionValueError(field, f"{field} must be {TTL_MIN}..{TTL_MAX} seconds (30 days), got {ttl}")
+    return ttl
+
+
+def validate_label(label: object, *, field: str = "label") -> str | None:
+    if label is None:
+        return None
+    if not isinstance(label, str):
+        raise SessionValueError(field, f"{field} must be a string")
+    if len(label) > LABEL_MAX:
+        raise SessionValueError(field, f"{field} must be at most {LABEL_MAX} characters, got {len(label)}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in label):
+        # Labels end up in logs and status output; no control characters (log injection).
+        raise SessionValueError(field, f"{field} must not contain control characters")
+    return label
+
+
+class StoredCookie(NamedTuple):
+    """A cookie from ``Set-Cookie``. ``domain`` None = host-only; ``expires`` None = session cookie."""
+
+    name: str
+    value: str
+    domain: str | None
+    path: str
+    expires: float | None
+    secure: bool
+
+
+@dataclass(slots=True)
+class SessionCredentials:
+    """Secrets a session replays. Never logged, never in ``describe``."""
+
+    cookies: list[StoredCookie] = field(default_factory=list)
+    token_headers: dict[str, str] = field(default_factory=dict)
+    # Non-secret SIWX parameters from the 402's sign-in-with-x extension, with the chosen chain:
+    # {"domain", "uri", "version", "chainId", "type", "statement"?, "resources"?}.
+    siwx: dict[str, Any] | None = None
+    session_token: str | None = None
+
+    def kinds(self) -> list[str]:
+        kinds = []
+        if self.cookies:
+            kinds.append("cookies")
+        if self.token_headers:
+            kinds.append("token_headers")
+        if self.session_token:
+            kinds.append("session_token")
+        if self.siwx:
+            kinds.append("siwx")
+        return kinds
+
+    def clear(self) -> None:
+        self.cookies = []
+        self.token_headers = {}
+        self.siwx = None
+        self.session_token = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Full content, secrets included: for the store only."""
+        return {
+            "cookies": [list(c) for c in self.cookies],
+            "token_headers": dict(self.token_headers),
+            "siwx": self.siwx,
+            "session_token": self.session_token,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SessionCredentials:
+        return cls(
+            cookies=[StoredCookie(*c) for c in data.get("cookies") or []],
+            token_headers=dict(data.get("token_headers") or {}),
+            siwx=data.get("siwx"),
+            session_token=data.get("session_token"),
+        )
+
+
+def _opt_str(value: int | None) -> str | None:
+    return None if value is None else str(value)
+
+
+@dataclass(slots=True)
+class Session:
+    id: str
+    scope: Scope
+    created_at: float
+    expires_at: float
+    ttl_seconds: int = TTL_DEFAULT
+    label: str | None = None
+    last_used_at: float | None = None
+    call_count: int = 0
+    payment_ids: list[int] = field(default_factory=list)  # ledger row ids
+    amount_paid: int = 0  # atomic units of `asset`
+    asset: str | None = None
+    network: str | None = None
+    decimals: int | None = None
+    pay_to: str | None = None
+    payer: str | None = None  # our wallet address (signs the session token and SIWX)
+    ended_at: float | None = None
+    ended_reason: str | None = None
+    credentials: SessionCredentials = field(default_factory=SessionCredentials)
+    renewals: int = 0
+    rejected_count: int = 0  # times the server answered 401/402/403 despite our credentials
+    max_session_payment: int | None = None  # atomic units; None = only the policy caps apply
+
+    @classmethod
+    def create(
+        cls,
+        scope: Scope,
+        *,
+        now: float,
+        ttl_seconds: int = TTL_DEFAULT,
+        label: str | None = None,
+        **fields: Any,
+    ) -> Session:
+        ttl = validate_ttl(ttl_seconds)
+        return cls(
+            id=str(uuid.uuid4()),
+            scope=scope,
+            created_at=now,
+            expires_at=now + ttl,
+            ttl_seconds=ttl,
+            label=validate_label(label),
+            **fields,
+        )
+
+    def state(self, now: float) -> SessionState:
+        if self.ended_at is not None:
+            return "ended"
+        if now >= self.expires_at:
+            return "expired"
+        return "active"
+
+    def is_active(self, now: float) -> bool:
+        return self.ended_at is None and now < self.expires_at
+
+    def end(self, now: float, reason: str) -> None:
+        """End the session and forget its secrets. Ending twice keeps the first time and reason."""
+        if self.ended_at is None:
+            self.ended_at = now
+            self.ended_reason = reason
+        self.credentials.clear()
+
+    def touch(self, now: float) -> None:
+        self.last_used_at = now
+        self.call_count += 1
+
+    def record_payment(self, ledger_id: int, amount: int) -> None:
+        self.payment_ids.append(ledger_id)
+        self.amount_paid += amount
+
+    def remaining_budget(self) -> int | None:
+        """Atomic units this session may still pay (renewals), None when uncapped."""
+        if self.max_session_payment is None:
+            return None
+        return max(0, self.max_session_payment - self.amount_paid)
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """JSON-safe status WITHOUT secrets: credential kinds only, never values or signatures."""
+        state = self.state(now)
+        return {
+            "id": self.id,
+            "state": state,
+            "scope": {"kind": self.scope.kind, "url": self.scope.to_url()},
+            "label": self.label,
+            "ttl_seconds": self.ttl_seconds,
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "expires_in": max(0, int(self.expires_at - now)) if state == "active" else 0,
+            "last_used_at": self.last_used_at,
+            "call_count": self.call_count,
+            "payment_ids": list(self.payment_ids),
+            "amount_paid": str(self.amount_paid),  # atomic units as a string: never a float
+            "asset": self.asset,
+            "network": self.network,
+            "decimals": self.decimals,
+            "pay_to": self.pay_to,
+            "payer": self.payer,
+            "ended_at": self.ended_at,
+            "ended_reason": self.ended_reason,
+            "credentials": self.credentials.kinds(),
+            "cookie_count": len(self.credentials.cookies),
+            "renewals": self.renewals,
+            "rejected_count": self.rejected_count,
+            "max_session_payment": _opt_str(self.max_session_payment),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything, secrets included, JSON-safe: for the store only (never for output)."""
+        return {
+            "id": self.id,
+            "scope": {"kind": self.scope.kind, "url": self.scope.to_url()},
+            "created_at": self.created_at,
+            "expires_at": self.expires_at,
+            "ttl_seconds": self.ttl_seconds,
+            "label": self.label,
+            "last_used_at": self.last_used_at,
+            "call_count": self.call_count,
+            "payment_ids": list(self.payment_ids),
+            "amount_paid": str(self.amount_paid),
+            "asset": self.asset,
+            "network": self.network,
+            "decimals": self.decimals,
+            "pay_to": self.pay_to,
+            "payer": self.payer,
+            "ended_at": self.ended_at,
+            "ended_reason": self.ended_reason,
+            "credentials": self.credentials.to_dict(),
+            "renewals": self.renewals,
+            "rejected_count": self.rejected_count,
+            "max_session_payment": _opt_str(self.max_session_payment),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Session:
+        from proxy.sessions.scope import Scope  # scope.py imports this module for its validators
+
+        cap = data.get("max_session_payment")
+        return cls(
+            id=str(data["id"]),
+            scope=Scope.from_url(data["scope"]["url"], data["scope"]["kind"]),
+            created_at=float(data["created_at"]),
+            expires_at=float(data["expires_at"]),
+            ttl_seconds=int(data["ttl_seconds"]),
+            label=data.get("label"),
+            last_used_at=data.get("last_used_at"),
+            call_count=int(data.get("call_count", 0)),
+            payment_ids=[int(i) for i in data.get("payment_ids") or []],
+            amount_paid=int(data.get("amount_paid", 0)),
+            asset=data.get("asset"),
+            network=data.get("network"),
+            decimals=data.get("decimals"),
+            pay_to=data.get("pay_to"),
+            payer=data.get("payer"),
+            ended_at=data.get("ended_at"),
+            ended_reason=data.get("ended_reason"),
+            credentials=SessionCredentials.from_dict(data.get("credentials") or {}),
+            renewals=int(data.get("renewals", 0)),
+            rejected_count=int(data.get("rejected_count", 0)),
+            max_session_payment=None if cap is None else int(cap),
+        )

@@ -1,0 +1,256 @@
+"""Engine glue for sessions — the one place a session is chosen for a request.
+
+For each request: find the active session whose scope covers the URL and attach its credentials.
+On a 402: answer a Sign-In-With-X challenge if the session can, else pay (once per client request,
+one payment in flight per scope) and open or renew the session from the paid answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from decimal import Decimal
+
+from proxy.engine.exchange import Exchange, Exchanger, Outcome
+from proxy.engine.responses import ERROR_HEADER
+from proxy.payments.amounts import parse_decimal
+from proxy.payments.challenge import MalformedChallenge, parse_challenge
+from proxy.payments.stage import PaymentAttempt, PaymentStage
+from proxy.payments.wallet import Wallet
+from proxy.sessions.credentials import (
+    SIWX_EXTENSION,
+    SIWX_HEADER,
+    capture_credentials,
+    credential_headers,
+    merge_credentials,
+    siwx_challenge_response,
+)
+from proxy.sessions.manager import SessionManager
+from proxy.sessions.model import Session, SessionCredentials
+from proxy.sessions.scope import NormalizedURL, Scope, ScopeError, SessionRule, normalize_url, scope_for
+from proxy.sessions.settings import SessionSettings
+from proxy.tokens import SessionClaim, make_session_token
+
+log = logging.getLogger("x402_proxy.sessions")
+
+SESSION_HEADER = "X-402-Proxy-Session"
+
+
+class SessionStage:
+    def __init__(
+        self,
+        manager: SessionManager,
+        payments: PaymentStage,
+        settings: SessionSettings,
+        wallet: Wallet | None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.manager = manager
+        self._payments = payments
+        self._settings = settings
+        self._kinds = set(settings.credential_kinds)
+        self._wallet = wallet
+        self._clock = clock
+
+    def __call__(self, inner: Exchanger) -> Exchanger:
+        async def exchange(request: Exchange) -> Outcome:
+            return await self.handle(request, inner)
+
+        return exchange
+
+    async def handle(self, request: Exchange, inner: Exchanger) -> Outcome:
+        now = self._clock()
+        try:
+            url: NormalizedURL | None = normalize_url(str(request.url))
+        except ScopeError:
+            url = None
+        session = self.manager.match(url, now) if url is not None else None
+        outcome = await inner(self._attach(request, session, url, now))
+        if outcome.response.status != 402:
+            self._used(session, outcome, now)
+            return outcome
+        if url is None:
+            return (await self._payments.attempt(request, outcome, inner)).outcome
+        if session is not None:
+            session.rejected_count += 1
+            retried = await self._siwx_fallback(request, outcome, session, url, inner)
+            if retried is not None:
+                if retried.response.status != 402:
+                    self._used(session, retried, now)
+                    return retried
+                outcome = retried
+            if not self._settings.renew_on_reject:
+                outcome.extra_headers.append((ERROR_HEADER, "session_rejected"))
+                return outcome
+        return await self._pay(request, outcome, inner, url, session)
+
+    def _attach(
+        self, request: Exchange, session: Session | None, url: NormalizedURL | None, now: float
+    ) -> Exchange:
+        if session is None or url is None:
+            return request
+        signer = self._wallet.account if self._wallet is not None else None
+        headers = credential_headers(session, url, request.headers.items(), self._kinds, now, signer)
+        return request.with_headers(headers) if headers else request
+
+    def _used(self, session: Session | None, outcome: Outcome, now: float) -> None:
+        if session is not None:
+            self.manager.touch(session, now)
+            outcome.extra_headers.append((SESSION_HEADER, session.id))
+
+    async def _siwx_fallback(
+        self, request: Exchange, outcome: Outcome, session: Session, url: NormalizedURL, inner: Exchanger
+    ) -> Outcome | None:
+        """Answer the server's own SIWX challenge (its nonce) when our proactive one was not enough."""
+        if "siwx" not in self._kinds or self._wallet is None or session.credentials.siwx is None:
+            return None
+        extension = _challenge_extensions(outcome).get(SIWX_EXTENSION)
+        if not isinstance(extension, dict):
+            return None
+        try:
+            header = siwx_challenge_response(
+                extension, self._wallet.account, url, network=session.network, address=self._wallet.address
+            )
+        except ValueError as exc:
+            log.info("cannot answer SIWX challenge from %s: %s", url.host, exc)
+            return None
+        outcome.release_body()
+        return await inner(
+            self._attach(request, session, url, self._clock()).with_headers({SIWX_HEADER: header})
+        )
+
+    async def _pay(
+        self,
+        request: Exchange,
+        outcome: Outcome,
+        inner: Exchanger,
+        url: NormalizedURL,
+        session: Session | None,
+    ) -> Outcome:
+        scope, rule = (session.scope, None) if session is not None else scope_for(url, self._settings.rules)
+        payments_seen = len(session.payment_ids) if session is not None else 0
+        async with self.manager.flight(scope.key):
+            now = self._clock()
+            fresh = self.manager.match(url, now)
+            if fresh is not None and (fresh is not session or len(fresh.payment_ids) > payments_seen):
+                # Another request paid for this scope while we waited: use its session, do not pay again.
+                outcome.release_body()
+                retried = await inner(self._attach(request, fresh, url, now))
+                if retried.response.status != 402:
+                    self._used(fresh, retried, now)
+                    return retried
+                outcome, session = retried, fresh
+                payments_seen = len(fresh.payment_ids)
+            cap = _remaining(session, rule)
+            attempt = await self._payments.attempt(
+                request, outcome, inner, max_amount=cap, session_id=session.id if session else None
+            )
+            if not _succeeded(attempt):
+                return attempt.outcome
+            now = self._clock()
+            if session is None:
+                session = self._open(scope, rule, url, attempt, now)
+            else:
+                self._renew(session, url, attempt, now)
+            assert attempt.record is not None
+            self._payments.payer.store.attach_session(attempt.record.id, session.id)
+            self._used(session, attempt.outcome, now)
+            return attempt.outcome
+
+    def _open(
+        self, scope: Scope, rule: SessionRule | None, url: NormalizedURL, attempt: PaymentAttempt, now: float
+    ) -> Session:
+        record = attempt.record
+        assert record is not None
+        ttl = rule.ttl_seconds if rule and rule.ttl_seconds else self._settings.default_ttl
+        cap = None
+        if rule is not None and rule.max_session_payment is not None:
+            cap = int(
+                parse_decimal(rule.max_session_payment, what="max_session_payment").scaleb(record.decimals)
+            )
+        session = Session.create(
+            scope,
+            now=now,
+            ttl_seconds=ttl,
+            asset=record.asset,
+            network=record.network,
+            decimals=record.decimals,
+            pay_to=record.pay_to,
+            payer=self._wallet.address if self._wallet else None,
+            max_session_payment=cap,
+        )
+        session.record_payment(record.id, record.amount)
+        session.credentials = self._capture(url, attempt, record.network, now)
+        self._sign_token(session, record.tx_hash)
+        self.manager.add(session)
+        log.info(
+            "session %s opened for %s %s (payment #%s)", session.id, scope.kind, scope.to_url(), record.id
+        )
+        return session
+
+    def _renew(self, session: Session, url: NormalizedURL, attempt: PaymentAttempt, now: float) -> None:
+        record = attempt.record
+        assert record is not None
+        session.record_payment(record.id, record.amount)
+        session.renewals += 1
+        session.expires_at = now + session.ttl_seconds
+        session.credentials = merge_credentials(
+            session.credentials, self._capture(url, attempt, record.network, now), now
+        )
+        self._sign_token(session, record.tx_hash)
+        self.manager.renewed(session)
+        log.info("session %s renewed (payment #%s)", session.id, record.id)
+
+    def _capture(
+        self, url: NormalizedURL, attempt: PaymentAttempt, network: str, now: float
+    ) -> SessionCredentials:
+        extensions = _challenge_extensions_from(attempt)
+        siwx = extensions.get(SIWX_EXTENSION) if "siwx" in self._kinds else None
+        return capture_credentials(
+            attempt.outcome.response.headers.items(),
+            self._settings.token_headers,
+            url,
+            now=now,
+            siwx_extension=siwx if isinstance(siwx, dict) else None,
+            network=network,
+        )
+
+    def _sign_token(self, session: Session, tx_hash: str | None) -> None:
+        if "session_token" not in self._kinds or self._wallet is None:
+            return
+        claim = SessionClaim.for_session(session, address=self._wallet.address, tx_hash=tx_hash)
+        session.credentials.session_token = make_session_token(claim, self._wallet.account)
+
+
+def _succeeded(attempt: PaymentAttempt) -> bool:
+    """A session is opened only when a payment was sent AND the paid answer was a success."""
+    if attempt.record is None:
+        return False
+    return 200 <= attempt.outcome.response.status < 400 and attempt.record.state.value == "settled"
+
+
+def _remaining(session: Session | None, rule: SessionRule | None) -> Decimal | None:
+    if session is not None and session.max_session_payment is not None and session.decimals is not None:
+        return Decimal(session.remaining_budget() or 0).scaleb(-session.decimals)
+    if session is None and rule is not None and rule.max_session_payment is not None:
+        return parse_decimal(rule.max_session_payment, what="max_session_payment")
+    return None
+
+
+def _challenge_extensions(outcome: Outcome) -> dict[str, object]:
+    try:
+        challenge = parse_challenge(402, outcome.response.headers, outcome.body or b"")
+    except MalformedChallenge:
+        return {}
+    return dict(challenge.extensions) if challenge is not None and challenge.extensions else {}
+
+
+def _challenge_extensions_from(attempt: PaymentAttempt) -> dict[str, object]:
+    if attempt.challenge_headers is None:
+        return {}
+    try:
+        challenge = parse_challenge(402, attempt.challenge_headers, b"")
+    except MalformedChallenge:
+        return {}
+    return dict(challenge.extensions) if challenge is not None and challenge.extensions else {}
