@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.admin.service import ControlPlane
 from proxy.config import Config
 from proxy.payments.assets import AssetRegistry
 from proxy.payments.networks import NetworkRegistry
@@ -42,6 +43,7 @@ class Runtime:
     payer: Payer
     sessions: SessionManager | None
     background: list[asyncio.Task[None]]
+    control: ControlPlane
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         await self.server.stop(drain_timeout)
@@ -95,6 +97,7 @@ async def start(config: Config, home: Path) -> Runtime:
     forwarder = Forwarder(config.proxy, upstream, [])
     payments = PaymentStage(payer)
     sessions: SessionManager | None = None
+    session_stage: SessionStage | None = None
     background: list[asyncio.Task[None]] = []
     if config.sessions.enabled:
         sessions = SessionManager(
@@ -103,7 +106,8 @@ async def start(config: Config, home: Path) -> Runtime:
         restored = sessions.load()
         if restored:
             log.info("restored %d active sessions", restored)
-        forwarder.wrap(SessionStage(sessions, payments, config.sessions, payer.wallet))
+        session_stage = SessionStage(sessions, payments, config.sessions, payer.wallet)
+        forwarder.wrap(session_stage)
         background.append(asyncio.create_task(sessions.run_flusher()))
     else:
         forwarder.wrap(payments)
@@ -113,7 +117,8 @@ async def start(config: Config, home: Path) -> Runtime:
         log.warning("no wallet configured: 402 challenges are passed to the client unpaid")
     else:
         log.info("paying from wallet %s", payer.wallet.address)
-    return Runtime(config, home, ca, bundle, upstream, server, store, payer, sessions, background)
+    control = ControlPlane(payer, sessions, session_stage, forwarder.send_upstream)
+    return Runtime(config, home, ca, bundle, upstream, server, store, payer, sessions, background, control)
 
 
 async def serve_forever(config: Config, home: Path) -> int:

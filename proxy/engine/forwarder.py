@@ -17,9 +17,11 @@ from yarl import URL
 
 from proxy.engine import http_semantics as hs
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
+from proxy.engine.raw_response import relay_response
 from proxy.engine.responses import proxy_error
 from proxy.engine.settings import ProxySettings
 from proxy.engine.upstream import Upstream, UpstreamError, UpstreamRequest
+from proxy.engine.upstream_pool import PooledResponse
 
 log = logging.getLogger("x402_proxy.engine")
 
@@ -84,6 +86,10 @@ class Forwarder:
     def wrap(self, stage: object) -> None:
         """Install a stage around the current exchanger (stage(inner) -> Exchanger)."""
         self._exchanger = stage(self._exchanger)  # type: ignore[operator]
+
+    async def send_upstream(self, exchange: Exchange) -> Outcome:
+        """The innermost exchanger (no stages): what the control plane builds on."""
+        return await self._send(exchange)
 
     def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
         self._listen = addresses
@@ -195,23 +201,40 @@ class Forwarder:
 
     async def _respond(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
         upstream = outcome.response
-        headers = hs.end_to_end_headers(
-            upstream.headers.items(), hs.connection_tokens(upstream.headers), _DROP_RESPONSE
-        )
-        for name, value in outcome.extra_headers:
-            headers[name] = value
         stream: web.StreamResponse | None = None
         try:
             body = outcome.body
             length = upstream.content_length
-            if request.method == "HEAD":
-                # Keep the upstream's Content-Length: it describes the body a GET would get.
+            is_head = request.method == "HEAD"
+            if body is None and not is_head:
+                if length is not None and length <= _SMALL_BODY:
+                    body = await upstream.read()
+                elif length is None and isinstance(upstream, PooledResponse) and upstream.complete_in_buffer:
+                    # A small chunked (or close-delimited) answer that has fully arrived: relay it whole.
+                    body = await upstream.read()
+            listed = hs.connection_tokens(upstream.headers)
+            if body is not None or is_head:
+                # Keep a HEAD answer's Content-Length: it describes the body a GET would get.
+                relayed = relay_response(
+                    request,
+                    upstream.status,
+                    upstream.reason,
+                    upstream.headers.items(),
+                    listed,
+                    outcome.extra_headers,
+                    body or b"",
+                    length,
+                )
+                if relayed is not None:
+                    return relayed
+            headers = hs.end_to_end_headers(upstream.headers.items(), listed, _DROP_RESPONSE)
+            for name, value in outcome.extra_headers:
+                headers[name] = value
+            if is_head:
                 stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
                 if length is not None:
                     stream.content_length = length
                 return stream
-            if body is None and length is not None and length <= _SMALL_BODY:
-                body = await upstream.read()
             if body is not None:
                 return web.Response(
                     status=upstream.status, reason=upstream.reason, headers=headers, body=body

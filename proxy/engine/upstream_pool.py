@@ -124,6 +124,11 @@ class PooledResponse:
     def content(self) -> PooledResponse:
         return self
 
+    @property
+    def complete_in_buffer(self) -> bool:
+        """The whole body has arrived and nothing of it was read yet (small enough to relay whole)."""
+        return self._done and self._exc is None and self._size <= HIGH_WATER
+
     # --- fed by the connection -------------------------------------------------------------
 
     def _feed(self, data: bytes) -> None:

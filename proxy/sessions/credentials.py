@@ -26,7 +26,7 @@ from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from x402.extensions.sign_in_with_x import SIWxPayload, create_siwx_message, encode_siwx_header
 
-from proxy.sessions.model import CREDENTIAL_KINDS, Session, SessionCredentials, StoredCookie
+from proxy.sessions.model import CREDENTIAL_KINDS, Session, SessionCredentials, StoredCookie, intern_siwx
 from proxy.sessions.scope import NormalizedURL, ScopeError, normalize_url, path_covers
 from proxy.sessions.scope import _normalize_host as normalize_host
 from proxy.tokens import session_token_headers
@@ -230,7 +230,7 @@ def siwx_info_from_extension(
     }
     if isinstance(info.get("statement"), str):
         result["statement"] = info["statement"]
-    return result
+    return intern_siwx(result)
 
 
 def _bound_to_origin(domain: str, uri: str, request: NormalizedURL) -> bool:

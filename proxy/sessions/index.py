@@ -2,20 +2,23 @@
 
 Layout::
 
-    _exact:   {scope.key ("exact https://h/p?q"): ids}
-    _origins: {(scheme, host, port): {scope path ("/v1", "/v1/"): ids}}
-    _scopes:  {session id: Scope}            (reverse map, for remove)
+    _exact:   {NormalizedURL of the exact scope: ids}    (a request's own NormalizedURL is the key)
+    _origins: {(scheme, host, port): {directory: ids | _Dir}  or  (scope path, ids)}
+    _scopes:  {session id: Scope}                        (reverse map, for remove)
 
-``ids`` is a bare ``str`` for the common single-session scope and a tuple (oldest first) when
-several sessions share a scope. Keys and ids are the caller's own strings (``scope.key``,
-``scope.path``, ``session.id``), so the index adds dict slots, not copies.
+A prefix scope is filed under its *directory*: its path without a trailing "/" (``/v1`` and
+``/v1/`` are both filed under ``"/v1"``, ``/`` under ``""``). The value is the ids of the plain
+scope (``/v1``), or a ``_Dir`` holding both the plain and the slash (``/v1/``) scope's ids when a
+slash scope exists there. ``ids`` is a bare ``str`` for the usual single session and a tuple
+(oldest first) when several sessions share a scope. An origin with only one prefix path holds a
+``(path, ids)`` pair instead of a dict (a dict costs ~200 bytes: with sessions spread over many
+origins that doubled the index's share of a session). Plain scopes are filed under their own
+``scope.path`` string and ids are the caller's ``session.id``: the index adds slots, not copies.
 
-Lookup for a normalised path ``/a/b/c`` probes, most specific first, the keys ``/a/b/c``,
-``/a/b/``, ``/a/b``, ``/a/``, ``/a``, ``/``: every prefix scope that can cover the path is one of
-these (a scope path ending in "/" covers what lies strictly below it; one without covers itself
-and what lies below; segments only ever split at a literal "/"). That is O(depth) dict probes,
-whatever the number of sessions. Keying by the path string rather than by a tuple of segments is
-the same thing with fewer allocations.
+Lookup, for a normalised request path such as ``/a/b/c``: every prefix scope that can cover it is
+filed under one of ``"/a/b/c"`` (plain only: ``/a/b/c/`` covers what lies strictly below),
+``"/a/b"``, ``"/a"``, ``""`` (plain and slash): segments only ever split at a literal "/". So one
+dict probe per path level, O(depth), whatever the number of sessions.
 
 Order of preference: an exact scope beats any prefix scope; a longer prefix beats a shorter one
 (``/v1/`` beats ``/v1``: it covers a subset); among sessions with the same scope the one added
@@ -31,9 +34,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from proxy.sessions.scope import NormalizedURL, Scope, ScopeError, normalize_url
+from proxy.sessions.scope import NormalizedURL, Scope, ScopeError, normalize_url, path_covers
 
 _Ids = str | tuple[str, ...]
+
+
+class _Dir:
+    """Both scopes filed under one directory: ``plain`` (``/v1``) and ``slash`` (``/v1/``)."""
+
+    __slots__ = ("plain", "slash")
+
+    def __init__(self, plain: _Ids | None, slash: _Ids | None) -> None:
+        self.plain = plain
+        self.slash = slash
+
+
+_Entry = _Ids | _Dir
+_Paths = dict[str, _Entry] | tuple[str, _Ids]
 
 
 def _with(ids: _Ids | None, session_id: str) -> _Ids:
@@ -44,8 +61,8 @@ def _with(ids: _Ids | None, session_id: str) -> _Ids:
     return (*ids, session_id)
 
 
-def _without(ids: _Ids, session_id: str) -> _Ids | None:
-    if isinstance(ids, str):
+def _without(ids: _Ids | None, session_id: str) -> _Ids | None:
+    if ids is None or isinstance(ids, str):
         return None if ids == session_id else ids
     rest = tuple(i for i in ids if i != session_id)
     if not rest:
@@ -53,19 +70,54 @@ def _without(ids: _Ids, session_id: str) -> _Ids | None:
     return rest[0] if len(rest) == 1 else rest
 
 
-def _newest_first(ids: _Ids) -> Iterator[str]:
+def _newest(ids: _Ids) -> str:
+    return ids if isinstance(ids, str) else ids[-1]
+
+
+def _newest_first(ids: _Ids | None) -> Iterator[str]:
+    if ids is None:
+        return
     if isinstance(ids, str):
         yield ids
     else:
         yield from reversed(ids)
 
 
+def _directory(path: str) -> tuple[str, bool]:
+    """Scope path -> (directory key, is a slash scope)."""
+    return (path[:-1], True) if path.endswith("/") else (path, False)
+
+
+def _entry_with(entry: _Entry | None, slash: bool, session_id: str) -> _Entry:
+    if isinstance(entry, _Dir):
+        if slash:
+            entry.slash = _with(entry.slash, session_id)
+        else:
+            entry.plain = _with(entry.plain, session_id)
+        return entry
+    if slash:
+        return _Dir(entry, session_id)
+    return _with(entry, session_id)
+
+
+def _entry_without(entry: _Entry, slash: bool, session_id: str) -> _Entry | None:
+    if not isinstance(entry, _Dir):
+        return entry if slash else _without(entry, session_id)
+    if slash:
+        entry.slash = _without(entry.slash, session_id)
+    else:
+        entry.plain = _without(entry.plain, session_id)
+    if entry.slash is None:
+        return entry.plain  # back to the compact form (None if both are gone)
+    return entry
+
+
 class SessionIndex:
     __slots__ = ("_exact", "_origins", "_scopes")
 
     def __init__(self) -> None:
-        self._exact: dict[str, _Ids] = {}
-        self._origins: dict[tuple[str, str, int], dict[str, _Ids]] = {}
+        self._exact: dict[NormalizedURL, _Ids] = {}
+        self._origins: dict[tuple[str, str, int], _Paths] = {}
         self._scopes: dict[str, Scope] = {}
 
     def __len__(self) -> int:
@@ -81,39 +133,92 @@ class SessionIndex:
         """Index a session; if the id is already present it is moved (to ``scope``, as newest)."""
         if session_id in self._scopes:
             self.remove(session_id)
-        if scope.kind == "exact":
-            self._exact[scope.key] = _with(self._exact.get(scope.key), session_id)
-        else:
-            paths = self._origins.get(scope.origin)
-            if paths is None:
-                paths = self._origins[scope.origin] = {}
-            paths[scope.path] = _with(paths.get(scope.path), session_id)
         self._scopes[session_id] = scope
+        if scope.kind == "exact":
+            key = scope.normalized()
+            self._exact[key] = _with(self._exact.get(key), session_id)
+            return
+        current = self._origins.get(scope.origin)
+        if current is None:
+            self._origins[scope.origin] = (scope.path, session_id)
+            return
+        if isinstance(current, tuple):
+            path, ids = current
+            if path == scope.path:
+                self._origins[scope.origin] = (path, _with(ids, session_id))
+                return
+            directory, slash = _directory(path)
+            current = self._origins[scope.origin] = {directory: _Dir(None, ids) if slash else ids}
+        directory, slash = _directory(scope.path)
+        current[directory] = _entry_with(current.get(directory), slash, session_id)
 
     def remove(self, session_id: str) -> bool:
         scope = self._scopes.pop(session_id, None)
         if scope is None:
             return False
         if scope.kind == "exact":
-            rest = _without(self._exact[scope.key], session_id)
+            key = scope.normalized()
+            rest = _without(self._exact[key], session_id)
             if rest is None:
-                del self._exact[scope.key]
+                del self._exact[key]
             else:
-                self._exact[scope.key] = rest
+                self._exact[key] = rest
+            return True
+        current = self._origins[scope.origin]
+        if isinstance(current, tuple):
+            rest = _without(current[1], session_id)
+            if rest is None:
+                del self._origins[scope.origin]
+            else:
+                self._origins[scope.origin] = (current[0], rest)
+            return True
+        directory, slash = _directory(scope.path)
+        entry = _entry_without(current[directory], slash, session_id)
+        if entry is None:
+            del current[directory]
         else:
-            paths = self._origins[scope.origin]
-            rest = _without(paths[scope.path], session_id)
-            if rest is not None:
-                paths[scope.path] = rest
-            else:
-                del paths[scope.path]
-                if not paths:
-                    del self._origins[scope.origin]
+            current[directory] = entry
+        if not current:
+            del self._origins[scope.origin]
         return True
 
     def lookup(self, url: str | NormalizedURL) -> str | None:
         """The preferred session id for ``url`` (see module doc), or None. Bad URL -> None."""
-        return next(self.candidates(url), None)
+        if isinstance(url, NormalizedURL):
+            n = url
+        else:
+            try:
+                n = normalize_url(url)
+            except ScopeError:
+                return None
+        # The same walk as ``candidates``, unrolled: this runs on every proxied request.
+        if self._exact:
+            ids = self._exact.get(n)
+            if ids is not None:
+                return _newest(ids)
+        current = self._origins.get((n.scheme, n.host, n.port))
+        if current is None:
+            return None
+        path = n.path
+        if isinstance(current, tuple):
+            return _newest(current[1]) if path_covers(current[0], path) else None
+        end = len(path)
+        if path[-1] != "/":  # the path itself: only a plain scope can cover it there
+            entry = current.get(path)
+            if entry is not None:
+                plain = entry.plain if isinstance(entry, _Dir) else entry
+                if plain is not None:
+                    return _newest(plain)
+        while end > 0:
+            end = path.rfind("/", 0, end)
+            entry = current.get(path[:end])
+            if entry is not None:
+                if not isinstance(entry, _Dir):
+                    return _newest(entry)
+                found = entry.slash or entry.plain
+                if found is not None:
+                    return _newest(found)
+        return None
 
     def candidates(self, url: str | NormalizedURL) -> Iterator[str]:
         """Every session whose scope covers ``url``, most preferred first."""
@@ -125,30 +230,24 @@ class SessionIndex:
             except ScopeError:
                 return
         if self._exact:
-            ids = self._exact.get(f"exact {n.to_url()}")
-            if ids is not None:
-                yield from _newest_first(ids)
-        paths = self._origins.get((n.scheme, n.host, n.port))
-        if paths is None:
+            yield from _newest_first(self._exact.get(n))
+        current = self._origins.get((n.scheme, n.host, n.port))
+        if current is None:
             return
-        for key in _prefix_keys(n.path):
-            ids = paths.get(key)
-            if ids is not None:
-                yield from _newest_first(ids)
-
-
-def _prefix_keys(path: str) -> Iterator[str]:
-    """Scope paths that could cover ``path``, longest first (see the module doc)."""
-    # A non-slash key that ends in "/" (empty segment, "/a//b") is really the slash key the
-    # next step yields anyway: skipped, so no id is yielded twice.
-    yield path
-    end = len(path)
-    if path.endswith("/"):
-        end -= 1
-        if end > 0 and path[end - 1] != "/":
-            yield path[:end]  # "/a/b/" is also covered by the non-slash scope "/a/b"
-    while end > 0:
-        end = path.rfind("/", 0, end)
-        yield path[: end + 1]  # slash scope: covers everything strictly below
-        if end > 0 and path[end - 1] != "/":
-            yield path[:end]  # non-slash scope: covers itself and below
+        path = n.path
+        if isinstance(current, tuple):
+            if path_covers(current[0], path):
+                yield from _newest_first(current[1])
+            return
+        end = len(path)
+        if path[-1] != "/":
+            entry = current.get(path)
+            yield from _newest_first(entry.plain if isinstance(entry, _Dir) else entry)
+        while end > 0:
+            end = path.rfind("/", 0, end)
+            entry = current.get(path[:end])
+            if isinstance(entry, _Dir):
+                yield from _newest_first(entry.slash)  # "/a/" is more specific than "/a"
+                yield from _newest_first(entry.plain)
+            else:
+                yield from _newest_first(entry)

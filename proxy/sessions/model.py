@@ -8,6 +8,9 @@ tools kept the token of an ended session usable).
 
 from __future__ import annotations
 
+import base64
+import binascii
+import sys
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -65,16 +68,84 @@ class StoredCookie(NamedTuple):
     secure: bool
 
 
-@dataclass(slots=True)
-class SessionCredentials:
-    """Secrets a session replays. Never logged, never in ``describe``."""
+_SIGNATURE_BYTES = 65
 
-    cookies: list[StoredCookie] = field(default_factory=list)
-    token_headers: dict[str, str] = field(default_factory=dict)
-    # Non-secret SIWX parameters from the 402's sign-in-with-x extension, with the chosen chain:
-    # {"domain", "uri", "version", "chainId", "type", "statement"?, "resources"?}.
-    siwx: dict[str, Any] | None = None
-    session_token: str | None = None
+
+def _encode_token(packed: bytes) -> str:
+    payload, signature = packed[:-_SIGNATURE_BYTES], packed[-_SIGNATURE_BYTES:]
+    return f"{base64.urlsafe_b64encode(payload).rstrip(b'=').decode('ascii')}.0x{signature.hex()}"
+
+
+def _pack_token(token: str | None) -> bytes | str | None:
+    """Our own tokens as claim bytes + signature bytes; anything else is kept verbatim."""
+    if token is None:
+        return None
+    claim, sep, signature = token.partition(".0x")
+    try:
+        packed = base64.urlsafe_b64decode(claim + "=" * (-len(claim) % 4)) + bytes.fromhex(signature)
+    except (binascii.Error, ValueError):
+        return token
+    if not sep or len(signature) != 2 * _SIGNATURE_BYTES or _encode_token(packed) != token:
+        return token
+    return packed
+
+
+def intern_siwx(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """SIWX info with its (few, repeating) string values shared between sessions."""
+    if info is None:
+        return None
+    return {sys.intern(k): sys.intern(v) if isinstance(v, str) else v for k, v in info.items()}
+
+
+class SessionCredentials:
+    """Secrets a session replays. Never logged (``repr`` shows kinds only), never in ``describe``.
+
+    The session token is the largest thing a session holds (~770 characters); it is kept decoded
+    (claim bytes followed by the 65-byte signature: ~300 bytes less) and re-encoded on access.
+    """
+
+    __slots__ = ("_token", "cookies", "siwx", "token_headers")
+
+    def __init__(
+        self,
+        cookies: list[StoredCookie] | None = None,
+        token_headers: dict[str, str] | None = None,
+        siwx: dict[str, Any] | None = None,
+        session_token: str | None = None,
+    ) -> None:
+        self.cookies: list[StoredCookie] = [] if cookies is None else cookies
+        self.token_headers: dict[str, str] = {} if token_headers is None else token_headers
+        # Non-secret SIWX parameters from the 402's sign-in-with-x extension, with the chosen
+        # chain: {"domain", "uri", "version", "chainId", "type", "statement"?}.
+        self.siwx: dict[str, Any] | None = siwx
+        self._token: bytes | str | None = None
+        self.session_token = session_token
+
+    @property
+    def session_token(self) -> str | None:
+        token = self._token
+        if token is None or isinstance(token, str):
+            return token
+        return _encode_token(token)
+
+    @session_token.setter
+    def session_token(self, token: str | None) -> None:
+        self._token = _pack_token(token)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SessionCredentials):
+            return NotImplemented
+        return (self.cookies, self.token_headers, self.siwx, self.session_token) == (
+            other.cookies,
+            other.token_headers,
+            other.siwx,
+            other.session_token,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"SessionCredentials(kinds={self.kinds()})"
 
     def kinds(self) -> list[str]:
         kinds = []
@@ -108,9 +179,14 @@ class SessionCredentials:
         return cls(
             cookies=[StoredCookie(*c) for c in data.get("cookies") or []],
             token_headers=dict(data.get("token_headers") or {}),
-            siwx=data.get("siwx"),
+            siwx=intern_siwx(data.get("siwx")),
             session_token=data.get("session_token"),
         )
+
+
+def _interned(value: str | None) -> str | None:
+    # Assets, networks and addresses repeat across thousands of sessions: share one copy each.
+    return sys.intern(value) if isinstance(value, str) else value
 
 
 def _opt_str(value: int | None) -> str | None:
@@ -140,6 +216,12 @@ class Session:
     renewals: int = 0
     rejected_count: int = 0  # times the server answered 401/402/403 despite our credentials
     max_session_payment: int | None = None  # atomic units; None = only the policy caps apply
+
+    def __post_init__(self) -> None:
+        self.asset = _interned(self.asset)
+        self.network = _interned(self.network)
+        self.pay_to = _interned(self.pay_to)
+        self.payer = _interned(self.payer)
 
     @classmethod
     def create(

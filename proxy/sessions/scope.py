@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import idna
@@ -248,7 +248,6 @@ class Scope:
     origin: tuple[str, str, int]  # (scheme, host, port), port explicit
     path: str  # normalised
     query: str | None = None  # exact scopes only; None = no query
-    key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in SCOPE_KINDS:
@@ -260,8 +259,12 @@ class Scope:
         # Re-normalising must be the identity, otherwise the scope was built from raw parts.
         if normalize_url(url.to_url()) != url:
             raise ScopeError("scope parts are not normalised; use Scope.from_url")
-        # The key doubles as the index's exact-map key, so it is computed once and shared.
-        object.__setattr__(self, "key", f"{self.kind} {url.to_url()}")
+
+    @property
+    def key(self) -> str:
+        """Stable, hashable text form, e.g. ``"prefix https://api.x.com/v1"`` (computed: not stored,
+        to keep sessions small)."""
+        return f"{self.kind} {self.to_url()}"
 
     @classmethod
     def from_url(cls, url: str | NormalizedURL, kind: ScopeKind = "prefix") -> Scope:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
@@ -28,8 +29,17 @@ from proxy.sessions.credentials import (
 )
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.model import Session, SessionCredentials
-from proxy.sessions.scope import NormalizedURL, Scope, ScopeError, SessionRule, normalize_url, scope_for
+from proxy.sessions.scope import (
+    NormalizedURL,
+    Scope,
+    ScopeError,
+    ScopeKind,
+    SessionRule,
+    normalize_url,
+    scope_for,
+)
 from proxy.sessions.settings import SessionSettings
+from proxy.store.base import PaymentRecord
 from proxy.tokens import SessionClaim, make_session_token
 
 log = logging.getLogger("x402_proxy.sessions")
@@ -142,52 +152,128 @@ class SessionStage:
                     return retried
                 outcome, session = retried, fresh
                 payments_seen = len(fresh.payment_ids)
-            cap = _remaining(session, rule)
             attempt = await self._payments.attempt(
-                request, outcome, inner, max_amount=cap, session_id=session.id if session else None
+                request,
+                outcome,
+                inner,
+                max_amount=_remaining(session, rule),
+                session_id=session.id if session else None,
             )
             if not _succeeded(attempt):
                 return attempt.outcome
             now = self._clock()
             if session is None:
-                session = self._open(scope, rule, url, attempt, now)
+                ttl, session_cap = _rule_terms(rule, attempt)
+                session = self._open(
+                    scope, url, attempt, now, ttl_seconds=ttl, max_session_payment=session_cap
+                )
             else:
                 self._renew(session, url, attempt, now)
-            assert attempt.record is not None
-            self._payments.payer.store.attach_session(attempt.record.id, session.id)
             self._used(session, attempt.outcome, now)
             return attempt.outcome
 
     def _open(
-        self, scope: Scope, rule: SessionRule | None, url: NormalizedURL, attempt: PaymentAttempt, now: float
+        self,
+        scope: Scope,
+        url: NormalizedURL,
+        attempt: PaymentAttempt,
+        now: float,
+        *,
+        ttl_seconds: int | None = None,
+        label: str | None = None,
+        max_session_payment: int | None = None,
     ) -> Session:
         record = attempt.record
         assert record is not None
-        ttl = rule.ttl_seconds if rule and rule.ttl_seconds else self._settings.default_ttl
-        cap = None
-        if rule is not None and rule.max_session_payment is not None:
-            cap = int(
-                parse_decimal(rule.max_session_payment, what="max_session_payment").scaleb(record.decimals)
-            )
         session = Session.create(
             scope,
             now=now,
-            ttl_seconds=ttl,
+            ttl_seconds=ttl_seconds or self._settings.default_ttl,
+            label=label,
             asset=record.asset,
             network=record.network,
             decimals=record.decimals,
             pay_to=record.pay_to,
             payer=self._wallet.address if self._wallet else None,
-            max_session_payment=cap,
+            max_session_payment=max_session_payment,
         )
         session.record_payment(record.id, record.amount)
         session.credentials = self._capture(url, attempt, record.network, now)
         self._sign_token(session, record.tx_hash)
         self.manager.add(session)
+        self._payments.payer.store.attach_session(record.id, session.id)
         log.info(
             "session %s opened for %s %s (payment #%s)", session.id, scope.kind, scope.to_url(), record.id
         )
         return session
+
+    # -- control plane (admin API, CLI, MCP tools) ---------------------------------------------------
+
+    async def start(
+        self,
+        request: Exchange,
+        inner: Exchanger,
+        *,
+        kind: ScopeKind,
+        ttl_seconds: int | None,
+        label: str | None,
+        max_amount: Decimal | None,
+    ) -> StartResult:
+        """Open a session ahead of use: one unpaid try, then at most one payment under `max_amount`."""
+        url = normalize_url(str(request.url))
+        scope = Scope.from_url(url, kind)
+        outcome = await inner(request)
+        if outcome.response.status != 402:
+            return StartResult(outcome)
+        async with self.manager.flight(scope.key):
+            attempt = await self._payments.attempt(request, outcome, inner, max_amount=max_amount)
+            if not _succeeded(attempt):
+                return StartResult(
+                    attempt.outcome, None, attempt.record, attempt.refusal, payment_required=True
+                )
+            cap = None
+            if max_amount is not None and attempt.record is not None:
+                cap = int(max_amount.scaleb(attempt.record.decimals))
+            session = self._open(
+                scope,
+                url,
+                attempt,
+                self._clock(),
+                ttl_seconds=ttl_seconds,
+                label=label,
+                max_session_payment=cap,
+            )
+            self._used(session, attempt.outcome, self._clock())
+            return StartResult(attempt.outcome, session, attempt.record, None, payment_required=True)
+
+    async def fetch(
+        self, session: Session, request: Exchange, inner: Exchanger, *, allow_renew: bool
+    ) -> Outcome:
+        """A request through one named session: credentials attached; pays only when `allow_renew`."""
+        url = normalize_url(str(request.url))
+        if not session.scope.covers(url):
+            raise ScopeError("url is not in the session's scope")
+        now = self._clock()
+        outcome = await inner(self._attach(request, session, url, now))
+        if outcome.response.status != 402:
+            self._used(session, outcome, now)
+            return outcome
+        session.rejected_count += 1
+        retried = await self._siwx_fallback(request, outcome, session, url, inner)
+        if retried is not None:
+            if retried.response.status != 402:
+                self._used(session, retried, now)
+                return retried
+            outcome = retried
+        if not allow_renew:
+            outcome.extra_headers.append((ERROR_HEADER, "session_rejected"))
+            return outcome
+        return await self._pay(request, outcome, inner, url, session)
+
+    def credentials_for(self, session: Session, url: str) -> dict[str, str]:
+        """Credential headers for `url` (e.g. the upstream DELETE when a session ends)."""
+        signer = self._wallet.account if self._wallet is not None else None
+        return credential_headers(session, url, [], self._kinds, self._clock(), signer)
 
     def _renew(self, session: Session, url: NormalizedURL, attempt: PaymentAttempt, now: float) -> None:
         record = attempt.record
@@ -200,6 +286,7 @@ class SessionStage:
         )
         self._sign_token(session, record.tx_hash)
         self.manager.renewed(session)
+        self._payments.payer.store.attach_session(record.id, session.id)
         log.info("session %s renewed (payment #%s)", session.id, record.id)
 
     def _capture(
@@ -221,6 +308,29 @@ class SessionStage:
             return
         claim = SessionClaim.for_session(session, address=self._wallet.address, tx_hash=tx_hash)
         session.credentials.session_token = make_session_token(claim, self._wallet.account)
+
+
+@dataclass
+class StartResult:
+    outcome: Outcome
+    session: Session | None = None
+    record: PaymentRecord | None = None
+    refusal: str | None = None
+    payment_required: bool = False
+
+
+def _rule_terms(rule: SessionRule | None, attempt: PaymentAttempt) -> tuple[int | None, int | None]:
+    """(ttl, cap in atomic units) a matching rule sets for a new session."""
+    if rule is None:
+        return None, None
+    cap = None
+    if rule.max_session_payment is not None and attempt.record is not None:
+        cap = int(
+            parse_decimal(rule.max_session_payment, what="max_session_payment").scaleb(
+                attempt.record.decimals
+            )
+        )
+    return rule.ttl_seconds, cap
 
 
 def _succeeded(attempt: PaymentAttempt) -> bool:

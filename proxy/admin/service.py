@@ -1,0 +1,377 @@
+"""The control plane: what the admin API, the CLI and the MCP tools can do, in one place.
+
+Routes and tools translate their inputs to these calls and their results to JSON; the rules
+(validation, money safety, what is secret) live here so every front end behaves the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.engine import http_semantics as hs
+from proxy.engine.exchange import Exchange, Exchanger, Outcome
+from proxy.engine.upstream import UpstreamError
+from proxy.payments.amounts import AmountError, parse_decimal
+from proxy.payments.payer import BUDGET_WINDOW_SECONDS, Payer, spend_in_budget_units
+from proxy.payments.policy import normalize_host
+from proxy.sessions.manager import SessionManager
+from proxy.sessions.model import Session, SessionValueError, validate_label, validate_ttl
+from proxy.sessions.scope import ScopeError, normalize_url
+from proxy.sessions.stage import SessionStage
+from proxy.store.base import PaymentRecord, PaymentState
+
+# Initial/fetched response bodies are returned up to this many bytes (the rest is cut, and said so).
+MAX_RETURNED_BODY = 64 * 1024
+METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+_ADMIN_REQUEST_IDS = iter(range(1, 1 << 62))
+
+
+class ControlError(Exception):
+    """A refusal with a stable code (the problem `type`) and an HTTP status for the REST front end."""
+
+    def __init__(self, code: str, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.status = status
+        self.detail = detail
+
+
+@dataclass
+class FetchedResponse:
+    status: int
+    headers: list[tuple[str, str]]
+    body: str
+    body_truncated: bool
+    body_base64: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "headers": dict(self.headers),
+            "body": self.body,
+            "body_truncated": self.body_truncated,
+        }
+
+
+@dataclass
+class StartRequest:
+    endpoint: str
+    scope: str = "prefix"
+    ttl_seconds: int | None = None
+    label: str | None = None
+    max_payment: str | None = None
+    method: str = "GET"
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str | None = None
+    timeout_ms: int = 30000
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        payer: Payer,
+        sessions: SessionManager | None,
+        stage: SessionStage | None,
+        inner: Exchanger,
+        clock: Any = time.time,
+    ) -> None:
+        self.payer = payer
+        self.sessions = sessions
+        self.stage = stage
+        self._inner = inner
+        self._clock = clock
+        self.draining = False
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def _require_sessions(self) -> tuple[SessionManager, SessionStage]:
+        if self.sessions is None or self.stage is None:
+            raise ControlError(
+                "sessions_disabled", 409, "sessions are disabled in the config ([sessions] enabled)"
+            )
+        return self.sessions, self.stage
+
+    def list_sessions(self, state: str | None = None, origin: str | None = None) -> list[dict[str, Any]]:
+        manager, _ = self._require_sessions()
+        if state not in (None, "active", "expired", "ended"):
+            raise ControlError("invalid_parameter", 400, "state must be active, expired or ended")
+        if origin is not None:
+            try:
+                origin = normalize_url(origin).origin_str
+            except ScopeError as exc:
+                raise ControlError("invalid_parameter", 400, f"origin: {exc}") from None
+        now = self._clock()
+        return [s.describe(now) for s in manager.store.list(now=now, state=state, origin=origin)]
+
+    def get_session(self, session_id: str) -> dict[str, Any]:
+        return self._session(session_id).describe(self._clock())
+
+    def _session(self, session_id: str) -> Session:
+        manager, _ = self._require_sessions()
+        session = manager.get(session_id)
+        if session is None:
+            raise ControlError("session_not_found", 404, f"no session {session_id!r}")
+        return session
+
+    async def start_session(self, start: StartRequest) -> tuple[int, dict[str, Any]]:
+        """Mirror of `x402_session_start`: 201 paid + session, 200 no payment needed, or a ControlError."""
+        _, stage = self._require_sessions()
+        if start.scope not in ("prefix", "exact"):
+            raise ControlError("invalid_parameter", 400, "scope must be prefix or exact")
+        try:
+            ttl = validate_ttl(start.ttl_seconds) if start.ttl_seconds is not None else None
+            label = validate_label(start.label)
+        except SessionValueError as exc:
+            raise ControlError("invalid_parameter", 400, f"{exc.field}: {exc}") from None
+        cap = _decimal_or_none(start.max_payment, "max_payment")
+        request = self._exchange(start.method, start.endpoint, start.headers, start.body)
+        result = await self._bounded(
+            stage.start(request, self._inner, kind=start.scope, ttl_seconds=ttl, label=label, max_amount=cap),  # type: ignore[arg-type]
+            start.timeout_ms,
+        )
+        response = await _collect(result.outcome)
+        if result.session is not None:
+            return 201, {
+                "payment_required": True,
+                "session": result.session.describe(self._clock()),
+                "payment": _payment_json(result.record),
+                "response": response.to_json(),
+            }
+        if not result.payment_required:
+            return 200, {"payment_required": False, "session": None, "response": response.to_json()}
+        if result.refusal is not None:
+            status = 402 if result.refusal != "over_request_cap" else 422
+            raise ControlError(result.refusal, status, f"not paid: {result.refusal}")
+        raise ControlError(
+            "payment_failed",
+            502,
+            f"paid request answered {response.status}; no session was opened",
+        )
+
+    async def fetch(
+        self,
+        session_id: str,
+        url: str,
+        method: str = "GET",
+        headers: Mapping[str, str] | None = None,
+        body: str | None = None,
+        timeout_ms: int = 30000,
+        allow_renew: bool = False,
+    ) -> dict[str, Any]:
+        _, stage = self._require_sessions()
+        session = self._session(session_id)
+        now = self._clock()
+        state = session.state(now)
+        if state != "active":
+            raise ControlError(f"session_{state}", 409, f"session {session_id} is {state}")
+        request = self._exchange(method, url, headers or {}, body)
+        try:
+            scope_ok = session.scope.covers(normalize_url(url))
+        except ScopeError as exc:
+            raise ControlError("invalid_url", 400, str(exc)) from None
+        if not scope_ok:
+            raise ControlError("url_not_in_scope", 422, f"{url} is not in the scope of session {session_id}")
+        outcome = await self._bounded(
+            stage.fetch(session, request, self._inner, allow_renew=allow_renew), timeout_ms
+        )
+        return (await _collect(outcome)).to_json()
+
+    async def end_session(self, session_id: str, notify_upstream: bool = False) -> dict[str, Any]:
+        """Mirror of `x402_session_end`; the local session ends whatever the upstream says."""
+        manager, stage = self._require_sessions()
+        session = self._session(session_id)
+        upstream: dict[str, Any] | None = None
+        if notify_upstream and session.is_active(self._clock()):
+            upstream = await self._notify_upstream(stage, session)
+        ended, already = manager.end(session_id, "ended by admin")
+        assert ended is not None
+        summary = ended.describe(self._clock())
+        return {
+            "ended": True,
+            "already_ended": already,
+            "session": summary,
+            "calls_made": ended.call_count,
+            "amount_paid": str(ended.amount_paid),
+            "upstream": upstream,
+        }
+
+    async def _notify_upstream(self, stage: SessionStage, session: Session) -> dict[str, Any]:
+        # MCP Streamable HTTP rule: DELETE with the session's credentials; 2xx/404/405 count as success.
+        url = session.scope.to_url()
+        request = self._exchange("DELETE", url, stage.credentials_for(session, url), None)
+        try:
+            outcome = await self._bounded(self._inner(request), 10000)
+        except ControlError as exc:
+            return {"ok": False, "error": exc.detail}
+        status = outcome.response.status
+        outcome.release_body()
+        return {"ok": 200 <= status < 300 or status in (404, 405), "status": status}
+
+    # -- payments and budget -----------------------------------------------------------------------
+
+    def list_payments(
+        self, state: str | None = None, host: str | None = None, since: float | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        try:
+            wanted = PaymentState(state) if state is not None else None
+        except ValueError:
+            allowed = ", ".join(s.value for s in PaymentState)
+            raise ControlError("invalid_parameter", 400, f"state must be one of {allowed}") from None
+        if not 1 <= limit <= 10000:
+            raise ControlError("invalid_parameter", 400, "limit must be 1..10000")
+        rows = self.payer.store.list(state=wanted, host=host, since=since, limit=limit)
+        return [_payment_dict(r) for r in rows]
+
+    def budget(self) -> dict[str, Any]:
+        now = self._clock()
+        since = now - BUDGET_WINDOW_SECONDS
+        policy = self.payer.policy
+        spent = spend_in_budget_units(self.payer.store.spent_since(since, None, now=now))
+        counted = {PaymentState.PENDING, PaymentState.SETTLED, PaymentState.UNKNOWN}
+        names = {
+            normalize_host(r.host)
+            for r in self.payer.store.list(since=since, limit=10000)
+            if r.state in counted
+        }
+        hosts = {h: spend_in_budget_units(self.payer.store.spent_since(since, h, now=now)) for h in names}
+        scale = Decimal(10) ** 18
+        return {
+            "window_seconds": BUDGET_WINDOW_SECONDS,
+            "global": {
+                "limit": str(Decimal(policy.daily_budget) / scale),
+                "spent": str(Decimal(spent) / scale),
+                "remaining": str(Decimal(max(0, policy.daily_budget - spent)) / scale),
+            },
+            "per_host_limit": str(Decimal(policy.per_host_daily_budget) / scale),
+            "hosts": {
+                h: {
+                    "spent": str(Decimal(v) / scale),
+                    "remaining": str(Decimal(max(0, policy.per_host_daily_budget - v)) / scale),
+                }
+                for h, v in sorted(hosts.items())
+            },
+            "max_per_payment": str(Decimal(policy.max_per_payment) / scale),
+            "dry_run": policy.dry_run,
+        }
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    def _exchange(self, method: str, url: str, headers: Mapping[str, str], body: str | None) -> Exchange:
+        method = method.upper()
+        if method not in METHODS:
+            raise ControlError("invalid_parameter", 400, f"method must be one of {', '.join(METHODS)}")
+        try:
+            target = URL(url)
+        except ValueError as exc:
+            raise ControlError("invalid_url", 400, f"invalid URL: {exc}") from None
+        if target.scheme not in ("http", "https") or not target.host or target.user or target.password:
+            raise ControlError("invalid_url", 400, "endpoint must be an http(s) URL without credentials")
+        out: CIMultiDict[str] = CIMultiDict()
+        for name, value in headers.items():
+            if not _token(name) or any(c in value for c in "\r\n\x00"):
+                raise ControlError(
+                    "invalid_header", 400, f"header {name[:50]!r} has a forbidden name or value"
+                )
+            if name.lower() in hs.HOP_BY_HOP or name.lower() in ("host", "content-length"):
+                continue
+            out.add(name, value)
+        data = body.encode() if body is not None else None
+        if data is not None and method in ("POST", "PUT", "PATCH") and "Content-Type" not in out:
+            out["Content-Type"] = "application/json"
+        out["Via"] = hs.via_value(None, (1, 1))
+        return Exchange(
+            request_id=f"admin-{next(_ADMIN_REQUEST_IDS)}",
+            method=method,
+            url=target,
+            headers=out,
+            client_headers=CIMultiDictProxy(CIMultiDict(out)),
+            body=data,
+        )
+
+    async def _bounded(self, coro: Any, timeout_ms: int) -> Any:
+        """Limit the caller's wait, never the work: a payment in flight finishes and is recorded."""
+        if not 1000 <= timeout_ms <= 60000:
+            coro.close()
+            raise ControlError("invalid_parameter", 400, "timeout_ms must be 1000..60000")
+        task = asyncio.ensure_future(coro)
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), timeout_ms / 1000)
+        except TimeoutError:
+            raise ControlError(
+                "timeout", 504, f"no answer within {timeout_ms} ms; any payment in flight is still recorded"
+            ) from None
+        except UpstreamError as exc:
+            raise ControlError(exc.reason_code, exc.status, exc.message) from None
+
+
+def _token(name: str) -> bool:
+    return bool(name) and all(c.isalnum() or c in "!#$%&'*+-.^_`|~" for c in name)
+
+
+def _decimal_or_none(value: str | None, name: str) -> Decimal | None:
+    if value is None:
+        return None
+    try:
+        amount = parse_decimal(value, what=name)
+    except AmountError as exc:
+        raise ControlError("invalid_parameter", 400, str(exc)) from None
+    if amount <= 0:
+        raise ControlError("invalid_parameter", 400, f"{name} must be positive")
+    return amount
+
+
+async def _collect(outcome: Outcome) -> FetchedResponse:
+    response = outcome.response
+    body = outcome.body
+    truncated = False
+    if body is None:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(64 * 1024):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > MAX_RETURNED_BODY:
+                truncated = True
+                break
+        response.release()
+        body = b"".join(chunks)
+    if len(body) > MAX_RETURNED_BODY:
+        body, truncated = body[:MAX_RETURNED_BODY], True
+    headers = [(k, v) for k, v in response.headers.items() if k.lower() not in ("set-cookie",)]
+    headers += outcome.extra_headers
+    return FetchedResponse(response.status, headers, body.decode("utf-8", "replace"), truncated)
+
+
+def _payment_json(record: PaymentRecord | None) -> dict[str, Any] | None:
+    return None if record is None else _payment_dict(record)
+
+
+def _payment_dict(record: PaymentRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "state": record.state.value,
+        "amount": str(record.amount),
+        "decimals": record.decimals,
+        "asset": record.asset,
+        "network": record.network,
+        "pay_to": record.pay_to,
+        "host": record.host,
+        "method": record.method,
+        "url": record.url,
+        "scheme": record.scheme,
+        "x402_version": record.x402_version,
+        "tx_hash": record.tx_hash,
+        "payer": record.payer,
+        "reason": record.reason,
+        "session_id": record.session_id,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
