@@ -10,8 +10,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from proxy.admin.api import AdminServer
+from proxy.admin.auth import AdminToken, resolve_token
+from proxy.admin.metrics import AdminMetrics
 from proxy.admin.service import ControlPlane
 from proxy.config import Config
+from proxy.engine.forwarder import Forwarder
+from proxy.engine.server import ProxyServer
+from proxy.engine.upstream import Upstream
+from proxy.home import ensure_home
 from proxy.payments.assets import AssetRegistry
 from proxy.payments.networks import NetworkRegistry
 from proxy.payments.payer import BalanceLookup, Payer
@@ -21,10 +28,6 @@ from proxy.sessions.manager import SessionManager
 from proxy.sessions.stage import SessionStage
 from proxy.store.session_store import SqliteSessionStore
 from proxy.store.sqlite import SqliteLedgerStore
-from proxy.engine.forwarder import Forwarder
-from proxy.engine.server import ProxyServer
-from proxy.engine.upstream import Upstream
-from proxy.home import ensure_home
 from proxy.tls.ca import CertificateAuthority
 from proxy.tls.trust import upstream_client_context, write_combined_bundle
 
@@ -44,9 +47,14 @@ class Runtime:
     sessions: SessionManager | None
     background: list[asyncio.Task[None]]
     control: ControlPlane
+    admin: AdminServer | None = None
+    admin_token: AdminToken | None = None
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
+        self.control.draining = True
         await self.server.stop(drain_timeout)
+        if self.admin is not None:
+            await self.admin.stop()
         for task in self.background:
             task.cancel()
         if self.sessions is not None:
@@ -95,6 +103,8 @@ async def start(config: Config, home: Path) -> Runtime:
     upstream = Upstream(config.upstream, upstream_client_context(config.upstream.extra_ca_bundle))
     payer, store = build_payer(config, home)
     forwarder = Forwarder(config.proxy, upstream, [])
+    metrics = AdminMetrics(home / "state.db")
+    forwarder.wrap(metrics.latency_stage)  # innermost: times upstream sends only
     payments = PaymentStage(payer)
     sessions: SessionManager | None = None
     session_stage: SessionStage | None = None
@@ -111,6 +121,7 @@ async def start(config: Config, home: Path) -> Runtime:
         background.append(asyncio.create_task(sessions.run_flusher()))
     else:
         forwarder.wrap(payments)
+    forwarder.wrap(metrics.outcome_stage)  # outermost: one count per proxied request
     server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)
     await server.start()
     if payer.wallet is None:
@@ -118,13 +129,44 @@ async def start(config: Config, home: Path) -> Runtime:
     else:
         log.info("paying from wallet %s", payer.wallet.address)
     control = ControlPlane(payer, sessions, session_stage, forwarder.send_upstream)
-    return Runtime(config, home, ca, bundle, upstream, server, store, payer, sessions, background, control)
+    runtime = Runtime(config, home, ca, bundle, upstream, server, store, payer, sessions, background, control)
+    if config.admin.enabled:
+        try:
+            await start_admin(runtime, metrics)
+        except BaseException:
+            await runtime.stop(drain_timeout=1.0)
+            raise
+    return runtime
+
+
+async def start_admin(runtime: Runtime, metrics: AdminMetrics) -> None:
+    """The admin API (REST + MCP) on its own listener, which the proxy refuses to forward to."""
+    settings = runtime.config.admin
+    token = resolve_token(settings, runtime.home, os.environ, create=True)
+    try:
+        host, port = settings.listen_address(runtime.config.proxy.listen_address[1])
+    except ValueError as exc:
+        raise OSError(f"admin listener: {exc}") from None
+    metrics.set_ready_probe(lambda: not runtime.control.draining)
+    admin = AdminServer(runtime.control, token.value, metrics, runtime.ca.ca_pem_path, host, port)
+    try:
+        await admin.start()
+    except OSError as exc:
+        raise OSError(exc.errno, f"admin listener {host}:{port}: {exc.strerror or exc}") from None
+    runtime.admin, runtime.admin_token = admin, token
+    runtime.server.add_self_targets(admin.addresses)
 
 
 async def serve_forever(config: Config, home: Path) -> int:
     runtime = await start(config, home)
     host, port = runtime.server.addresses[0]
     shown = f"[{host}]" if ":" in host else host
+    if runtime.admin is not None and runtime.admin_token is not None:
+        print(f"admin API on {runtime.admin.url}", flush=True)
+        if runtime.admin_token.path is not None:
+            print(f"admin token file: {runtime.admin_token.path}", flush=True)
+        else:
+            print(f"admin token from {runtime.admin_token.source}", flush=True)
     print(f"x402-proxy listening on http://{shown}:{port}", flush=True)
     print(f"CA certificate: {runtime.ca.ca_pem_path}", flush=True)
     print(f"CA bundle (system roots + ours): {runtime.bundle}", flush=True)
@@ -133,6 +175,7 @@ async def serve_forever(config: Config, home: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    runtime.control.draining = True
     log.info("stopping: draining in-flight requests")
     await runtime.stop()
     return 0

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from proxy.admin.settings import AdminSettings
 from proxy.config_loader import ConfigError, Layer, build, env_layer, file_layer, merge_layers, to_plain
 from proxy.engine.settings import ProxySettings, UpstreamSettings
 from proxy.payments.assets import AssetConfig
@@ -39,11 +40,12 @@ class Config:
     sessions: SessionSettings = field(default_factory=SessionSettings)
     # JSON-RPC endpoint per network (CAIP-2 id or V1 name), used for balances only.
     rpc: dict[str, str] = field(default_factory=dict)
+    admin: AdminSettings = field(default_factory=AdminSettings)
     # Where the config came from, for messages; not a config key.
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
 
-TOP_LEVEL = {"proxy", "upstream", "log", "policy", "wallet", "assets", "networks", "rpc", "sessions"}
+TOP_LEVEL = {"proxy", "upstream", "log", "policy", "wallet", "assets", "networks", "rpc", "sessions", "admin"}
 SECRET_KEYS = ("password", "token", "private_key", "passphrase", "secret")
 
 

@@ -82,7 +82,7 @@ def _new(key_file: Path | None, home: Path, out: TextIO, err: TextIO) -> int:
     if key_file is None:
         key_file = ensure_home(home) / DEFAULT_KEY_FILE
     else:
-        key_file = key_file.expanduser()
+        key_file = key_file.expanduser().resolve()
         if not key_file.parent.is_dir():
             print(f"x402-proxy: directory {key_file.parent} does not exist", file=err)
             return EXIT_USAGE

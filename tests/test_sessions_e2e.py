@@ -83,7 +83,7 @@ def test_server_without_reusable_credential_charges_each_request_once(
 ) -> None:
     url = f"{x402_stack.express_v2}/paid/a"
     before = x402_stack.balance_of(x402_stack.pay_to)
-    for i in range(3):
+    for _i in range(3):
         response = requests.get(url, proxies=proxies(fresh_proxy), timeout=60)
         assert response.status_code == 200, response.text[:300]
         assert PAYMENT in response.headers

@@ -8,7 +8,6 @@ request handler through the public `prepare`/`write_eof` calls.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable
 from email.utils import formatdate
@@ -18,9 +17,9 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
 from proxy.engine import http_semantics as hs
+from proxy.engine.upstream_pool import encode_head
 
-# Control characters other than HT, CR, LF (CR and LF are checked by counting line breaks).
-_FORBIDDEN: Final = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SKIP: Final = hs.HOP_BY_HOP | {"content-length"}
 _NO_BODY_STATUS: Final = frozenset({204, 304})
 
 _date_cache: tuple[int, str] = (0, "")
@@ -46,12 +45,15 @@ def serialize_head(
 ) -> bytes | None:
     """Status line and end-to-end headers; None if a header would break the framing (caller falls back)."""
     lines = [f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"]
-    replaced = {name.lower() for name, _ in extra} if extra else ()
+    skip = _SKIP
+    if connection_listed:
+        skip = skip | connection_listed
+    if extra:
+        skip = skip | {name.lower() for name, _ in extra}
     has_date = False
-    hop = hs.HOP_BY_HOP
     for name, value in upstream_headers:
         lower = name.lower()
-        if lower in hop or lower == "content-length" or lower in connection_listed or lower in replaced:
+        if lower in skip:
             continue
         if lower == "date":
             has_date = True
@@ -69,11 +71,7 @@ def serialize_head(
     elif keep_alive:
         lines.append("Connection: keep-alive\r\n")
     lines.append("\r\n")
-    text = "".join(lines)
-    breaks = len(lines)
-    if text.count("\n") != breaks or text.count("\r") != breaks or _FORBIDDEN.search(text) is not None:
-        return None
-    return text.encode("utf-8", "surrogateescape")
+    return encode_head(lines)
 
 
 class RawResponse(web.StreamResponse):

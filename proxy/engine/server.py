@@ -68,11 +68,13 @@ class ProxyServer:
         }
         self._server: asyncio.Server | None = None
         self._addresses: list[tuple[str, int]] = []
+        # Other listeners of this process (the admin API): refused as targets, like our own address.
+        self._other_listeners: list[tuple[str, int]] = []
         self._front = FrontDoorContext(
             settings=settings,
             make_handler=self._make_handler,
             leaf_context=leaf_context,
-            listen_addresses=lambda: self._addresses,
+            listen_addresses=lambda: self._addresses + self._other_listeners,
             connect_timeout=upstream_settings.connect_timeout,
         )
 
@@ -94,7 +96,12 @@ class ProxyServer:
             lambda: FrontDoor(self._front), host, port, backlog=1024, reuse_address=True
         )
         self._addresses = [sock.getsockname()[:2] for sock in self._server.sockets]
-        self._forwarder.set_listen_addresses(self._addresses)
+        self._forwarder.set_listen_addresses(self._addresses + self._other_listeners)
+
+    def add_self_targets(self, addresses: list[tuple[str, int]]) -> None:
+        """Refuse requests and CONNECTs aimed at these addresses too (other listeners of this process)."""
+        self._other_listeners = [*self._other_listeners, *addresses]
+        self._forwarder.set_listen_addresses(self._addresses + self._other_listeners)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         if self._server is not None:

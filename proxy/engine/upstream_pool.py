@@ -21,7 +21,6 @@ The connection is returned to the pool when its response body has been read to t
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import ssl
 from collections import deque
@@ -40,8 +39,8 @@ LOW_WATER: Final = 64 * 1024
 # Bodies up to this size go out in the same write as the request head.
 _COALESCE_BODY: Final = 64 * 1024
 _BODY_METHODS: Final = frozenset({"POST", "PUT", "PATCH"})
-# Control characters other than HT, CR, LF; CR and LF are checked by counting them.
-_FORBIDDEN = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Every control byte but HT; head lines may contain only their own terminating CRLF.
+_CONTROL_BYTES: Final = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])
 _HEAD_END: Final = (b"\r\n\r\n", b"\n\n", b"\n\r\n")
 
 PoolKey = tuple[str, str, int]
@@ -745,11 +744,21 @@ def build_head(
     lines.extend([f"{name}: {value}\r\n" for name, value in headers.items()])
     lines.extend([f"{name}: {value}\r\n" for name, value in extra])
     lines.append("\r\n")
-    text = "".join(lines)
-    breaks = len(lines)
-    if text.count("\n") != breaks or text.count("\r") != breaks or _FORBIDDEN.search(text) is not None:
+    head = encode_head(lines)
+    if head is None:
         raise RequestHeadError("request head contains control characters")
-    return text.encode("utf-8", "surrogateescape")
+    return head
+
+
+def encode_head(lines: list[str]) -> bytes | None:
+    """Join CRLF-terminated head lines; None if any control character other than HT, or any CR/LF
+    except the line ends, appears (it would split or smuggle a header)."""
+    data = "".join(lines).encode("utf-8", "surrogateescape")
+    breaks = len(lines)
+    # UTF-8 never encodes a non-ASCII character with bytes below 0x80, so this check on bytes is exact.
+    if len(data.translate(None, _CONTROL_BYTES)) != len(data) - 2 * breaks or data.count(b"\r\n") != breaks:
+        return None
+    return data
 
 
 __all__ = [
@@ -763,4 +772,5 @@ __all__ = [
     "UpstreamConnection",
     "UpstreamPool",
     "build_head",
+    "encode_head",
 ]

@@ -16,6 +16,7 @@ Rules (each one fixes a defect of the seed tools or closes a leak):
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
@@ -24,7 +25,12 @@ from typing import Any
 
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
-from x402.extensions.sign_in_with_x import SIWxPayload, create_siwx_message, encode_siwx_header
+from x402.extensions.sign_in_with_x import (
+    SIWxPayload,
+    create_siwx_message,
+    encode_siwx_header,
+    extract_evm_chain_id,
+)
 
 from proxy.sessions.model import CREDENTIAL_KINDS, Session, SessionCredentials, StoredCookie, intern_siwx
 from proxy.sessions.scope import NormalizedURL, ScopeError, normalize_url, path_covers
@@ -348,12 +354,9 @@ def _signer_address(signer: SiwxSigner, fallback: str | None) -> str | None:
 
 
 def _siwx_header(complete_info: Mapping[str, Any], signer: SiwxSigner, address: str) -> str:
+    """Through the SDK builder end to end (its validators included): for the rare 402 fallback."""
     message = create_siwx_message(dict(complete_info), address)
-    fields = {k: v for k, v in complete_info.items() if v is not None}
-    payload = SIWxPayload.model_validate(
-        {**fields, "address": address, "signature": _sign_text(signer, message)}
-    )
-    return encode_siwx_header(payload)
+    return _encode_payload(complete_info, address, _sign_text(signer, message))
 
 
 def build_siwx_header(
@@ -366,25 +369,110 @@ def build_siwx_header(
     nonce: str | None = None,
 ) -> str | None:
     """A proactive ``SIGN-IN-WITH-X`` value from stored parameters: fresh client nonce, issuedAt
-    ~now, resources = [request URL]. None if the stored info is not bound to this origin."""
+    ~now, resources = [request URL]. None if the stored info is not bound to this origin or siwe
+    refuses it.
+
+    The SDK's message builder runs siwe's ABNF validators (~3-5 ms a message: far too slow per
+    request). The per-session part (domain, uri, version, statement, chain, address) is validated
+    once through the SDK builder and cached; the per-request part (nonce, times, resource) is ours
+    and valid by construction, and the text is laid out by ``siwe_message_text``, which the tests
+    pin to the SDK's output. Signing (~0.2 ms) is then the per-request cost.
+    """
     n = request_url if isinstance(request_url, NormalizedURL) else normalize_url(request_url)
     who = _signer_address(signer, address)
-    if who is None or not _bound_to_origin(str(info.get("domain")), str(info.get("uri")), n):
+    domain, uri = info.get("domain"), info.get("uri")
+    if who is None or not isinstance(domain, str) or not isinstance(uri, str):
+        return None
+    if not _bound_to_origin(domain, uri, n):
+        return None
+    version = str(info.get("version") or "1")
+    statement = info.get("statement")
+    chain = str(info.get("chainId"))
+    try:
+        chain_number = _checked_siwx_params(domain, uri, version, statement, chain, who)
+    except ValueError:
         return None
     issued = now - SIWX_BACKDATE_SECONDS
-    complete = {
-        "domain": info["domain"],
-        "uri": info["uri"],
-        "version": info.get("version") or "1",
-        "statement": info.get("statement"),
-        "chainId": info["chainId"],
-        "type": info.get("type") or "eip191",
+    fields: dict[str, Any] = {
+        "domain": domain,
+        "uri": uri,
+        "version": version,
+        "statement": statement,
+        "chainId": chain,
+        "type": "eip191",
         "nonce": nonce or secrets.token_hex(16),
         "issuedAt": _iso(issued),
         "expirationTime": _iso(issued + SIWX_LIFETIME_SECONDS),
-        "resources": [n.to_url()],
+        "resources": [uri_safe(n.to_url())],
     }
-    return _siwx_header(complete, signer, who)
+    message = siwe_message_text({**fields, "chainId": chain_number}, who)
+    return _encode_payload(fields, who, _sign_text(signer, message))
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked_siwx_params(
+    domain: str, uri: str, version: str, statement: str | None, chain_id: str, address: str
+) -> int:
+    """Run the SDK builder once on the per-session values; the numeric chain id, or ValueError."""
+    probe = {
+        "domain": domain,
+        "uri": uri,
+        "version": version,
+        "statement": statement,
+        "chainId": chain_id,
+        "nonce": "0" * 16,
+        "issuedAt": "2000-01-01T00:00:00.000Z",
+    }
+    create_siwx_message(probe, address)
+    return extract_evm_chain_id(chain_id)
+
+
+def siwe_message_text(fields: Mapping[str, Any], address: str) -> str:
+    """EIP-4361 text, laid out exactly as the siwe library's ``prepare_message`` (numeric chain)."""
+    head = f"{fields['domain']} wants you to sign in with your Ethereum account:\n{address}"
+    statement = fields.get("statement")
+    head = f"{head}\n\n{statement}" if statement is not None else f"{head}\n"
+    lines = [
+        f"URI: {fields['uri']}",
+        f"Version: {fields['version']}",
+        f"Chain ID: {fields['chainId']}",
+        f"Nonce: {fields['nonce']}",
+        f"Issued At: {fields['issuedAt']}",
+    ]
+    for key, label in (("expirationTime", "Expiration Time"), ("notBefore", "Not Before")):
+        if fields.get(key):
+            lines.append(f"{label}: {fields[key]}")
+    if fields.get("requestId") is not None:
+        lines.append(f"Request ID: {fields['requestId']}")
+    if fields.get("resources") is not None:
+        lines.append("\n".join(["Resources:", *(f"- {r}" for r in fields["resources"])]))
+    return head + "\n\n" + "\n".join(lines)
+
+
+_URI_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=")
+_PCT_RE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
+def uri_safe(url: str) -> str:
+    """Percent-encode what RFC 3986 does not allow (a verbatim query may hold ``|``, ``ä``, a bare
+    ``%``...): siwe validates resources as RFC 3986 URIs and would refuse the whole message."""
+    out: list[str] = []
+    i = 0
+    while i < len(url):
+        ch = url[i]
+        if ch == "%" and _PCT_RE.match(url, i):
+            out.append(url[i : i + 3])
+            i += 3
+            continue
+        out.append(ch if ch in _URI_CHARS else "".join(f"%{b:02X}" for b in ch.encode("utf-8")))
+        i += 1
+    return "".join(out)
+
+
+def _encode_payload(fields: Mapping[str, Any], address: str, signature: str) -> str:
+    present = {k: v for k, v in fields.items() if v is not None}
+    payload = SIWxPayload.model_validate({**present, "address": address, "signature": signature})
+    return encode_siwx_header(payload)
 
 
 def siwx_challenge_response(
