@@ -27,8 +27,11 @@ def siwx_server(x402_stack: Stack) -> Iterator[PyServer]:
 
 @pytest.fixture()
 def fresh_proxy(x402_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    process = start_paying_proxy(x402_stack, tmp_path_factory.mktemp("sessions") / "home",
-                                 policy='daily_budget = "5"\nper_host_daily_budget = "5"')
+    process = start_paying_proxy(
+        x402_stack,
+        tmp_path_factory.mktemp("sessions") / "home",
+        policy='daily_budget = "5"\nper_host_daily_budget = "5"',
+    )
     yield process
     process.stop()
 
@@ -40,6 +43,7 @@ def paid_rows(proxy: ProxyProcess) -> list[dict]:  # type: ignore[type-arg]
 async def _burst(proxy: ProxyProcess, url: str, count: int) -> list[tuple[int, str | None]]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as client:
+
         async def one() -> tuple[int, str | None]:
             async with client.get(url, proxy=proxy.url, timeout=aiohttp.ClientTimeout(total=120)) as response:
                 await response.read()
@@ -61,7 +65,9 @@ def test_200_concurrent_first_requests_pay_once(
     assert len({session for _, session in results}) == 1
 
 
-def test_siwx_pay_once_then_50_free(fresh_proxy: ProxyProcess, x402_stack: Stack, siwx_server: PyServer) -> None:
+def test_siwx_pay_once_then_50_free(
+    fresh_proxy: ProxyProcess, x402_stack: Stack, siwx_server: PyServer
+) -> None:
     url = f"{siwx_server.url}/paid/b"
     before = x402_stack.balance_of(x402_stack.pay_to)
     first = requests.get(url, proxies=proxies(fresh_proxy), timeout=60)
@@ -91,20 +97,38 @@ def test_server_without_reusable_credential_charges_each_request_once(
     assert len(paid_rows(fresh_proxy)) == 3
 
 
-def test_credentials_never_leave_scope(fresh_proxy: ProxyProcess, x402_stack: Stack, siwx_server: PyServer) -> None:
+def test_credentials_never_leave_scope(
+    fresh_proxy: ProxyProcess, x402_stack: Stack, siwx_server: PyServer
+) -> None:
     paid = requests.get(f"{siwx_server.url}/paid/a", proxies=proxies(fresh_proxy), timeout=60)
     assert paid.status_code == 200
-    credential_headers = {"sign-in-with-x", "x-session-token", "x-session-wallet", "payment-session", "cookie"}
+    credential_headers = {
+        "sign-in-with-x",
+        "x-session-token",
+        "x-session-wallet",
+        "payment-session",
+        "cookie",
+    }
     # Same origin, outside the /paid/a prefix (segment boundary), and another origin entirely.
-    for url in (f"{siwx_server.url}/free", f"{siwx_server.url}/paid/ab", f"{x402_stack.py}/free",
-                f"{siwx_server.url.replace('127.0.0.1', 'localhost')}/free"):
+    for url in (
+        f"{siwx_server.url}/free",
+        f"{siwx_server.url}/paid/ab",
+        f"{x402_stack.py}/free",
+        f"{siwx_server.url.replace('127.0.0.1', 'localhost')}/free",
+    ):
         response = requests.get(url, proxies=proxies(fresh_proxy), timeout=60)
-        seen = {name.lower() for name in response.json().get("headers", {})} if response.status_code == 200 else set()
+        seen = (
+            {name.lower() for name in response.json().get("headers", {})}
+            if response.status_code == 200
+            else set()
+        )
         assert not seen & credential_headers, (url, seen & credential_headers)
         assert SESSION not in response.headers
 
 
-def test_sessions_survive_restart(x402_stack: Stack, siwx_server: PyServer, tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_sessions_survive_restart(
+    x402_stack: Stack, siwx_server: PyServer, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     home = tmp_path_factory.mktemp("restart") / "home"
     proxy = start_paying_proxy(x402_stack, home)
     try:

@@ -253,7 +253,7 @@ class FrontDoor(asyncio.Protocol):
 
 
 async def _peek_first_byte(
-    loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, timeout: float
+    loop: asyncio.AbstractEventLoop, transport: asyncio.Transport, wait_seconds: float
 ) -> bytes:
     """Look at the tunnel's first byte without consuming it, so start_tls still sees the whole ClientHello.
 
@@ -277,7 +277,7 @@ async def _peek_first_byte(
 
     loop.add_reader(peek.fileno(), readable)
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(wait_seconds):
             return await result
     finally:
         loop.remove_reader(peek.fileno())

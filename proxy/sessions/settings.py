@@ -13,7 +13,7 @@ class SessionSettings:
     # Open a session when a paid request succeeds, and attach its credentials to later in-scope requests.
     enabled: bool = True
     default_ttl: int = 3600
-    # Which credentials a session sends; default all that apply. siwx | cookies | token_headers | session_token
+    # Which credentials a session sends (default: all that apply): siwx, cookies, token_headers, session_token
     credential_kinds: list[str] = field(default_factory=lambda: sorted(CREDENTIAL_KINDS))
     # Response headers captured from the paid answer and replayed as they are (server-issued leases).
     token_headers: list[str] = field(default_factory=lambda: ["x-x402-lease"])

@@ -80,7 +80,8 @@ class SqliteSessionStore:
             return
         with self._use(write=True) as conn:
             conn.executemany(
-                "INSERT INTO sessions (id, origin, created_at, expires_at, ended_at, data) VALUES (?,?,?,?,?,?) "
+                "INSERT INTO sessions (id, origin, created_at, expires_at, ended_at, data) "
+                "VALUES (?,?,?,?,?,?) "
                 "ON CONFLICT (id) DO UPDATE SET expires_at = excluded.expires_at, "
                 "ended_at = excluded.ended_at, data = excluded.data",
                 rows,
