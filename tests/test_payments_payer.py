@@ -339,13 +339,16 @@ async def test_budget_counts_pending_settled_and_unknown(
     assert all(isinstance(p, PaymentPlan) for p in (first, second, third))
     refused = await pay(payer, req=request("http://d.test/4"))
     assert isinstance(refused, Refused) and refused.reason_code is ReasonCode.BUDGET_EXHAUSTED
-    # a rejected payment frees its share of the budget
+    # a rejected payment frees its share of the budget once its authorization can no longer settle
     fresh = await make_payer(store, wallet, clock, daily_budget="0.04", per_host_daily_budget="1").on_402(
         request("http://e.test/5"), *v2_response(), True
     )
     assert isinstance(fresh, PaymentPlan)
     payer.record_response(fresh, 402, {})
     payer4 = make_payer(store, wallet, clock, daily_budget="0.04", per_host_daily_budget="1")
+    refused = await pay(payer4, req=request("http://f.test/6"))
+    assert isinstance(refused, Refused) and refused.reason_code is ReasonCode.BUDGET_EXHAUSTED
+    clock.advance(fresh.valid_before - clock() + 1)
     assert isinstance(await pay(payer4, req=request("http://f.test/6")), PaymentPlan)
     # the window is rolling: a day later everything is available again
     clock.advance(24 * 3600 + 1)

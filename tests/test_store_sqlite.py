@@ -172,8 +172,10 @@ def test_spent_since_counts_money_that_may_move(store: SqliteLedgerStore) -> Non
     store.mark_settled(settled.id)
     unknown = store.insert_pending(new_payment(amount=100), now=NOW)
     store.mark_unknown(unknown.id, reason="timeout")
-    rejected = store.insert_pending(new_payment(amount=1_000), now=NOW)
+    rejected = store.insert_pending(new_payment(amount=1_000), now=NOW)  # valid_before NOW + 360
     store.mark_rejected(rejected.id, reason="402")
+    never_signed = store.insert_pending(new_payment(amount=100_000_000, valid_before=None), now=NOW)
+    store.mark_rejected(never_signed.id, reason="not signed: permit2")
     live_unsettled = store.insert_pending(new_payment(amount=10_000, valid_before=int(NOW) + 100), now=NOW)
     store.mark_unsettled(live_unsettled.id, reason="500")
     store.insert_dry_run(new_payment(amount=100_000), now=NOW)
@@ -184,10 +186,13 @@ def test_spent_since_counts_money_that_may_move(store: SqliteLedgerStore) -> Non
     key = ("eip155:84532", "0x036cbd53842c5426634e7929541ec2318f3dcf7e", 6)
     since = NOW - 86_400
     totals = store.spent_since(since, "shop.test", now=NOW)
-    assert totals.by_asset == {key: 1 + 10 + 100 + 10_000} and totals.count == 4
+    # a rejected (402) payment counts while its signed authorization could still be settled
+    assert totals.by_asset == {key: 1 + 10 + 100 + 1_000 + 10_000} and totals.count == 5
     # once the unsettled authorization has expired it can no longer move money
-    assert store.spent_since(since, "shop.test", now=NOW + 200).by_asset == {key: 111}
-    assert store.spent_since(since, now=NOW).by_asset == {key: 1_010_111}
+    assert store.spent_since(since, "shop.test", now=NOW + 200).by_asset == {key: 1_111}
+    # nor can the rejected one
+    assert store.spent_since(since, "shop.test", now=NOW + 400).by_asset == {key: 111}
+    assert store.spent_since(since, now=NOW).by_asset == {key: 1_011_111}
 
 
 def test_spent_since_keeps_assets_apart(store: SqliteLedgerStore) -> None:

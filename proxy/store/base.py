@@ -5,13 +5,14 @@ that may have left the process has a row. States:
 
     pending   -> signed or about to be; outcome not yet known
     settled   -> the server returned a settlement receipt (or served the resource after payment)
-    rejected  -> the server answered 402 again: it did not accept the payment
+    rejected  -> the server answered 402 again: it says it did not accept the payment
     unsettled -> the server answered >= 400 without a receipt (handler failed; servers do not settle)
     unknown   -> the outcome cannot be known (transport failure, crash): may or may not settle
     dry_run   -> policy would have paid; nothing was signed
 
 Money may still move for a signed authorization until its ``valid_before``: budgets therefore
-count pending, settled and unknown rows, and unsettled rows whose authorization has not expired.
+count pending, settled and unknown rows, and unsettled or rejected rows whose authorization has
+not expired (a server's 402 does not prove that it did not, or will not, settle what it was sent).
 """
 
 from __future__ import annotations

@@ -389,9 +389,13 @@ class SqliteLedgerStore:
         sql = (
             "SELECT network, asset, decimals, amount FROM payments WHERE created_at >= ? AND ("
             "state IN ('pending', 'settled', 'unknown') "
-            "OR (state = 'unsettled' AND (valid_before IS NULL OR valid_before > ?)))"
+            "OR (state = 'unsettled' AND (valid_before IS NULL OR valid_before > ?)) "
+            # A 402 after payment is the server's word, not the chain's: the signed authorization
+            # may still settle (a dishonest server can settle it and answer 402 to be paid again).
+            # A NULL valid_before means nothing was ever signed (Permit2 signing failed).
+            "OR (state = 'rejected' AND valid_before > ?))"
         )
-        params: list[Any] = [since, still_valid_at]
+        params: list[Any] = [since, still_valid_at, still_valid_at]
         if host is not None:
             sql += " AND host = ?"
             params.append(host)
