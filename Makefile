@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STACK := tests/stack
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench demo soak fuzz npm apt-test apt-bench clean
+.PHONY: run test lint typecheck pytest bench demo soak fuzz npm apt-test apt-bench clean venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || PY=python3; test -d $(VENV) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -28,7 +28,7 @@ $(STACK)/node_modules/.installed: $(STACK)/package.json $(STACK)/package-lock.js
 npm: $(STACK)/node_modules/.installed
 
 # Debian packages the tests use as real clients or peers.
-APT_TEST := curl
+APT_TEST := curl faketime
 apt-test:
 	@missing=""; for p in $(APT_TEST); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
@@ -44,6 +44,10 @@ pytest: $(STAMP) npm apt-test
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# A newcomer's first sight: local chain, token, facilitator, a paid server; curl pays through the proxy.
+demo: $(STAMP) npm apt-test
+	$(BIN)/python scripts/demo.py
 
 clean:
 	rm -rf $(VENV) $(STACK)/node_modules .pytest_cache .mypy_cache .ruff_cache
