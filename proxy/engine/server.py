@@ -65,6 +65,9 @@ class ProxyServer:
             "max_field_size": settings.max_header_bytes,
             "keepalive_timeout": settings.keepalive_timeout,
             "access_log": None,
+            # A request body is relayed as sent: decompressing it would forward plain bytes still
+            # labelled with the client's Content-Encoding.
+            "auto_decompress": False,
         }
         self._server: asyncio.Server | None = None
         self._addresses: list[tuple[str, int]] = []
@@ -106,6 +109,10 @@ class ProxyServer:
     async def stop(self, drain_timeout: float = 10.0) -> None:
         if self._server is not None:
             self._server.close()
+        # close() lets a request in progress finish and ends idle keep-alive connections at once;
+        # without it shutdown() waits the whole drain timeout for clients that simply keep a socket open.
+        for handler in self._web_server.connections:
+            handler.close()
         await self._web_server.shutdown(drain_timeout)
         if self._server is not None:
             await self._server.wait_closed()
