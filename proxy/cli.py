@@ -36,6 +36,10 @@ def _parser() -> argparse.ArgumentParser:
 
     run = add("run", help="start the proxy")
     run.add_argument("--listen", help="HOST:PORT for the proxy listener (default 127.0.0.1:8402)")
+    run.add_argument(
+        "--admin",
+        help="HOST:PORT for the admin API (default: proxy port + 1 on 127.0.0.1, i.e. 127.0.0.1:8403)",
+    )
 
     ca = add("ca", help="the local CA used for HTTPS interception")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
@@ -55,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     from proxy.wallet_cli import add_parser as add_wallet_parser
 
     add_wallet_parser(sub, common)
+
+    from proxy.admin_cli import add_parsers as add_admin_parsers
+
+    add_admin_parsers(sub, common)
     return parser
 
 
@@ -62,6 +70,8 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
     overrides: dict[str, Any] = {}
     if getattr(args, "listen", None):
         overrides.setdefault("proxy", {})["listen"] = args.listen
+    if getattr(args, "admin", None):
+        overrides.setdefault("admin", {})["listen"] = args.admin
     return overrides
 
 
@@ -74,18 +84,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"x402-proxy: {exc}", file=sys.stderr)
         return 2
-    handler = {"run": _run, "ca": _ca, "env": _env, "config": _config, "wallet": _wallet}[args.command]
+    handler = {
+        "run": _run,
+        "ca": _ca,
+        "env": _env,
+        "config": _config,
+        "wallet": _wallet,
+        "sessions": _admin,
+        "payments": _admin,
+        "budget": _admin,
+    }[args.command]
     return handler(args, config, home)
 
 
 def _run(args: argparse.Namespace, config: Config, home: Path) -> int:
+    from proxy.admin.auth import TokenError
     from proxy.app import configure_logging, run_loop, serve_forever
     from proxy.tls.ca import CAError
 
     configure_logging(config.log.level, config.log.format)
     try:
         return run_loop(lambda: serve_forever(config, home))
-    except CAError as exc:
+    except (CAError, TokenError) as exc:
         print(f"x402-proxy: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -152,6 +172,12 @@ def _config(args: argparse.Namespace, config: Config, home: Path) -> int:
 
 def _wallet(args: argparse.Namespace, config: Config, home: Path) -> int:
     from proxy.wallet_cli import run
+
+    return run(args, config, home)
+
+
+def _admin(args: argparse.Namespace, config: Config, home: Path) -> int:
+    from proxy.admin_cli import run
 
     return run(args, config, home)
 

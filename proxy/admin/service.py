@@ -139,10 +139,14 @@ class ControlPlane:
         )
         response = await _collect(result.outcome)
         if result.session is not None:
+            record = result.record
+            if record is not None:
+                # The stage attached the session to the ledger row after this copy was taken: re-read it.
+                record = self.payer.store.get(record.id) or record
             return 201, {
                 "payment_required": True,
                 "session": result.session.describe(self._clock()),
-                "payment": _payment_json(result.record),
+                "payment": _payment_json(record),
                 "response": response.to_json(),
             }
         if not result.payment_required:

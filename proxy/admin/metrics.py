@@ -1,0 +1,165 @@
+"""Prometheus metrics for `GET /metrics`, in a registry of their own (never the global one).
+
+Two cheap stages count proxied requests by outcome and time upstream answers; everything else is read
+at scrape time (the ledger and the session table, through a read-only SQLite connection), so the
+request path pays one counter increment and one histogram observation, nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from proxy.engine.exchange import Exchange, Exchanger, Outcome
+from proxy.engine.responses import ERROR_HEADER
+from proxy.engine.upstream import UpstreamError
+from proxy.payments.stage import PAYMENT_HEADER
+from proxy.sessions.stage import SESSION_HEADER
+
+log = logging.getLogger("x402_proxy.admin")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+OUTCOMES = ("forwarded", "paid", "session", "payment_required", "payment_refused", "upstream_error", "error")
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def classify(outcome: Outcome) -> str:
+    """One word for what happened to a proxied request."""
+    names = {name for name, _ in outcome.extra_headers}
+    if outcome.response.status == 402:
+        return "payment_refused" if ERROR_HEADER in names else "payment_required"
+    if PAYMENT_HEADER in names:
+        return "paid"
+    if SESSION_HEADER in names:
+        return "session"
+    return "forwarded"
+
+
+class _StoreCollector(Collector):
+    """Payments by state and asset, and active sessions, read from the database at scrape time."""
+
+    def __init__(self, db_path: Path, ready: Callable[[], bool], clock: Callable[[], float]) -> None:
+        self._db_path = db_path
+        self._ready = ready
+        self._clock = clock
+
+    def collect(self) -> Iterable[Metric]:
+        ready = GaugeMetricFamily("x402_proxy_ready", "1 while the proxy takes new work, 0 while draining")
+        ready.add_metric([], 1.0 if self._ready() else 0.0)
+        yield ready
+        count = GaugeMetricFamily(
+            "x402_proxy_payments",
+            "Ledger rows by state, network and asset",
+            labels=["state", "network", "asset"],
+        )
+        amount = GaugeMetricFamily(
+            "x402_proxy_payments_amount",
+            "Sum of ledger amounts by state, network and asset, in the asset's units (e.g. USDC)",
+            labels=["state", "network", "asset"],
+        )
+        sessions = GaugeMetricFamily(
+            "x402_proxy_sessions_active", "Sessions that are neither ended nor expired"
+        )
+        try:
+            self._read(count, amount, sessions)
+        except sqlite3.Error as exc:
+            log.warning("metrics: cannot read %s: %s", self._db_path, exc)
+            return
+        yield count
+        yield amount
+        yield sessions
+
+    def _read(self, count: GaugeMetricFamily, amount: GaugeMetricFamily, sessions: GaugeMetricFamily) -> None:
+        if not self._db_path.exists():
+            sessions.add_metric([], 0.0)
+            return
+        conn = sqlite3.connect(f"{self._db_path.as_uri()}?mode=ro", uri=True, timeout=2.0)
+        try:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if "payments" in tables:
+                rows = conn.execute(
+                    "SELECT state, network, lower(asset), decimals, COUNT(*), SUM(CAST(amount AS REAL)) "
+                    "FROM payments GROUP BY state, network, lower(asset), decimals"
+                ).fetchall()
+                for state, network, asset, decimals, n, total in rows:
+                    labels = [str(state), str(network), str(asset)]
+                    count.add_metric(labels, float(n))
+                    amount.add_metric(labels, float(total or 0) / 10 ** int(decimals))
+            active = 0
+            if "sessions" in tables:
+                active = conn.execute(
+                    "SELECT COUNT(*) FROM sessions WHERE ended_at IS NULL AND expires_at > ?",
+                    (self._clock(),),
+                ).fetchone()[0]
+            sessions.add_metric([], float(active))
+        finally:
+            conn.close()
+
+
+class AdminMetrics:
+    def __init__(
+        self, db_path: Path, ready: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "x402_proxy_requests",
+            "Proxied requests by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)
+        self.upstream_latency = Histogram(
+            "x402_proxy_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._store = _StoreCollector(db_path, ready, clock)
+        self.registry.register(self._store)
+
+    def set_ready_probe(self, ready: Callable[[], bool]) -> None:
+        self._store._ready = ready
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data
+
+    # -- stages (see Forwarder.wrap) -----------------------------------------------------------------
+
+    def outcome_stage(self, inner: Exchanger) -> Exchanger:
+        """Outermost stage: counts each proxied request once, by what finally happened to it."""
+        counter = self.requests
+
+        async def exchange(request: Exchange) -> Outcome:
+            try:
+                outcome = await inner(request)
+            except UpstreamError:
+                counter.labels("upstream_error").inc()
+                raise
+            except Exception:
+                counter.labels("error").inc()
+                raise
+            counter.labels(classify(outcome)).inc()
+            return outcome
+
+        return exchange
+
+    def latency_stage(self, inner: Exchanger) -> Exchanger:
+        """Innermost stage: times every upstream send (a paid request counts its 402 and its retry)."""
+        histogram = self.upstream_latency
+
+        async def exchange(request: Exchange) -> Outcome:
+            started = time.perf_counter()
+            outcome = await inner(request)
+            histogram.observe(time.perf_counter() - started)
+            return outcome
+
+        return exchange
