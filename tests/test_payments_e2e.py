@@ -34,7 +34,7 @@ def test_curl_pays_each_reference_server(paying: ProxyProcess, x402_stack: Stack
         text=True,
         timeout=60,
     )
-    head, _, body = result.stdout.partition("\n\n")  # text mode turned CRLF into LF
+    head, _, _body = result.stdout.partition("\n\n")  # text mode turned CRLF into LF
     assert head.startswith("HTTP/1.1 200"), result.stdout[:2000] + paying.log_text()[-2000:]
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head.split("\n")[1:])}
     ledger_id = int(headers["x-402-proxy-payment"])

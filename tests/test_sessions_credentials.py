@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_defunct
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from multidict import CIMultiDict
 from x402.extensions.sign_in_with_x import (
     CreateSIWxRequestHookOptions,
     InMemorySIWxStorage,
+    create_siwx_message,
     create_siwx_request_hook,
     parse_siwx_header,
     validate_siwx_message,
@@ -29,11 +33,13 @@ from proxy.sessions.credentials import (
     merge_credentials,
     merge_headers,
     parse_cookie_date,
+    siwe_message_text,
     siwx_challenge_response,
     siwx_info_from_extension,
+    uri_safe,
 )
 from proxy.sessions.model import CREDENTIAL_KINDS, Session, SessionCredentials, StoredCookie
-from proxy.sessions.scope import Scope, normalize_url
+from proxy.sessions.scope import Scope, ScopeError, normalize_url
 from proxy.tokens import HEADER_SESSION, HEADER_TOKEN, HEADER_WALLET, SessionClaim, make_session_token
 
 ACCOUNT = Account.from_key("0x" + "42" * 32)
@@ -391,3 +397,77 @@ def test_normalized_url_accepted_everywhere() -> None:
     assert credential_headers(s, n, {}, {"token_headers"}, NOW) == credential_headers(
         s, URL, {}, {"token_headers"}, NOW
     )
+
+
+# --- the fast SIWE layout is the SDK's layout ----------------------------------------------------
+
+_ISO = st.datetimes(min_value=datetime(2001, 1, 1), max_value=datetime(2099, 1, 1)).map(
+    lambda d: d.replace(tzinfo=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    domain=st.sampled_from(["api.x.com", "localhost:4021", "[::1]:8080"]),
+    statement=st.one_of(st.none(), st.sampled_from(["Sign in", "Sign in to the API, please."])),
+    chain=st.integers(1, 10**9),
+    nonce=st.text("abcdef0123456789XYZ", min_size=8, max_size=40),
+    issued=_ISO,
+    expiration=st.one_of(st.none(), _ISO),
+    not_before=st.one_of(st.none(), _ISO),
+    request_id=st.one_of(st.none(), st.sampled_from(["", "req-1"])),
+    resources=st.one_of(
+        st.none(), st.lists(st.sampled_from(["https://api.x.com/a?b=c", "urn:x:y"]), max_size=3)
+    ),
+)
+def test_siwe_layout_matches_the_sdk(
+    domain: str,
+    statement: str | None,
+    chain: int,
+    nonce: str,
+    issued: str,
+    expiration: str | None,
+    not_before: str | None,
+    request_id: str | None,
+    resources: list[str] | None,
+) -> None:
+    fields = {
+        "domain": domain,
+        "uri": f"https://{domain}/v1/x",
+        "version": "1",
+        "statement": statement,
+        "chainId": f"eip155:{chain}",
+        "nonce": nonce,
+        "issuedAt": issued,
+        "expirationTime": expiration,
+        "notBefore": not_before,
+        "requestId": request_id,
+        "resources": resources,
+    }
+    expected = create_siwx_message(fields, ACCOUNT.address)
+    assert siwe_message_text({**fields, "chainId": chain}, ACCOUNT.address) == expected
+
+
+@given(st.text(max_size=30))
+@example('[]#|^`{}\\"<>')
+def test_resource_urls_are_always_valid_rfc3986(query: str) -> None:
+    from siwe.siwe import _validate_rfc3986_uri
+
+    try:
+        n = normalize_url(f"http://[::1]:8080/a?{query}")
+    except ScopeError:
+        return
+    _validate_rfc3986_uri(uri_safe(n))  # raises if siwe would refuse the message
+
+
+async def test_odd_query_still_gives_a_verifiable_header() -> None:
+    import time
+
+    now = time.time()
+    s = session_with(capture(siwx_extension=siwx_extension(), network="eip155:84532"), now=now)
+    header = credential_headers(s, "https://api.x.com/v1/x?q=|ä%zz{}", {}, {"siwx"}, now, ACCOUNT)[
+        SIWX_HEADER
+    ]
+    payload = parse_siwx_header(header)
+    assert payload.resources == ["https://api.x.com/v1/x?q=%7C%C3%A4%25zz%7B%7D"]
+    assert (await verify_siwx_signature(payload)).payer == ACCOUNT.address

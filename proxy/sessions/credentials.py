@@ -33,8 +33,7 @@ from x402.extensions.sign_in_with_x import (
 )
 
 from proxy.sessions.model import CREDENTIAL_KINDS, Session, SessionCredentials, StoredCookie, intern_siwx
-from proxy.sessions.scope import NormalizedURL, ScopeError, normalize_url, path_covers
-from proxy.sessions.scope import _normalize_host as normalize_host
+from proxy.sessions.scope import NormalizedURL, ScopeError, normalize_host, normalize_url, path_covers
 from proxy.tokens import session_token_headers
 
 SIWX_HEADER = "SIGN-IN-WITH-X"
@@ -403,7 +402,7 @@ def build_siwx_header(
         "nonce": nonce or secrets.token_hex(16),
         "issuedAt": _iso(issued),
         "expirationTime": _iso(issued + SIWX_LIFETIME_SECONDS),
-        "resources": [uri_safe(n.to_url())],
+        "resources": [uri_safe(n)],
     }
     message = siwe_message_text({**fields, "chainId": chain_number}, who)
     return _encode_payload(fields, who, _sign_text(signer, message))
@@ -449,24 +448,29 @@ def siwe_message_text(fields: Mapping[str, Any], address: str) -> str:
     return head + "\n\n" + "\n".join(lines)
 
 
-_URI_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=")
+# What RFC 3986 allows literally in a path or query (pchar, "/", "?"): not "[", "]", "#".
+_PATH_QUERY_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=:@/?"
+)
 _PCT_RE = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
-def uri_safe(url: str) -> str:
-    """Percent-encode what RFC 3986 does not allow (a verbatim query may hold ``|``, ``ä``, a bare
-    ``%``...): siwe validates resources as RFC 3986 URIs and would refuse the whole message."""
+def uri_safe(url: NormalizedURL) -> str:
+    """The URL with whatever RFC 3986 does not allow in its path and query percent-encoded (a
+    verbatim query may hold ``|``, ``[``, ``ä``, a bare ``%``...): siwe validates resources as RFC
+    3986 URIs and would refuse the whole message."""
+    rest = url.path if url.query is None else f"{url.path}?{url.query}"
     out: list[str] = []
     i = 0
-    while i < len(url):
-        ch = url[i]
-        if ch == "%" and _PCT_RE.match(url, i):
-            out.append(url[i : i + 3])
+    while i < len(rest):
+        ch = rest[i]
+        if ch == "%" and _PCT_RE.match(rest, i):
+            out.append(rest[i : i + 3])
             i += 3
             continue
-        out.append(ch if ch in _URI_CHARS else "".join(f"%{b:02X}" for b in ch.encode("utf-8")))
+        out.append(ch if ch in _PATH_QUERY_CHARS else "".join(f"%{b:02X}" for b in ch.encode("utf-8")))
         i += 1
-    return "".join(out)
+    return url.origin_str + "".join(out)
 
 
 def _encode_payload(fields: Mapping[str, Any], address: str, signature: str) -> str:

@@ -130,7 +130,7 @@ def _split_authority(authority: str, scheme: str) -> tuple[str, int]:
         host_text, sep, port_text = authority.rpartition(":")
         if not sep:
             host_text, port_text = authority, ""
-        host = _normalize_host(host_text)
+        host = normalize_host(host_text)
     return host, _parse_port(port_text, scheme)
 
 
@@ -155,7 +155,7 @@ def _normalize_ipv6(text: str) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _normalize_host(text: str) -> str:
+def normalize_host(text: str) -> str:
     # Cached: hosts repeat constantly and IDNA/UTS46 mapping is the slowest step.
     if not text:
         raise ScopeError("empty host")
