@@ -147,3 +147,36 @@ def test_sessions_survive_restart(
         assert x402_stack.balance_of(x402_stack.pay_to) == before
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("mode", ["lease", "token"])
+def test_server_issued_lease_and_signed_token_reuse(
+    mode: str, fresh_proxy: ProxyProcess, x402_stack: Stack
+) -> None:
+    """A server of ours (reference middleware + a reuse check in front) honours a lease or our signed token."""
+    server = x402_stack.start_py_server(extra_args=["--reuse", mode])
+    try:
+        url = f"{server.url}/paid/a"
+        before = x402_stack.balance_of(x402_stack.pay_to)
+        first = requests.get(url, proxies=proxies(fresh_proxy), timeout=60)
+        assert first.status_code == 200 and PAYMENT in first.headers
+        for _ in range(10):
+            again = requests.get(url, proxies=proxies(fresh_proxy), timeout=60)
+            assert again.status_code == 200, again.text[:300]
+            assert again.json()["reused"] == mode
+            assert PAYMENT not in again.headers
+        assert x402_stack.balance_of(x402_stack.pay_to) - before == x402_stack.price
+        assert len(paid_rows(fresh_proxy)) == 1
+    finally:
+        server.stop()
+
+
+def test_rejected_credential_renews_once_per_request(fresh_proxy: ProxyProcess, x402_stack: Stack) -> None:
+    """A session whose credential the server ignores pays again, once per client request, as a renewal."""
+    url = f"{x402_stack.express_v2}/paid/a"
+    first = requests.get(url, proxies=proxies(fresh_proxy), timeout=60)
+    second = requests.get(url, proxies=proxies(fresh_proxy), timeout=60)
+    assert first.status_code == second.status_code == 200
+    assert first.headers[SESSION] == second.headers[SESSION]
+    rows = paid_rows(fresh_proxy)
+    assert len(rows) == 2 and {r["session_id"] for r in rows} == {first.headers[SESSION]}

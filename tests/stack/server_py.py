@@ -76,6 +76,10 @@ class ServerConfig:
     origin: str | None = None
     siwx: bool = False
     payment_identifier: str = "off"  # off | optional | required
+    # How a payer may come back without paying again: "off", "lease" (this server issues a cookie and an
+    # x-x402-lease header with the paid answer and honours either), or "token" (it honours x402-proxy's
+    # signed session token, checked with proxy.tokens.verify_session_token against its own settlements).
+    reuse: str = "off"
     ssl_certfile: str | None = None
     ssl_keyfile: str | None = None
 
@@ -245,6 +249,9 @@ def create_app(cfg: ServerConfig) -> FastAPI:
                     idempotency_cache[pid] = (fingerprint, response.status_code, headers, body)
                 return Response(content=body, status_code=response.status_code, headers=headers)
 
+    if cfg.reuse != "off":
+        _install_reuse(app, cfg, stats)
+
     @app.get("/free")
     async def free(request: Request) -> dict[str, Any]:
         stats.handled["/free"] += 1
@@ -305,6 +312,50 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     return app
 
 
+def _install_reuse(app: FastAPI, cfg: ServerConfig, stats: _Stats) -> None:
+    """Server-side reuse of a purchase, the way an API provider might add it in front of the middleware."""
+    import secrets
+
+    from proxy.tokens import InvalidSessionToken, verify_session_token
+
+    leases: dict[str, str] = {}  # lease -> paid path
+    settlements: set[str] = set()  # tx hashes this server settled
+
+    # Registered after the payment middleware, so it runs first: a valid credential never reaches it.
+    @app.middleware("http")
+    async def reuse(request: Request, call_next: Any) -> Response:
+        path = request.url.path
+        if cfg.reuse == "lease":
+            lease = request.headers.get("x-x402-lease") or request.cookies.get("x402_lease")
+            if lease is not None and leases.get(lease) == path:
+                stats.handled[f"{path} (lease)"] += 1
+                return JSONResponse(_report(request, reused="lease"))
+        elif request.headers.get("x-session-token"):
+            try:
+                claim = verify_session_token(
+                    request.headers["x-session-token"],
+                    url=str(request.url),
+                    wallet=request.headers.get("x-session-wallet"),
+                    session_id=request.headers.get("payment-session"),
+                )
+            except InvalidSessionToken as exc:
+                return JSONResponse({"error": f"session token refused: {exc.reason}"}, 401)
+            if claim.tx_hash in settlements and (claim.pay_to or "").lower() == cfg.pay_to.lower():
+                stats.handled[f"{path} (token)"] += 1
+                return JSONResponse(_report(request, reused="token"))
+        response: Response = await call_next(request)
+        receipt = response.headers.get("payment-response")
+        if response.status_code < 400 and receipt:
+            settled = json.loads(base64.b64decode(receipt))
+            settlements.add(str(settled.get("transaction")))
+            if cfg.reuse == "lease":
+                lease = secrets.token_urlsafe(16)
+                leases[lease] = path
+                response.headers["x-x402-lease"] = lease
+                response.set_cookie("x402_lease", lease, path=path, httponly=True)
+        return response
+
+
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     env = os.environ.get
     p = argparse.ArgumentParser(description="x402 reference resource server (FastAPI, V2)")
@@ -326,6 +377,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument(
         "--payment-identifier", choices=("off", "optional", "required"), default=env("X402_PAYMENT_ID", "off")
     )
+    p.add_argument("--reuse", choices=("off", "lease", "token"), default="off")
     a = p.parse_args(argv)
     return ServerConfig(
         port=a.port,
@@ -340,6 +392,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         origin=a.origin,
         siwx=a.siwx,
         payment_identifier=a.payment_identifier,
+        reuse=a.reuse,
         ssl_certfile=a.ssl_certfile,
         ssl_keyfile=a.ssl_keyfile,
     )
