@@ -32,9 +32,13 @@ _SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type
 MAX_UPSTREAM_FIELD = 128 * 1024
 MAX_UPSTREAM_HEAD = 1024 * 1024
 # Requests carrying any of these may move money: never sent twice by the transport.
-PAYMENT_HEADERS = ("PAYMENT-SIGNATURE", "X-PAYMENT", "SIGN-IN-WITH-X")
+# Requests carrying a signed payment are never sent twice by the pool: if the first copy reached the
+# server the outcome is recorded as unknown rather than guessed. (A resent Sign-In-With-X moves no
+# money, so it may ride the ordinary stale-connection retry.)
+PAYMENT_HEADERS = ("PAYMENT-SIGNATURE", "X-PAYMENT")
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_HOST_CACHE_SIZE = 4096
 
 
 class UpstreamError(Exception):
@@ -164,6 +168,8 @@ class Upstream:
             extra = (("Content-Length", "0"),)
         host = self._hosts.get(key)
         if host is None:
+            if len(self._hosts) >= _HOST_CACHE_SIZE:
+                self._hosts.clear()
             host = self._hosts[key] = _host_header(request.url)
         try:
             return build_head(request.method, request.url.raw_path_qs, host, headers, extra), stream_length
