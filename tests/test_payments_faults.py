@@ -103,6 +103,24 @@ def test_facilitator_cannot_settle(x402_stack: Stack, home: Path, started: list[
     assert x402_stack.balance_of(x402_stack.pay_to) == before + x402_stack.price
 
 
+def test_facilitator_down(x402_stack: Stack, home: Path, started: list[ProxyProcess]) -> None:
+    """A resource server whose facilitator is unreachable: nothing settles, the proxy keeps serving."""
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    server = x402_stack.start_py_server(extra_args=["--facilitator", dead])
+    proxy = start_paying_proxy(x402_stack, home)
+    started.append(proxy)
+    before = x402_stack.balance_of(x402_stack.pay_to)
+    try:
+        response = get(proxy, f"{server.url}/paid/a")
+        assert response.status_code >= 400  # whatever the server says, it cannot have been served paid
+        assert all(r["state"] != "settled" for r in ledger(proxy))
+        assert x402_stack.balance_of(x402_stack.pay_to) == before
+        after = get(proxy, f"{x402_stack.py}/paid/a")  # the healthy server still gets paid
+        assert after.status_code == 200 and row_of(proxy, after)["state"] == "settled"
+    finally:
+        server.stop()
+
+
 def _config_without_rpc(stack: Stack, **kwargs: Any) -> str:
     text = stack_config(stack, **kwargs)
     without = re.sub(r"\[rpc\]\n[^\[]*", "", text)
