@@ -10,6 +10,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from cachetools import TTLCache
+
 from proxy.admin.api import AdminServer
 from proxy.admin.auth import AdminToken, resolve_token
 from proxy.admin.metrics import AdminMetrics
@@ -32,6 +34,8 @@ from proxy.tls.ca import CertificateAuthority
 from proxy.tls.trust import upstream_client_context, write_combined_bundle
 
 log = logging.getLogger("x402_proxy")
+
+BALANCE_CACHE_SECONDS = 5.0
 
 
 @dataclass
@@ -74,10 +78,18 @@ def balance_lookup(config: Config, networks: NetworkRegistry, wallet: Wallet | N
         if network is not None:
             urls[network.caip2] = url
     address = wallet.address
+    # A balance read costs an RPC round trip per payment. A few seconds of staleness is money-safe: an
+    # over-estimate only lets us sign something the facilitator will refuse for lack of funds.
+    recent: TTLCache[tuple[str, str], int] = TTLCache(maxsize=256, ttl=BALANCE_CACHE_SECONDS)
 
     async def lookup(network: str, asset: str) -> int | None:
         url = urls.get(network)
-        return None if url is None else await token_balance(url, asset, address)
+        if url is None:
+            return None
+        key = (network, asset.lower())
+        if key not in recent:
+            recent[key] = await token_balance(url, asset, address)
+        return recent[key]
 
     return lookup
 
