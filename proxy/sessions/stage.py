@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
+from cachetools import LRUCache
+
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.responses import ERROR_HEADER
 from proxy.payments.amounts import parse_decimal
@@ -62,6 +64,9 @@ class SessionStage:
         self._kinds = set(settings.credential_kinds)
         self._wallet = wallet
         self._clock = clock
+        # Hot sessions' static credential headers (lease headers, signed token): building them costs more
+        # than the rest of a session hit. Bounded, and keyed by the credentials object a renewal replaces.
+        self._static: LRUCache[str, tuple[SessionCredentials, dict[str, str]]] = LRUCache(maxsize=4096)
 
     def __call__(self, inner: Exchanger) -> Exchanger:
         async def exchange(request: Exchange) -> Outcome:
@@ -100,8 +105,18 @@ class SessionStage:
     ) -> Exchange:
         if session is None or url is None:
             return request
-        signer = self._wallet.account if self._wallet is not None else None
-        headers = credential_headers(session, url, request.headers.items(), self._kinds, now, signer)
+        creds = session.credentials
+        if creds.cookies or (creds.siwx and "siwx" in self._kinds):
+            # Per-request parts (cookie matching, a fresh SIWX nonce): build everything each time.
+            signer = self._wallet.account if self._wallet is not None else None
+            headers = credential_headers(session, url, request.headers.items(), self._kinds, now, signer)
+        else:
+            cached = self._static.get(session.id)
+            if cached is None or cached[0] is not creds:
+                built = credential_headers(session, url, (), self._kinds, now, None)
+                cached = self._static[session.id] = (creds, built)
+            # The scope check stays per request: a cached header set must never leave its scope.
+            headers = cached[1] if session.scope.covers(url) and session.is_active(now) else {}
         return request.with_headers(headers) if headers else request
 
     def _used(self, session: Session | None, outcome: Outcome, now: float) -> None:

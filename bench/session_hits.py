@@ -1,0 +1,158 @@
+"""Session-hit throughput vs plain pass-through, measured side by side in one run.
+
+A fresh proxy home is seeded with one active session (lease header + signed session token, the
+credential kinds that need no per-request signature) scoped to `http://ORIGIN/s/`. wrk then drives
+requests for `/s/x` (session hit: index lookup + credentials attached) and `/p/x` (no session:
+plain pass-through) against the same proxy and nginx origin, in interleaved rounds.
+
+    .venv/bin/python bench/session_hits.py [--rounds 5 --duration 4 --connections 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from eth_account import Account
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from proxy.sessions.model import Session, SessionCredentials  # noqa: E402
+from proxy.sessions.scope import Scope  # noqa: E402
+from proxy.store.session_store import SqliteSessionStore  # noqa: E402
+from proxy.tokens import SessionClaim, make_session_token  # noqa: E402
+from tests.support.proxy_process import ProxyProcess  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_nginx(work: Path, port: int) -> subprocess.Popen[bytes]:
+    conf = work / "nginx.conf"
+    conf.write_text(
+        f"worker_processes 1;\npid {work}/nginx.pid;\nerror_log {work}/nginx.err;\ndaemon off;\n"
+        "events { worker_connections 4096; }\n"
+        "http { access_log off; keepalive_requests 1000000;\n"
+        f'  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "{"x" * 100}"; }} }} }}\n'
+    )
+    proc = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.1).close()
+            return proc
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("nginx did not start")
+
+
+def wrk(proxy_port: int, url: str, duration: int, connections: int, work: Path) -> float:
+    script = work / "abs.lua"
+    script.write_text(f'wrk.path = "{url}"\n')
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "0",
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{proxy_port}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out:
+        raise RuntimeError(f"non-2xx responses:\n{out}")
+    match = re.search(r"Requests/sec:\s+([0-9.]+)", out)
+    assert match, out
+    return float(match.group(1))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=4)
+    parser.add_argument("--connections", type=int, default=50)
+    args = parser.parse_args()
+    for tool in ("nginx", "wrk", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not installed (make apt-bench)", file=sys.stderr)
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="x402-session-bench-"))
+    origin_port = free_port()
+    nginx = start_nginx(work, origin_port)
+    home = work / "home"
+    home.mkdir(mode=0o700)
+    account = Account.create()
+    now = time.time()
+    session = Session.create(
+        Scope.from_url(f"http://127.0.0.1:{origin_port}/s/", "prefix"),
+        now=now,
+        ttl_seconds=86400,
+        payer=account.address,
+        amount_paid=1000,
+        asset="0x" + "11" * 20,
+        network="eip155:84532",
+        decimals=6,
+        pay_to="0x" + "22" * 20,
+    )
+    session.credentials = SessionCredentials(token_headers={"x-x402-lease": "bench-lease"})
+    claim = SessionClaim.for_session(session, address=account.address, tx_hash="0x" + "33" * 32)
+    session.credentials.session_token = make_session_token(claim, account)
+    store = SqliteSessionStore(home / "state.db")
+    store.save([session])
+    store.close()
+    config = (
+        '[log]\nlevel = "warning"\naccess_log = false\n'
+        '[sessions]\ncredential_kinds = ["cookies", "session_token", "token_headers"]\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("X402_PROXY_")}
+    proxy = ProxyProcess(home, config, env)
+    proxy.start()
+    subprocess.run(["taskset", "-a", "-p", "-c", "1", str(proxy.pid())], check=True, capture_output=True)
+    try:
+        hit_url = f"http://127.0.0.1:{origin_port}/s/x"
+        pass_url = f"http://127.0.0.1:{origin_port}/p/x"
+        wrk(proxy.port, hit_url, 2, args.connections, work)  # warm-up
+        hits, passes = [], []
+        for _ in range(args.rounds):
+            passes.append(wrk(proxy.port, pass_url, args.duration, args.connections, work))
+            hits.append(wrk(proxy.port, hit_url, args.duration, args.connections, work))
+        ratio = statistics.median(hits) / statistics.median(passes)
+        result = {
+            "session_hit_rps_median": round(statistics.median(hits)),
+            "pass_through_rps_median": round(statistics.median(passes)),
+            "ratio": round(ratio, 3),
+            "target": 0.9,
+            "status": "PASS" if ratio >= 0.9 else "FAIL",
+            "rounds": {"hits": hits, "pass_through": passes},
+        }
+        print(json.dumps(result, indent=2))
+        return 0
+    finally:
+        proxy.stop()
+        nginx.terminate()
+        nginx.wait(5)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
