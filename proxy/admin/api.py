@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.admin import openapi, operations, schemas
@@ -25,6 +24,7 @@ from proxy.admin.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.admin.metrics import AdminMetrics
 from proxy.admin.problems import Problem, problem_response
 from proxy.admin.service import ControlError, ControlPlane
+from proxy.engine.responses import classify_request_error
 from proxy.store.base import PaymentState
 
 log = logging.getLogger("x402_proxy.admin")
@@ -50,14 +50,9 @@ class _ProblemRequestHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error")
-        if isinstance(exc, LineTooLong):
-            status, code, detail = 431, "headers_too_large", "request line or a header is too long"
-        elif isinstance(exc, BadHttpMessage) or 400 <= status < 500:
-            # aiohttp's message may echo client bytes: name the problem without reflecting input.
-            status, code, detail = 400, "bad_request", "malformed HTTP request"
-        else:
+        status, code, detail = classify_request_error(exc, status)
+        if status >= 500:
             log.error("admin connection error", exc_info=exc)
-            status, code, detail = 500, "internal_error", "internal error; see the proxy log"
         response = problem_response(code, status, detail)
         response.force_close()
         return response

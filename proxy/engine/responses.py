@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 ERROR_HEADER = "X-402-Proxy-Error"
 
@@ -26,3 +27,15 @@ def raw_error(status: int, phrase: str, reason_code: str, message: str, extra: s
         f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
         f"{ERROR_HEADER}: {reason_code}\r\n{extra}Connection: close\r\n\r\n"
     ).encode() + body
+
+
+def classify_request_error(exc: BaseException | None, status: int) -> tuple[int, str, str]:
+    """(status, code, text) for a request aiohttp could not parse or handle.
+
+    aiohttp's own messages echo client bytes; these name the problem without reflecting input.
+    """
+    if isinstance(exc, LineTooLong):
+        return 431, "headers_too_large", "request line or a header is too long"
+    if isinstance(exc, BadHttpMessage) or 400 <= status < 500:
+        return 400, "bad_request", f"malformed request ({type(exc).__name__ if exc else 'bad request'})"
+    return 500, "internal_error", "internal error (see the proxy log)"

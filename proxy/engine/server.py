@@ -9,12 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.engine.forwarder import Forwarder, TunnelInfo
 from proxy.engine.front_door import FrontDoor, FrontDoorContext
-from proxy.engine.responses import ERROR_HEADER
+from proxy.engine.responses import ERROR_HEADER, classify_request_error
 from proxy.engine.settings import ProxySettings, UpstreamSettings
 
 log = logging.getLogger("x402_proxy.server")
@@ -32,16 +31,9 @@ class ProxyRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if isinstance(exc, LineTooLong):
-            status, code, text = 431, "headers_too_large", "request head too large"
-        elif isinstance(exc, BadHttpMessage):
-            # aiohttp's message echoes client bytes; name the problem without reflecting input.
-            status, code, text = 400, "bad_request", f"malformed request ({exc.__class__.__name__})"
-        elif status >= 500:
+        status, code, text = classify_request_error(exc, status)
+        if status >= 500:
             log.error("unhandled error while proxying", exc_info=exc)
-            status, code, text = 500, "internal_error", "internal proxy error (see proxy log)"
-        else:
-            code, text = "bad_request", "malformed request"
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
         response = web.Response(status=status, text=f"x402-proxy: {text}\n", headers={ERROR_HEADER: code})
