@@ -6,16 +6,14 @@ import asyncio
 import re
 import socket
 import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import requests
 from aiohttp import web
 
-from tests.support.proxy_process import LISTEN_RE, REPO, ProxyProcess
+from tests.support.proxy_process import ProxyProcess
 
 ADMIN_RE = re.compile(r"admin API on (http://\S+)")
 TOKEN_FILE_RE = re.compile(r"admin token file: (\S+)")
@@ -31,39 +29,13 @@ class AdminProxy(ProxyProcess):
     def start(
         self, listen: str = "127.0.0.1:0", timeout: float = 20, extra: tuple[str, ...] = ()
     ) -> AdminProxy:
-        cmd = [
-            sys.executable,
-            "-m",
-            "proxy",
-            "--home",
-            str(self.home),
-            "--config",
-            str(self.config_path),
-            "run",
-            "--listen",
-            listen,
-            *extra,
-        ]
-        log = self.log_path.open("a")
-        self.proc = subprocess.Popen(
-            cmd, env=self.env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, start_new_session=True
-        )
-        self.startup_lines = []
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.startup_lines.append(line)
+        super().start(listen, timeout, extra)
+        # The admin address is printed before the proxy's "listening on" line.
+        for line in self.startup_lines:
             if match := ADMIN_RE.search(line):
                 self.admin_url = match.group(1)
-            if match := LISTEN_RE.search(line):
-                self.address = match.group(1)
-                self.token = self._token()
-                return self
-        self.stop()
-        raise RuntimeError(f"proxy did not start; log:\n{self.log_text()[-3000:]}")
+        self.token = self._token()
+        return self
 
     def _token(self) -> str:
         if "X402_PROXY_ADMIN_TOKEN" in self.env:

@@ -10,8 +10,15 @@ from tests.stack import Stack
 from tests.support.proxy_process import ProxyProcess
 
 
-def stack_config(stack: Stack, *, policy: str = "", extra: str = "", with_asset: bool = True,
-                 eip712_name: str | None = None, upstream_ca: Path | None = None) -> str:
+def stack_config(
+    stack: Stack,
+    *,
+    policy: str = "",
+    extra: str = "",
+    with_asset: bool = True,
+    eip712_name: str | None = None,
+    upstream_ca: Path | None = None,
+) -> str:
     asset = (
         "[[assets]]\n"
         f'network = "{stack.network_v2}"\naddress = "{stack.token}"\ndecimals = {stack.token_decimals}\n'
@@ -22,7 +29,7 @@ def stack_config(stack: Stack, *, policy: str = "", extra: str = "", with_asset:
     return (
         '[proxy]\nconnect_ports = ["*"]\n'
         f"{upstream}"
-        f"[policy]\nmax_per_payment = \"0.01\"\n{policy}\n"
+        f'[policy]\nmax_per_payment = "0.01"\n{policy}\n'
         f'[rpc]\n"{stack.network_v2}" = "{stack.rpc_url}"\n'
         f"{asset if with_asset else ''}{extra}"
     )

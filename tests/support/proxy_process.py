@@ -40,7 +40,10 @@ class ProxyProcess:
             cmd, env=self.env, capture_output=True, text=True, timeout=60, check=check, cwd=REPO
         )
 
-    def start(self, listen: str = "127.0.0.1:0", timeout: float = 20) -> ProxyProcess:
+    def start(
+        self, listen: str = "127.0.0.1:0", timeout: float = 20, extra: tuple[str, ...] = ()
+    ) -> ProxyProcess:
+        """Run `x402-proxy run` and return once it printed its listen address (startup lines are kept)."""
         cmd = [
             sys.executable,
             "-m",
@@ -52,17 +55,20 @@ class ProxyProcess:
             "run",
             "--listen",
             listen,
+            *extra,
         ]
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(
             cmd, env=self.env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, start_new_session=True
         )
+        self.startup_lines: list[str] = []
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
         while time.monotonic() < deadline:
             line = self.proc.stdout.readline()
             if not line:
                 break
+            self.startup_lines.append(line)
             match = LISTEN_RE.search(line)
             if match:
                 self.address = match.group(1)
