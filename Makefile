@@ -45,6 +45,16 @@ pytest: $(STAMP) npm apt-test
 
 test: lint typecheck pytest
 
+# Side-by-side throughput/latency/streaming (direct, x402-proxy, tinyproxy, mitmproxy), then the paid-request
+# overhead and session-hit ratios. Figures and method: docs/benchmarks.md.
+apt-bench:
+	bash bench/setup.sh --apt-only
+
+bench: $(STAMP) npm apt-bench
+	bash bench/setup.sh --mitm-only
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+	$(BIN)/python bench/session_hits.py
+
 # A newcomer's first sight: local chain, token, facilitator, a paid server; curl pays through the proxy.
 demo: $(STAMP) npm apt-test
 	$(BIN)/python scripts/demo.py
