@@ -47,11 +47,13 @@ test: lint typecheck pytest
 
 # Side-by-side throughput/latency/streaming (direct, x402-proxy, tinyproxy, mitmproxy), then the paid-request
 # overhead and session-hit ratios. Figures and method: docs/benchmarks.md.
+# Debian packages the benchmark uses: nginx (origin), tinyproxy (contender), wrk, hey, curl (load).
 apt-bench:
-	bash bench/setup.sh --apt-only
+	@bash bench/setup.sh --apt-only
 
+# BENCH_ARGS="--quick" = smoke run; "--nice -15" on a busy machine.
 bench: $(STAMP) npm apt-bench
-	bash bench/setup.sh --mitm-only
+	@PY=$(PY) bash bench/setup.sh --mitm-only
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/session_hits.py
 
@@ -60,4 +62,4 @@ demo: $(STAMP) npm apt-test
 	$(BIN)/python scripts/demo.py
 
 clean:
-	rm -rf $(VENV) $(STACK)/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(STACK)/node_modules .pytest_cache .mypy_cache .ruff_cache .bench

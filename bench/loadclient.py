@@ -15,8 +15,8 @@ Two sub-commands, stdlib only (uvloop is used when importable):
            the deadline; with a proxy and an http URL it sends absolute-form
            requests instead.  Connection set-up happens before the clock starts,
            so the figure is steady-state keep-alive throughput.  Prints one JSON
-           object with requests/s.  With uvloop one process does ~80k plain /
-           ~25k TLS req/s against nginx on one core, far above any proxy here,
+           object with requests/s.  With uvloop one process does ~90k plain /
+           ~30k TLS req/s against nginx on one core, far above any proxy here,
            so it is not the bottleneck (run.py reports per-CPU busy to show it).
 
 Every address must be loopback: the benchmark never leaves the machine.

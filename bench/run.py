@@ -15,11 +15,15 @@ Everything runs on this machine and talks only to 127.0.0.1:
 
 CPU pinning (2-core machine): load generator, origin and this orchestrator on
 the first CPU; every proxy on the second CPU, so each proxy gets one whole core
-to itself and never competes with the load it is measured under.
+to itself and never competes with the load it is measured under. Exceptions,
+each explained where it happens: the latency scenario puts everything on one
+CPU (no cross-CPU wakeups), the streaming reference gives direct two CPUs.
 
 Prints a table (medians of N rounds, and ratios) and writes .bench/results.json.
-Stdlib only; run with the project venv's interpreter (uvloop is used by the
-load client when importable). `bash bench/setup.sh` installs the tools.
+Stdlib + `cryptography` (a project dependency); run with the project venv's
+interpreter (uvloop is used by the load client when importable).
+`bash bench/setup.sh` installs the tools. Method and results: docs/benchmarks.md.
+Scenario 5 runs bench/paid_overhead.py (the x402 stack from tests/stack).
 """
 
 # ruff: noqa: S603, S607  (the harness runs fixed local tools by design; argv lists, never a shell)
@@ -246,8 +250,16 @@ class Procs:
 
     def stop_all(self) -> None:
         with self.lock:
-            groups = [(p.pid, p) for p in self.tools]
-        groups += [(p.pid, p) for _, p in reversed(self.services)]
+            tools = [(p.pid, p) for p in self.tools]
+        # Tools first get SIGINT: a Python tool (loadclient, paid_overhead.py and the
+        # x402 stack it runs) then unwinds through its own `finally` and cleans up.
+        for pgid, _ in tools:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGINT)
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end and any(_group_alive(g, p) for g, p in tools):
+            time.sleep(0.05)
+        groups = tools + [(p.pid, p) for _, p in reversed(self.services)]
         _kill_groups(groups)
         self.services.clear()
         PIDFILE.unlink(missing_ok=True)
@@ -475,6 +487,26 @@ def version_of(argv: list[str], pattern: str = r"(\d+\.\d+[\w.\-+]*)") -> str:
     text = (r.stdout + r.stderr).decode(errors="replace")
     m = re.search(pattern, text)
     return m.group(1) if m else text.strip().splitlines()[0][:60] if text.strip() else "?"
+
+
+def git_describe() -> str:
+    """Commit of the checkout being measured (read-only git calls), '+dirty' if modified."""
+    try:
+        head = (
+            subprocess.run(
+                ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, timeout=10
+            )
+            .stdout.decode()
+            .strip()
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "--", "proxy"],
+            capture_output=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    return (head or "?") + ("+dirty" if dirty else "")
 
 
 def dpkg_version(pkg: str) -> str:
@@ -1517,7 +1549,9 @@ def render(res: dict[str, Any], targets: list[dict[str, Any]]) -> str:
         for key, row in rows.items():
             label = row["label"]
             if row.get("status") != "ok":
-                lines.append(f"  {label:<32}{row.get('reason', row.get('status'))}")
+                reason = row.get("reason", row.get("status"))
+                shown = reason if row.get("status") == "pending" else f"n/a ({reason})"
+                lines.append(f"  {label:<32}{shown}")
                 continue
             cpu = f"{_pct(row.get('loadgen_cpu'))}/{_pct(row.get('proxy_cpu'))}"
             if unit == "paid":
@@ -1759,6 +1793,7 @@ def main() -> int:
             "hey": dpkg_version("hey"),
             "curl": version_of(["curl", "--version"]),
             "openssl": version_of(["openssl", "version"]),
+            "x402-proxy-git": git_describe(),
         }
         meta["contenders"] = {
             k: {
@@ -1791,11 +1826,13 @@ def main() -> int:
     targets = evaluate_targets(res)
     meta["elapsed_s"] = round(time.monotonic() - t_start, 1)
     report = render(res, targets)
+    commit = meta.get("versions", {}).get("x402-proxy-git", "?")
     print(
-        f"\nx402-proxy benchmark  {meta['started']}  ({meta['elapsed_s']} s, rounds={a.rounds}"
-        f" x {a.duration}s after {a.warmup}s warmup, median)"
+        f"\nx402-proxy benchmark  {meta['started']}  (checkout {commit}, {meta['elapsed_s']} s,"
+        f" rounds={a.rounds} x {a.duration}s after {a.warmup}s warmup, median)"
         f"\npinning: load generator on CPU {a.loadgen_cpus},"
-        f" origin on CPU {a.origin_cpus}, proxy under test on CPU {a.proxy_cpus}"
+        f" origin on CPU {a.loadgen_cpus if a.origin_cpus == 'loadgen' else a.origin_cpus},"
+        f" proxy under test on CPU {a.proxy_cpus}"
     )
     print(report)
     out = {"meta": meta, "scenarios": res, "targets": targets, "interrupted": interrupted}
