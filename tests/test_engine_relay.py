@@ -157,3 +157,31 @@ def test_compressed_answer_passes_untouched(proxy: ProxyProcess, bare_origin) ->
     )
     assert head_of(response)["content-encoding"] == "gzip"
     assert response.split(b"\r\n\r\n", 1)[1] == payload
+
+
+def test_stage_headers_replace_upstream_ones_and_last_wins() -> None:
+    from proxy.engine.raw_response import serialize_head
+
+    head = serialize_head(
+        (1, 1),
+        402,
+        "Payment Required",
+        [("X-402-Proxy-Error", "from-upstream"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")],
+        set(),
+        [("X-402-Proxy-Error", "first"), ("x-402-proxy-error", "second")],
+        0,
+        True,
+    )
+    assert head is not None
+    lines = head.decode().split("\r\n")
+    assert [line for line in lines if line.lower().startswith("x-402-proxy-error")] == [
+        "x-402-proxy-error: second"
+    ]
+    assert lines.count("Set-Cookie: a=1") == 1 and lines.count("Set-Cookie: b=2") == 1
+
+
+def test_header_with_line_break_is_never_written() -> None:
+    from proxy.engine.raw_response import serialize_head
+
+    for bad in ("a\r\nInjected: 1", "a\nb", "a\rb", "a\x00b"):
+        assert serialize_head((1, 1), 200, "OK", [], set(), [("X-Bad", bad)], 0, True) is None

@@ -49,7 +49,10 @@ def serialize_head(
     if connection_listed:
         skip = skip | connection_listed
     if extra:
-        skip = skip | {name.lower() for name, _ in extra}
+        # A stage's header replaces the upstream's of that name; of a stage's repeats the last one wins.
+        last = {name.lower(): (name, value) for name, value in extra}
+        extra = list(last.values())
+        skip = skip | last.keys()
     has_date = False
     for name, value in upstream_headers:
         lower = name.lower()

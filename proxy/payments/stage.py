@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 
+import aiohttp
 from multidict import CIMultiDictProxy
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
@@ -40,12 +41,17 @@ async def read_bounded(outcome: Outcome, limit: int = MAX_CHALLENGE_BODY) -> byt
         raise ChallengeBodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in outcome.response.content.iter_chunked(64 * 1024):
-        size += len(chunk)
-        if size > limit:
-            outcome.response.release()
-            raise ChallengeBodyTooLarge
-        chunks.append(chunk)
+    try:
+        async for chunk in outcome.response.content.iter_chunked(64 * 1024):
+            size += len(chunk)
+            if size > limit:
+                outcome.response.release()
+                raise ChallengeBodyTooLarge
+            chunks.append(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+        raise UpstreamError(
+            502, "upstream_body_error", f"upstream 402 body failed: {type(exc).__name__}"
+        ) from exc
     body = b"".join(chunks)
     outcome.body = body
     return body
@@ -151,8 +157,8 @@ class PaymentStage:
         if paid.response.status == 402:
             try:
                 rejection_body = await read_bounded(paid)
-            except ChallengeBodyTooLarge:
-                rejection_body = None
+            except (ChallengeBodyTooLarge, UpstreamError):
+                rejection_body = None  # the answer still gets recorded below; only its reason text is lost
         record = self.payer.record_response(plan, paid.response.status, paid.response.headers, rejection_body)
         paid.extra_headers.append((PAYMENT_HEADER, str(record.id)))
         if record.state.value == "rejected":
