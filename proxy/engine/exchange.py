@@ -7,7 +7,7 @@ each other like middleware; the innermost one is the plain upstream send.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -55,10 +55,20 @@ class Exchange:
 
     def with_headers(self, extra: dict[str, str]) -> Exchange:
         """A copy whose headers carry `extra`, replacing anything the client sent under those names."""
-        headers = CIMultiDict(self.headers)
+        headers = self.headers.copy()
         for name, value in extra.items():
             headers[name] = value
-        return replace(self, headers=headers)
+        # Built directly: dataclasses.replace() re-inspects the fields on every call (hot path).
+        return Exchange(
+            self.request_id,
+            self.method,
+            self.url,
+            headers,
+            self.client_headers,
+            self.body,
+            self.body_stream,
+            self.tunnelled,
+        )
 
 
 @dataclass(slots=True)
