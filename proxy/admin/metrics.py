@@ -30,6 +30,9 @@ OUTCOMES = ("forwarded", "paid", "session", "payment_required", "payment_refused
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
+OUTCOMES = ("payment_refused", "payment_required", "paid", "session", "forwarded", "upstream_error", "error")
+
+
 def classify(outcome: Outcome) -> str:
     """One word for what happened to a proxied request."""
     names = {name for name, _ in outcome.extra_headers}
@@ -136,18 +139,19 @@ class AdminMetrics:
 
     def outcome_stage(self, inner: Exchanger) -> Exchanger:
         """Outermost stage: counts each proxied request once, by what finally happened to it."""
-        counter = self.requests
+        # The outcomes are a small fixed set: bind their children once, not a labels() lookup per request.
+        count = {o: self.requests.labels(o) for o in OUTCOMES}
 
         async def exchange(request: Exchange) -> Outcome:
             try:
                 outcome = await inner(request)
             except UpstreamError:
-                counter.labels("upstream_error").inc()
+                count["upstream_error"].inc()
                 raise
             except Exception:
-                counter.labels("error").inc()
+                count["error"].inc()
                 raise
-            counter.labels(classify(outcome)).inc()
+            count[classify(outcome)].inc()
             return outcome
 
         return exchange
