@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.stack import PyServer, Stack
 from tests.stack.fixtures import x402_stack
 from tests.support.certs import UpstreamCA
 from tests.support.proxy_process import ProxyProcess
@@ -51,6 +52,14 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, upstream_ca: UpstreamCA) -> 
 def proxy_env(proxy: ProxyProcess) -> dict[str, str]:
     """Exactly what `x402-proxy env` prints: clients are configured by nothing else."""
     return proxy.env_exports()
+
+
+@pytest.fixture(scope="module")
+def siwx_server(x402_stack: Stack) -> Iterator[PyServer]:
+    """A reference server with the Sign-In-With-X extension: sessions there are reused without paying."""
+    server = x402_stack.start_py_server(siwx=True)
+    yield server
+    server.stop()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -15,8 +15,7 @@ from mcp.client.session import ClientSession
 from mcp.client.streamable_http import streamable_http_client
 
 from tests.stack import PyServer, Stack
-from tests.support.admin import AdminProxy
-from tests.support.paying_proxy import stack_config
+from tests.support.admin import AdminProxy, start_paying_admin
 
 SEED_START_PROPERTIES = {"endpoint", "scope", "ttl_seconds", "label", "max_payment_eth", "method", "headers", "body",
                          "timeout_ms"}
@@ -24,17 +23,8 @@ ACCEPT = "application/json, text/event-stream"
 
 
 @pytest.fixture(scope="module")
-def siwx_server(x402_stack: Stack) -> Iterator[PyServer]:
-    server = x402_stack.start_py_server(siwx=True)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def admin(x402_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminProxy]:
-    home = tmp_path_factory.mktemp("admin-mcp") / "home"
-    config = stack_config(x402_stack, policy='daily_budget = "5"\nper_host_daily_budget = "5"')
-    process = AdminProxy(home, config, {"X402_PROXY_PRIVATE_KEY": x402_stack.payer_key}).start()
+    process = start_paying_admin(x402_stack, tmp_path_factory.mktemp("admin-mcp") / "home")
     yield process
     process.stop()
 

@@ -11,25 +11,15 @@ from jsonschema import Draft202012Validator
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.stack import PyServer, Stack
-from tests.support.admin import AdminProxy, ThreadedApp, front_app
-from tests.support.paying_proxy import stack_config
+from tests.support.admin import AdminProxy, ThreadedApp, front_app, start_paying_admin
 
 PAYMENT = "X-402-Proxy-Payment"
 SESSION = "X-402-Proxy-Session"
 
 
 @pytest.fixture(scope="module")
-def siwx_server(x402_stack: Stack) -> Iterator[PyServer]:
-    server = x402_stack.start_py_server(siwx=True)
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def admin(x402_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminProxy]:
-    home = tmp_path_factory.mktemp("admin-e2e") / "home"
-    config = stack_config(x402_stack, policy='daily_budget = "5"\nper_host_daily_budget = "5"')
-    process = AdminProxy(home, config, {"X402_PROXY_PRIVATE_KEY": x402_stack.payer_key}).start()
+    process = start_paying_admin(x402_stack, tmp_path_factory.mktemp("admin-e2e") / "home")
     yield process
     process.stop()
 

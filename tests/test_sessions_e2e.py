@@ -18,13 +18,6 @@ SESSION = "X-402-Proxy-Session"
 PAYMENT = "X-402-Proxy-Payment"
 
 
-@pytest.fixture(scope="module")
-def siwx_server(x402_stack: Stack) -> Iterator[PyServer]:
-    server = x402_stack.start_py_server(siwx=True)
-    yield server
-    server.stop()
-
-
 @pytest.fixture()
 def fresh_proxy(x402_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     process = start_paying_proxy(

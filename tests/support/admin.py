@@ -13,6 +13,8 @@ from typing import Any
 import requests
 from aiohttp import web
 
+from tests.stack import Stack
+from tests.support.paying_proxy import stack_config
 from tests.support.proxy_process import ProxyProcess
 
 ADMIN_RE = re.compile(r"admin API on (http://\S+)")
@@ -147,3 +149,9 @@ def front_app(backend: str, deletes: list[tuple[str, dict[str, str]]]) -> web.Ap
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+def start_paying_admin(stack: Stack, home: Path) -> AdminProxy:
+    """A proxy with its admin API, paying from the stack's funded wallet, with room for a few payments."""
+    config = stack_config(stack, policy='daily_budget = "5"\nper_host_daily_budget = "5"')
+    return AdminProxy(home, config, {"X402_PROXY_PRIVATE_KEY": stack.payer_key}).start()
