@@ -570,73 +570,15 @@ def make_pki(d: Path) -> None:
     ca_p, crt_p, key_p = d / "origin-ca.pem", d / "origin.pem", d / "origin.key"
     if all(p.exists() for p in (ca_p, crt_p, key_p)) and time.time() - crt_p.stat().st_mtime < 20 * 86400:
         return
-    import ipaddress
+    # The tests' throwaway CA builder serves the bench origin too (one copy of the X.509 details).
+    sys.path.insert(0, str(ROOT))
+    from tests.support.certs import UpstreamCA
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-    life = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=30))
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "x402-proxy bench origin CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(life[0])
-        .not_valid_after(life[1])
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(life[0])
-        .not_valid_after(life[1])
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1")),
-                ]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    ca_p.write_bytes(ca.public_bytes(pem))
-    crt_p.write_bytes(leaf.public_bytes(pem))
-    key_p.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    ca = UpstreamCA.create(d, "x402-proxy-bench-origin-CA")
+    leaf = ca.issue(d, ["127.0.0.1", "::1", "localhost"])
+    ca.cert_path.replace(ca_p)
+    leaf.cert_path.replace(crt_p)
+    leaf.key_path.replace(key_p)
     key_p.chmod(0o600)
 
 
