@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import signal
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +21,13 @@ from proxy.engine.forwarder import Forwarder
 from proxy.engine.server import ProxyServer
 from proxy.engine.upstream import Upstream
 from proxy.home import ensure_home
+from proxy.observability.access_log import access_stage
 from proxy.payments.assets import AssetRegistry
 from proxy.payments.networks import NetworkRegistry
 from proxy.payments.payer import BalanceLookup, Payer
 from proxy.payments.stage import PaymentStage
 from proxy.payments.wallet import Wallet, load_wallet, token_balance
+from proxy.reload import reload_config
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.stage import SessionStage
 from proxy.store.session_store import SqliteSessionStore
@@ -51,6 +53,7 @@ class Runtime:
     sessions: SessionManager | None
     background: list[asyncio.Task[None]]
     control: ControlPlane
+    session_stage: SessionStage | None = None
     admin: AdminServer | None = None
     admin_token: AdminToken | None = None
 
@@ -133,7 +136,8 @@ async def start(config: Config, home: Path) -> Runtime:
         background.append(asyncio.create_task(sessions.run_flusher()))
     else:
         forwarder.wrap(payments)
-    forwarder.wrap(metrics.outcome_stage)  # outermost: one count per proxied request
+    forwarder.wrap(metrics.outcome_stage)  # one count per proxied request
+    forwarder.wrap(access_stage(config.log.access_log))  # outermost: log context and the access line
     server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)
     await server.start()
     if payer.wallet is None:
@@ -141,7 +145,9 @@ async def start(config: Config, home: Path) -> Runtime:
     else:
         log.info("paying from wallet %s", payer.wallet.address)
     control = ControlPlane(payer, sessions, session_stage, forwarder.send_upstream)
-    runtime = Runtime(config, home, ca, bundle, upstream, server, store, payer, sessions, background, control)
+    runtime = Runtime(
+        config, home, ca, bundle, upstream, server, store, payer, sessions, background, control, session_stage
+    )
     if config.admin.enabled:
         try:
             await start_admin(runtime, metrics)
@@ -169,7 +175,8 @@ async def start_admin(runtime: Runtime, metrics: AdminMetrics) -> None:
     runtime.server.add_self_targets(admin.addresses)
 
 
-async def serve_forever(config: Config, home: Path) -> int:
+async def serve_forever(config: Config, home: Path, load_config: Callable[[], Config] | None = None) -> int:
+    """Run until SIGTERM/SIGINT, then drain and exit 0. SIGHUP re-reads the config via `load_config`."""
     runtime = await start(config, home)
     host, port = runtime.server.addresses[0]
     shown = f"[{host}]" if ":" in host else host
@@ -186,10 +193,18 @@ async def serve_forever(config: Config, home: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if load_config is not None:
+        reload = load_config
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: reload_config(runtime.config, reload, runtime.payer, runtime.session_stage),
+        )
     await stop.wait()
     runtime.control.draining = True
-    log.info("stopping: draining in-flight requests")
-    await runtime.stop()
+    timeout = config.proxy.drain_timeout
+    log.info("stopping: draining in-flight requests (up to %.0f s)", timeout)
+    await runtime.stop(drain_timeout=timeout)
+    log.info("stopped")
     return 0
 
 
@@ -204,11 +219,3 @@ def run_loop(coro_factory: object) -> int:
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         result: int = runner.run(coro_factory())  # type: ignore[operator]
         return result
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s" if fmt == "plain" else "%(message)s",
-    )

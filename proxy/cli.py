@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     from proxy.admin_cli import add_parsers as add_admin_parsers
 
     add_admin_parsers(sub, common)
+
+    from proxy.health_cli import add_parser as add_health_parser
+
+    add_health_parser(sub, common)
     return parser
 
 
@@ -93,19 +97,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sessions": _admin,
         "payments": _admin,
         "budget": _admin,
+        "health": _health,
     }[args.command]
     return handler(args, config, home)
 
 
 def _run(args: argparse.Namespace, config: Config, home: Path) -> int:
     from proxy.admin.auth import TokenError
-    from proxy.app import configure_logging, run_loop, serve_forever
+    from proxy.app import run_loop, serve_forever
+    from proxy.observability.logs import configure_logging
+    from proxy.store.base import StoreError
     from proxy.tls.ca import CAError
 
     configure_logging(config.log.level, config.log.format)
+    overrides = _cli_overrides(args)
+
+    def reload() -> Config:  # SIGHUP: same file, environment and flags as at start
+        return load_config(args.config, os.environ, overrides)
+
     try:
-        return run_loop(lambda: serve_forever(config, home))
-    except (CAError, TokenError) as exc:
+        return run_loop(lambda: serve_forever(config, home, reload))
+    except (CAError, TokenError, StoreError) as exc:
         print(f"x402-proxy: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -178,6 +190,12 @@ def _wallet(args: argparse.Namespace, config: Config, home: Path) -> int:
 
 def _admin(args: argparse.Namespace, config: Config, home: Path) -> int:
     from proxy.admin_cli import run
+
+    return run(args, config, home)
+
+
+def _health(args: argparse.Namespace, config: Config, home: Path) -> int:
+    from proxy.health_cli import run
 
     return run(args, config, home)
 

@@ -78,6 +78,8 @@ class ProxySettings:
     # Request bodies up to this size are buffered so a paid retry can replay them.
     max_replay_body: int = 10 * 1024 * 1024
     keepalive_timeout: float = 75.0
+    # On SIGTERM/SIGINT: how long requests in flight (a payment among them) may take to finish.
+    drain_timeout: float = 10.0
 
     def validate(self) -> None:
         try:
@@ -100,6 +102,8 @@ class ProxySettings:
             raise SettingError("max_header_bytes", "must be between 1024 and 1048576")
         if self.max_replay_body < 0:
             raise SettingError("max_replay_body", "must be >= 0")
+        if not 0 <= self.drain_timeout <= 3600:
+            raise SettingError("drain_timeout", "must be between 0 and 3600 seconds")
 
     @property
     def listen_address(self) -> tuple[str, int]:

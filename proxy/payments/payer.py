@@ -32,6 +32,8 @@ from decimal import ROUND_FLOOR, Decimal
 
 from x402.extensions.payment_identifier import generate_payment_id
 
+from proxy.faults import checkpoint
+from proxy.observability.context import PAYMENT_ID
 from proxy.payments.amounts import to_budget_units
 from proxy.payments.assets import AssetRegistry
 from proxy.payments.challenge import Challenge, MalformedChallenge, parse_challenge
@@ -194,7 +196,9 @@ class Payer:
                 payment_id=payment_id,
             )
             record = self.store.insert_pending(new, now=now)  # durable before anything is signed
+            PAYMENT_ID.set(record.id)  # log lines of this request name its payment
 
+        checkpoint("payment.pending_written")
         try:
             header = build_payment_header(challenge, decision, self.wallet, now, payment_id, window)
         except Exception as exc:

@@ -6,6 +6,7 @@ module only moves bytes and records what happened. At most one paid attempt per 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -17,9 +18,10 @@ from multidict import CIMultiDictProxy
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.responses import ERROR_HEADER
 from proxy.engine.upstream import UpstreamError
+from proxy.faults import checkpoint
 from proxy.payments.challenge import challenge_refetch_headers, needs_challenge_refetch
 from proxy.payments.payer import Payer, PaymentPlan, PaymentRequestInfo, Refused
-from proxy.store.base import PaymentRecord
+from proxy.store.base import PaymentRecord, StoreError
 
 log = logging.getLogger("x402_proxy.payments")
 
@@ -122,13 +124,18 @@ class PaymentStage:
             session_id=session_id,
             max_amount=max_amount,
         )
-        decision = await self.payer.on_402(
-            info,
-            402,
-            challenge_source.response.headers,
-            challenge_source.body or b"",
-            request.replayable,
-        )
+        try:
+            decision = await self.payer.on_402(
+                info,
+                402,
+                challenge_source.response.headers,
+                challenge_source.body or b"",
+                request.replayable,
+            )
+        except StoreError as exc:
+            # The pending row could not be written, so nothing was signed: say why, never pay unrecorded.
+            log.error("not paying %s: %s", request.url.host, exc)
+            raise UpstreamError(503, "ledger_unavailable", f"cannot record a payment: {exc}") from None
         if isinstance(decision, Refused):
             outcome.extra_headers.append((ERROR_HEADER, decision.reason_code.value))
             if decision.ledger_id is not None:
@@ -153,6 +160,12 @@ class PaymentStage:
             record = self.payer.record_transport_failure(plan, f"{exc.reason_code}: {exc.message}")
             exc.extra_headers.append((PAYMENT_HEADER, str(record.id)))
             raise
+        except asyncio.CancelledError:
+            # The drain deadline passed (or the client left) while the paid request was out: it may
+            # still settle, so the row says `unknown` now rather than waiting for the next start.
+            self.payer.record_transport_failure(plan, "cancelled while the paid request was in flight")
+            raise
+        checkpoint("payment.answered")
         rejection_body: bytes | None = None
         if paid.response.status == 402:
             try:
@@ -160,6 +173,7 @@ class PaymentStage:
             except (ChallengeBodyTooLarge, UpstreamError):
                 rejection_body = None  # the answer still gets recorded below; only its reason text is lost
         record = self.payer.record_response(plan, paid.response.status, paid.response.headers, rejection_body)
+        checkpoint("payment.recorded")
         paid.extra_headers.append((PAYMENT_HEADER, str(record.id)))
         if record.state.value == "rejected":
             paid.extra_headers.append((ERROR_HEADER, "payment_rejected"))

@@ -17,6 +17,8 @@ from cachetools import LRUCache
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.responses import ERROR_HEADER
+from proxy.faults import checkpoint
+from proxy.observability.context import SESSION_ID
 from proxy.payments.amounts import parse_decimal
 from proxy.payments.challenge import MalformedChallenge, parse_challenge
 from proxy.payments.stage import PaymentAttempt, PaymentStage
@@ -68,6 +70,12 @@ class SessionStage:
         # than the rest of a session hit. Bounded, and keyed by the credentials object a renewal replaces.
         self._static: LRUCache[str, tuple[SessionCredentials, dict[str, str]]] = LRUCache(maxsize=4096)
 
+    def apply_settings(self, settings: SessionSettings) -> None:
+        """A reload (SIGHUP): new sessions follow the new rules; existing sessions keep their scope."""
+        self._settings = settings
+        self._kinds = set(settings.credential_kinds)
+        self._static.clear()
+
     def __call__(self, inner: Exchanger) -> Exchanger:
         async def exchange(request: Exchange) -> Outcome:
             return await self.handle(request, inner)
@@ -81,6 +89,8 @@ class SessionStage:
         except ScopeError:
             url = None
         session = self.manager.match(url, now) if url is not None else None
+        if session is not None:
+            SESSION_ID.set(session.id)  # log lines of this request name its session
         outcome = await inner(self._attach(request, session, url, now))
         if outcome.response.status != 402:
             self._used(session, outcome, now)
@@ -215,7 +225,9 @@ class SessionStage:
         session.record_payment(record.id, record.amount)
         session.credentials = self._capture(url, attempt, record.network, now)
         self._sign_token(session, record.tx_hash)
+        checkpoint("session.before_save")
         self.manager.add(session)
+        checkpoint("session.saved")
         self._payments.payer.store.attach_session(record.id, session.id)
         log.info(
             "session %s opened for %s %s (payment #%s)", session.id, scope.kind, scope.to_url(), record.id

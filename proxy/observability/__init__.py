@@ -1,0 +1,1 @@
+"""Logs: request-scoped context, plain or JSON formatting, and the access log."""

@@ -1,0 +1,72 @@
+"""SIGHUP: re-read the configuration and apply what can change under live connections.
+
+Policy and session settings (rules, TTLs, credential kinds, renewal) are swapped in place: the next
+decision uses them, requests in flight finish under the old ones, and no connection is dropped.
+Everything else (listeners, wallet, TLS, storage) is bound at start; a change there is reported as
+needing a restart and left alone. A config that fails to load or validate changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from proxy.config import Config, ConfigError
+from proxy.payments.payer import Payer
+from proxy.payments.policy import Policy
+from proxy.sessions.stage import SessionStage
+
+log = logging.getLogger("x402_proxy.reload")
+
+RELOADABLE = frozenset({"policy", "sessions"})
+# Session keys read once at start.
+SESSION_KEYS_FIXED_AT_START = ("enabled", "flush_interval")
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    applied: tuple[str, ...]
+    needs_restart: tuple[str, ...]
+    error: str | None = None
+
+
+def reload_config(
+    running: Config, load: Callable[[], Config], payer: Payer, sessions: SessionStage | None
+) -> ReloadResult:
+    """Load a fresh config and apply its reloadable sections to `running` (mutated in place)."""
+    try:
+        fresh = load()
+        policy = Policy.compile(fresh.policy, payer.assets.networks)
+    except (ConfigError, ValueError) as exc:
+        log.error("reload refused, the running configuration stays: %s", exc)
+        return ReloadResult((), (), str(exc))
+    applied: list[str] = []
+    needs_restart = [
+        f.name
+        for f in fields(Config)
+        if f.name not in RELOADABLE
+        and f.name != "sources"
+        and getattr(fresh, f.name) != getattr(running, f.name)
+    ]
+    if fresh.policy != running.policy:
+        payer.policy = policy
+        running.policy = fresh.policy
+        applied.append("policy")
+    if fresh.sessions != running.sessions:
+        for key in SESSION_KEYS_FIXED_AT_START:
+            if getattr(fresh.sessions, key) != getattr(running.sessions, key):
+                needs_restart.append(f"sessions.{key}")
+                setattr(fresh.sessions, key, getattr(running.sessions, key))
+        if sessions is not None and fresh.sessions != running.sessions:
+            sessions.apply_settings(fresh.sessions)
+            applied.append("sessions")
+        running.sessions = fresh.sessions
+    running.sources = fresh.sources
+    if applied:
+        log.info("configuration reloaded: %s", ", ".join(applied))
+    else:
+        log.info("configuration reloaded: nothing to change")
+    if needs_restart:
+        log.warning("changed but only applied at the next start: %s", ", ".join(needs_restart))
+    return ReloadResult(tuple(applied), tuple(needs_restart))
