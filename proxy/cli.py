@@ -43,8 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
     ca = add("ca", help="the local CA used for HTTPS interception")
     ca_sub = ca.add_subparsers(dest="ca_command", required=True)
-    ca_sub.add_parser("path", help="print the CA certificate path")
-    ca_sub.add_parser("export", help="print the CA certificate (PEM)")
+    # `common` on the leaf commands too, so `x402-proxy config check --config FILE` works as documented.
+    ca_sub.add_parser("path", parents=[common], help="print the CA certificate path")
+    ca_sub.add_parser("export", parents=[common], help="print the CA certificate (PEM)")
 
     env = add("env", help="print shell exports that route a tool through the proxy")
     env.add_argument("--listen", help="proxy address, if not the configured one")
@@ -54,7 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 
     config = add("config", help="configuration")
     config_sub = config.add_subparsers(dest="config_command", required=True)
-    config_sub.add_parser("check", help="validate and print the effective config (secrets redacted)")
+    config_sub.add_parser(
+        "check", parents=[common], help="validate and print the effective config (secrets redacted)"
+    )
 
     from proxy.wallet_cli import add_parser as add_wallet_parser
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +69,41 @@ def test_unknown_key_lists_allowed(tmp_path: Path) -> None:
 def test_secrets_redacted() -> None:
     config = load_config(None, env={"X402_PROXY_PROXY__AUTH__PASSWORD": "hunter2", "X402_PROXY_PROXY__AUTH__USERNAME": "u"})
     assert "hunter2" not in str(redacted(config))
+
+
+def _config_check(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("X402_PROXY_")}
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "config", "check", *args],
+        env={**clean, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_config_check_prints_effective_config_with_secrets_redacted(tmp_path: Path) -> None:
+    config_file = tmp_path / "c.toml"
+    config_file.write_text('[proxy]\nlisten = "127.0.0.1:1111"\n[proxy.auth]\nusername = "agent"\n')
+    env = {"X402_PROXY_PROXY__AUTH__PASSWORD": "s3cret-pw", "X402_PROXY_POLICY__DAILY_BUDGET": "2.5"}
+    result = _config_check("--config", str(config_file), env=env)
+    assert result.returncode == 0, result.stderr
+    effective = json.loads(result.stdout)
+    assert effective["proxy"]["listen"] == "127.0.0.1:1111"
+    assert effective["policy"]["daily_budget"] == "2.5"
+    assert effective["proxy"]["auth"] == {"username": "agent", "password": "<redacted>"}
+    assert "s3cret-pw" not in result.stdout + result.stderr
+
+
+def test_config_check_names_key_source_and_allowed_values(tmp_path: Path) -> None:
+    config_file = tmp_path / "c.toml"
+    config_file.write_text('[log]\nlevel = "info"\nformat = "xml"\n')
+    result = _config_check("--config", str(config_file))
+    assert result.returncode == 2
+    message = result.stderr.strip()
+    assert "log.format" in message and f"{config_file}:3" in message, message
+    assert "plain" in message and "json" in message, message
+    assert "Traceback" not in result.stderr
+    from_env = _config_check(env={"X402_PROXY_PROXY__DRAIN_TIMEOUT": "-1"})
+    assert from_env.returncode == 2
+    assert "proxy.drain_timeout" in from_env.stderr and "X402_PROXY_PROXY__DRAIN_TIMEOUT" in from_env.stderr
