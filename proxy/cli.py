@@ -15,12 +15,17 @@ from proxy.config import Config, ConfigError, load_config, redacted
 from proxy.home import resolve_home
 
 NO_PROXY_DEFAULT = "localhost,127.0.0.1,::1"
+# A default for --config, so that every command of a container or service (the health check, `docker exec`)
+# reads the same file as the running proxy.
+CONFIG_ENV = "X402_PROXY_CONFIG"
 
 
 def _parser() -> argparse.ArgumentParser:
     # --config/--home are accepted before or after the subcommand; SUPPRESS keeps one from erasing the other.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="TOML config file")
+    common.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help=f"TOML config file (env {CONFIG_ENV})"
+    )
     common.add_argument(
         "--home",
         default=argparse.SUPPRESS,
@@ -84,7 +89,8 @@ def _cli_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    args.config = getattr(args, "config", None)
+    config_env = os.environ.get(CONFIG_ENV)
+    args.config = getattr(args, "config", None) or (Path(config_env) if config_env else None)
     home = resolve_home(getattr(args, "home", None), os.environ)
     try:
         config = load_config(args.config, os.environ, _cli_overrides(args))

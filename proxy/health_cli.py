@@ -57,4 +57,3 @@ def run(args: argparse.Namespace, config: Config, home: Path) -> int:
         return EXIT_UNHEALTHY
     print(f"ok: {shown}{path}")
     return EXIT_HEALTHY
-
