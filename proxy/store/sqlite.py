@@ -31,6 +31,15 @@ from proxy.store.base import (
 BUSY_TIMEOUT_MS = 5000
 MAX_LIST_LIMIT = 10_000
 LEDGER_COMPONENT = "ledger"
+# Extended result codes of a failed write, truncate or sync of the database, its WAL or shared memory.
+WRITE_ERRORS = (
+    "SQLITE_IOERR_WRITE",
+    "SQLITE_IOERR_FSYNC",
+    "SQLITE_IOERR_DIR_FSYNC",
+    "SQLITE_IOERR_TRUNCATE",
+    "SQLITE_IOERR_SHMSIZE",
+    "SQLITE_IOERR_SHMMAP",
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,13 @@ def describe_sqlite_error(exc: sqlite3.Error, path: Path) -> StoreError:
         return StoreError(f"ledger {path} is read-only", "readonly")
     if name.startswith("SQLITE_CANTOPEN") or "unable to open" in text:
         return StoreError(f"cannot open ledger {path}", "io")
+    if name.startswith(WRITE_ERRORS):
+        # SQLite reports ENOSPC as SQLITE_FULL, but other failed writes (EFBIG from a file size limit,
+        # EDQUOT, EIO) only as an I/O error; the errno itself is not exposed.
+        return StoreError(
+            f"cannot write ledger {path} ({name}): disk full, over a size limit or quota, or an I/O error",
+            "io",
+        )
     return StoreError(f"ledger {path}: {type(exc).__name__}: {exc}", "io")
 
 
@@ -140,6 +156,23 @@ def open_database(path: Path) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def check_integrity(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse a damaged file at startup instead of failing on whichever page a payment reads first.
+
+    `quick_check` reads every page (linear in the file size: milliseconds for a typical ledger) but
+    skips the index-content cross-checks of `integrity_check`.
+    """
+    try:
+        problems = [str(row[0]) for row in conn.execute("PRAGMA quick_check(5)")]
+    except sqlite3.Error as exc:
+        raise describe_sqlite_error(exc, path) from None
+    if problems != ["ok"]:
+        raise StoreError(
+            f"ledger {path} is corrupt ({'; '.join(problems)[:300]}); move it aside to start fresh",
+            "corrupt",
+        )
 
 
 def apply_migrations(
@@ -204,6 +237,7 @@ class SqliteLedgerStore:
         self._conn = open_database(self.path)
         self._conn.row_factory = sqlite3.Row
         try:
+            check_integrity(self._conn, self.path)
             apply_migrations(self._conn, LEDGER_COMPONENT, LEDGER_MIGRATIONS, self.path)
         except BaseException:
             self._conn.close()

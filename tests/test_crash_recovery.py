@@ -1,0 +1,222 @@
+"""SIGKILL the real proxy at each step of a payment, restart it on the same home, check money and state.
+
+Each scenario: a session is opened on `/paid/a` (so there is something to restore), the proxy is
+killed while a second payment is at one point of its life, and a new proxy starts on the same home.
+Then, on the real chain and in the ledger:
+  - no row is left `pending`, and every ledger row whose nonce was used on chain is accounted for:
+    payTo's balance delta equals exactly the amounts of those rows;
+  - a payment whose outcome the proxy could not know is `unknown`, and a retry of the same request
+    is refused `payment_in_doubt` instead of paying again;
+  - the session opened before the crash is back and used without paying.
+
+Most points are reached with the `X402_PROXY_FAULT_PAUSE` hook (proxy/faults.py): the proxy stops
+dead at the named point and the test SIGKILLs it there. "Paid request at the upstream" needs no hook:
+a real slow handler holds the paid request while the proxy is killed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from proxy.faults import FAULT_PAUSE_ENV
+from tests.stack import PyServer, Stack
+from tests.support.paying_proxy import ledger, proxies, stack_config
+from tests.support.proxy_process import ProxyProcess
+
+ERROR = "X-402-Proxy-Error"
+PAYMENT = "X-402-Proxy-Payment"
+SESSION = "X-402-Proxy-Session"
+TIMEOUT = 60
+
+
+@dataclass(frozen=True)
+class CrashPoint:
+    fault: str | None  # the fault point the proxy pauses at; None: a real slow upstream holds the request
+    path: str  # the paid request in flight when the proxy is killed
+    row_state: str  # its ledger row after the restart
+    money_moved: bool  # whether its authorization settles on chain
+    retry: str  # what the same request does after the restart: in_doubt | pays_again | session
+
+
+CRASH_POINTS = {
+    # Row durable, nothing signed yet: the proxy cannot know that, so the row is unknown and blocks a retry.
+    "a-pending-written": CrashPoint("payment.pending_written", "/paid/b", "unknown", False, "in_doubt"),
+    # The paid request is at the server (handler sleeping): the server settles although its client died.
+    "b-at-upstream": CrashPoint(None, "/paid/slow?delay=4", "unknown", True, "in_doubt"),
+    # The server settled and answered; the proxy died before recording it.
+    "c-answered-unrecorded": CrashPoint("payment.answered", "/paid/b", "unknown", True, "in_doubt"),
+    # Recorded settled, the client never got the answer and no session was opened: a retry is a new
+    # need and the policy allows paying it (the ledger shows both payments).
+    "c-recorded-unanswered": CrashPoint("payment.recorded", "/paid/b", "settled", True, "pays_again"),
+    # Settled, its session not yet saved: the session is lost, so the next request pays again (policy).
+    "d-session-unsaved": CrashPoint("session.before_save", "/paid/b", "settled", True, "pays_again"),
+    # Session saved, payment not yet linked to it: the session is back and serves the retry for free.
+    "d-session-saved": CrashPoint("session.saved", "/paid/b", "settled", True, "session"),
+}
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def running() -> Iterator[list[ProxyProcess]]:
+    procs: list[ProxyProcess] = []
+    yield procs
+    for proc in procs:
+        proc.stop(signal.SIGKILL)  # a proxy paused at a fault point ignores SIGTERM
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def get(proxy: ProxyProcess, url: str) -> requests.Response:
+    return requests.get(url, proxies=proxies(proxy), timeout=TIMEOUT)
+
+
+def in_background(proxy: ProxyProcess, url: str) -> tuple[threading.Thread, dict[str, Any]]:
+    outcome: dict[str, Any] = {}
+
+    def client() -> None:
+        try:
+            outcome["response"] = get(proxy, url)
+        except requests.RequestException as exc:
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+def session_rows(home: Path) -> dict[str, dict[str, Any]]:
+    with sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT id, ended_at, data FROM sessions").fetchall()
+    return {row[0]: {"ended_at": row[1], **json.loads(row[2])} for row in rows}
+
+
+def assert_ledger_matches_chain(
+    stack: Stack, proxy: ProxyProcess, pay_to_before: int
+) -> list[dict[str, Any]]:
+    """No row left pending; payTo received exactly the amounts of the rows whose nonce was used on chain."""
+    rows = ledger(proxy)
+    assert rows, "the ledger is empty"
+    assert not [r for r in rows if r["state"] == "pending"], rows
+    used = [
+        r for r in rows if r["nonce"] and stack.chain.authorization_state(stack.payer_address, r["nonce"])
+    ]
+    for row in rows:
+        if row["state"] == "settled":
+            assert row in used, f"settled row #{row['id']} has no transfer on chain"
+    delta = stack.balance_of(stack.pay_to) - pay_to_before
+    assert delta == sum(int(r["amount"]) for r in used), (delta, rows)
+    return rows
+
+
+@pytest.mark.parametrize("case", list(CRASH_POINTS))
+def test_sigkill_at_payment_step(
+    case: str, x402_stack: Stack, siwx_server: PyServer, home: Path, running: list[ProxyProcess]
+) -> None:
+    point = CRASH_POINTS[case]
+    price = x402_stack.price
+    pay_to_before = x402_stack.balance_of(x402_stack.pay_to)
+    verify_before = x402_stack.facilitator_stats()["counts"]["verify"]
+    proxy = ProxyProcess(home, stack_config(x402_stack), {"X402_PROXY_PRIVATE_KEY": x402_stack.payer_key})
+    running.append(proxy)
+
+    # 1. A session to restore later: one payment on /paid/a.
+    proxy.start()
+    opened = get(proxy, f"{siwx_server.url}/paid/a")
+    assert opened.status_code == 200 and PAYMENT in opened.headers
+    session_a = opened.headers[SESSION]
+    assert x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == price
+
+    # 2. Kill the proxy while the next payment is at the crash point.
+    if point.fault is not None:
+        assert proxy.stop(signal.SIGTERM) == 0
+        proxy.env[FAULT_PAUSE_ENV] = point.fault
+        proxy.start()
+    handled_before = siwx_server.stats()["handled"].get("/paid/slow", 0)
+    url = f"{siwx_server.url}{point.path}"
+    thread, outcome = in_background(proxy, url)
+    if point.fault is not None:
+        marker = f"fault point reached: {point.fault}"
+        wait_for(lambda: marker in proxy.log_text(), 30, marker)
+    else:
+        wait_for(
+            lambda: siwx_server.stats()["handled"].get("/paid/slow", 0) > handled_before,
+            30,
+            "the paid request to reach the slow handler",
+        )
+        assert [r["state"] for r in ledger(proxy)] == ["settled", "pending"]
+    proxy.stop(signal.SIGKILL)
+    thread.join(TIMEOUT)
+    assert "error" in outcome, f"the client got an answer from a killed proxy: {outcome}"
+
+    # 3. Restart on the same home, without the fault.
+    proxy.env.pop(FAULT_PAUSE_ENV, None)
+    proxy.start()
+    if point.money_moved:
+        wait_for(
+            lambda: x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == 2 * price,
+            30,
+            "the in-flight payment to settle",
+            interval=0.25,
+        )
+    rows = assert_ledger_matches_chain(x402_stack, proxy, pay_to_before)
+    first, crashed = rows
+    assert first["state"] == "settled" and first["session_id"] == session_a
+    assert crashed["state"] == point.row_state, crashed
+    assert crashed["nonce"] and crashed["valid_before"]
+    assert (
+        x402_stack.chain.authorization_state(x402_stack.payer_address, crashed["nonce"]) is point.money_moved
+    )
+    # Exactly one authorization per payment ever reached the facilitator (two, or one if nothing left).
+    expected_verifies = 2 if point.fault != "payment.pending_written" else 1
+    assert x402_stack.facilitator_stats()["counts"]["verify"] - verify_before == expected_verifies
+    if point.row_state == "unknown":
+        assert f"payment #{crashed['id']} was pending at shutdown" in proxy.log_text()
+
+    # The session opened before the crash is back, and free.
+    reused = get(proxy, f"{siwx_server.url}/paid/a")
+    assert reused.status_code == 200 and reused.headers[SESSION] == session_a
+    assert PAYMENT not in reused.headers
+
+    # The interrupted request again.
+    paid_so_far = x402_stack.balance_of(x402_stack.pay_to) - pay_to_before
+    retry = get(proxy, url)
+    if point.retry == "in_doubt":
+        assert retry.status_code == 402 and retry.headers[ERROR] == "payment_in_doubt"
+        assert len(ledger(proxy)) == 2, "a second payment was prepared"
+        assert x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == paid_so_far
+    elif point.retry == "session":
+        assert retry.status_code == 200 and PAYMENT not in retry.headers
+        (restored,) = (s for s in session_rows(home) if s != session_a)
+        assert retry.headers[SESSION] == restored
+        assert session_rows(home)[restored]["payment_ids"] == [crashed["id"]]
+        assert crashed["session_id"] is None  # killed before the link: the session side holds it
+        assert x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == paid_so_far
+    else:
+        assert point.retry == "pays_again"
+        assert retry.status_code == 200 and PAYMENT in retry.headers
+        assert x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == paid_so_far + price
+        assert [s for s in session_rows(home) if s != session_a] == [retry.headers[SESSION]]
+    final = assert_ledger_matches_chain(x402_stack, proxy, pay_to_before)
+    assert len(final) == (3 if point.retry == "pays_again" else 2)
+    assert proxy.stop(signal.SIGTERM) == 0

@@ -1,0 +1,269 @@
+"""The ledger's file in trouble, with the real proxy process: locked, disk full, corrupt.
+
+At startup each is a readable message and exit code 2, never a traceback, and the file is left as it
+was. At runtime the client gets 503 `X-402-Proxy-Error: ledger_unavailable`, and because the pending
+row could not be written nothing is signed: the facilitator never sees an authorization and no
+balance moves. Once the fault clears the same process pays normally.
+
+The faults are real: another process holding `BEGIN EXCLUSIVE`; a full tmpfs (ENOSPC, needs root to
+mount); a file size limit set on the running proxy with prlimit (EFBIG; Python ignores SIGXFSZ);
+garbage, truncated and partly overwritten database files.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from proxy.store.base import NewPayment
+from proxy.store.sqlite import BUSY_TIMEOUT_MS, SqliteLedgerStore
+from tests.stack import Stack
+from tests.support.paying_proxy import ledger, proxies, stack_config
+from tests.support.proxy_process import ProxyProcess
+
+ERROR = "X-402-Proxy-Error"
+PAYMENT = "X-402-Proxy-Payment"
+TIMEOUT = 60
+
+HOLD_LOCK = """
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None)
+conn.execute("BEGIN EXCLUSIVE")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+"""
+
+
+class LockHolder:
+    """Another process with an exclusive write lock on the database (what a second proxy would hold)."""
+
+    def __init__(self, path: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        assert self.proc.stdout.readline().strip() == "locked"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write("\n")
+            self.proc.stdin.close()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def running() -> Iterator[list[ProxyProcess]]:
+    procs: list[ProxyProcess] = []
+    yield procs
+    for proc in procs:
+        proc.stop()
+
+
+def paying_proxy(stack: Stack, home: Path, running: list[ProxyProcess]) -> ProxyProcess:
+    proxy = ProxyProcess(home, stack_config(stack), {"X402_PROXY_PRIVATE_KEY": stack.payer_key})
+    running.append(proxy)
+    return proxy.start()
+
+
+def verifies(stack: Stack) -> int:
+    return int(stack.facilitator_stats()["counts"]["verify"])
+
+
+def get(proxy: ProxyProcess, url: str) -> requests.Response:
+    return requests.get(url, proxies=proxies(proxy), timeout=TIMEOUT)
+
+
+def assert_refused_unpaid(
+    stack: Stack, proxy: ProxyProcess, url: str, expect_in_body: str
+) -> requests.Response:
+    """The request is answered 503 ledger_unavailable, and no authorization left the proxy."""
+    rows, verify = ledger(proxy), verifies(stack)
+    pay_to, payer = stack.balance_of(stack.pay_to), stack.balance_of(stack.payer_address)
+    response = get(proxy, url)
+    assert response.status_code == 503, response.text[:300]
+    assert response.headers[ERROR] == "ledger_unavailable"
+    assert expect_in_body in response.text, response.text
+    assert PAYMENT not in response.headers
+    assert ledger(proxy) == rows, "a row appeared although the write failed"
+    assert verifies(stack) == verify, "an authorization reached the facilitator"
+    assert stack.balance_of(stack.pay_to) == pay_to
+    assert stack.balance_of(stack.payer_address) == payer
+    return response
+
+
+def assert_pays_once(stack: Stack, proxy: ProxyProcess, url: str) -> None:
+    before, rows = stack.balance_of(stack.pay_to), len(ledger(proxy))
+    response = get(proxy, url)
+    assert response.status_code == 200, response.text[:300]
+    row = next(r for r in ledger(proxy) if r["id"] == int(response.headers[PAYMENT]))
+    assert row["state"] == "settled" and len(ledger(proxy)) == rows + 1
+    assert stack.balance_of(stack.pay_to) - before == stack.price
+
+
+def failed_start(proxy: ProxyProcess) -> subprocess.CompletedProcess[str]:
+    """`x402-proxy run` that must refuse to start (it would otherwise run until the timeout)."""
+    result = proxy.cli("run", "--listen", "127.0.0.1:0", check=False)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "listening on" not in result.stdout
+    return result
+
+
+# -- locked -------------------------------------------------------------------------------------
+
+
+def test_startup_with_ledger_locked_by_another_process(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    proxy = ProxyProcess(home, "")
+    proxy.start()
+    proxy.stop()
+    holder = LockHolder(home / "state.db")
+    try:
+        started = time.monotonic()
+        result = failed_start(proxy)
+        assert time.monotonic() - started >= BUSY_TIMEOUT_MS / 1000  # it waited for the lock first
+    finally:
+        holder.release()
+    assert f"ledger {home / 'state.db'} is locked by another process" in result.stderr
+    proxy.start()  # the lock gone, the same home starts
+    proxy.stop()
+
+
+def test_ledger_locked_at_runtime_refuses_to_pay(
+    x402_stack: Stack, tmp_path: Path, running: list[ProxyProcess]
+) -> None:
+    proxy = paying_proxy(x402_stack, tmp_path / "home", running)
+    url = f"{x402_stack.py}/paid/a"
+    holder = LockHolder(proxy.home / "state.db")
+    try:
+        assert_refused_unpaid(x402_stack, proxy, url, "is locked by another process")
+    finally:
+        holder.release()
+    assert_pays_once(x402_stack, proxy, url)
+
+
+# -- disk full ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs: a real filesystem that really fills up (ENOSPC)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the file-size-limit test covers the write failure")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(mount)], check=True)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    filler = directory / "filler"
+    with filler.open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError as exc:
+            assert exc.errno == 28, exc  # ENOSPC
+    return filler
+
+
+def test_disk_full_at_runtime_refuses_to_pay(
+    x402_stack: Stack, small_disk: Path, running: list[ProxyProcess]
+) -> None:
+    proxy = paying_proxy(x402_stack, small_disk / "home", running)
+    assert_pays_once(x402_stack, proxy, f"{x402_stack.py}/paid/a")
+    filler = fill(small_disk)
+    try:
+        assert_refused_unpaid(x402_stack, proxy, f"{x402_stack.py}/paid/b", "disk full")
+    finally:
+        filler.unlink()
+    assert_pays_once(x402_stack, proxy, f"{x402_stack.py}/paid/b")
+
+
+def set_file_size_limit(pid: int, limit: int) -> None:
+    _soft, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, hard))
+
+
+def test_file_size_limit_at_runtime_refuses_to_pay(
+    x402_stack: Stack, tmp_path: Path, running: list[ProxyProcess]
+) -> None:
+    proxy = paying_proxy(x402_stack, tmp_path / "home", running)
+    wal = proxy.home / "state.db-wal"
+    # Any write past the WAL's current end now fails with EFBIG (the process ignores SIGXFSZ).
+    set_file_size_limit(proxy.pid(), wal.stat().st_size)
+    try:
+        assert_refused_unpaid(x402_stack, proxy, f"{x402_stack.py}/paid/a", "cannot write ledger")
+    finally:
+        set_file_size_limit(proxy.pid(), resource.RLIM_INFINITY)
+    assert_pays_once(x402_stack, proxy, f"{x402_stack.py}/paid/a")
+
+
+# -- corrupt ------------------------------------------------------------------------------------
+
+
+def write_ledger(path: Path, rows: int) -> None:
+    """A real ledger with enough rows to span many pages."""
+    with SqliteLedgerStore(path) as store:
+        for i in range(rows):
+            new = NewPayment(
+                amount=1000 + i,
+                decimals=6,
+                asset="0x" + "1" * 40,
+                network="eip155:84532",
+                pay_to="0x" + "2" * 40,
+                host="api.example",
+                method="GET",
+                url=f"http://api.example/{i}",
+                x402_version=2,
+                scheme="exact",
+                reason="r" * 1500,
+            )
+            store.mark_settled(store.insert_pending(new).id)
+
+
+def garbage(path: Path) -> None:
+    path.write_bytes(os.urandom(64 * 1024))
+
+
+def truncated(path: Path) -> None:
+    with path.open("r+b") as file:
+        file.truncate(path.stat().st_size // 2)
+
+
+def overwritten(path: Path) -> None:
+    """Random bytes over a few pages in the middle, header intact: opens fine, fails on reading them."""
+    with path.open("r+b") as file:
+        file.seek(path.stat().st_size // 2)
+        file.write(os.urandom(3 * 4096))
+
+
+@pytest.mark.parametrize("damage", [garbage, truncated, overwritten], ids=lambda f: f.__name__)
+def test_startup_with_corrupt_ledger(tmp_path: Path, damage: Callable[[Path], None]) -> None:
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    path = home / "state.db"
+    write_ledger(path, 150)
+    damage(path)
+    damaged = path.read_bytes()
+    result = failed_start(ProxyProcess(home, ""))
+    assert f"ledger {path} is corrupt" in result.stderr
+    assert "move it aside" in result.stderr
+    assert path.read_bytes() == damaged, "the proxy changed a ledger it refused to use"
