@@ -9,7 +9,7 @@
 6. tear everything down, also on Ctrl-C or an error.
 
 Needs what `make test` sets up: the venv and `tests/stack` npm packages; and curl.
-Run from the repository: `.venv/bin/python scripts/demo.py [--keep]`.
+Run from the repository: `.venv/bin/python scripts/demo.py [--keep] [--serve]`.
 """
 
 from __future__ import annotations
@@ -177,7 +177,25 @@ def tusdc(stack: Stack, amount: int) -> str:
     return f"{format_units(amount, stack.token_decimals)} {SYMBOL}"
 
 
-def demo(workdir: Path) -> int:
+def serve(stack: Stack, proxy: Proxy, home: Path, config: Path) -> int:
+    """Keep everything running for the README's quickstart: the reader's own shell pays through the proxy."""
+    # 127.0.0.2: `x402-proxy env` puts 127.0.0.1 in NO_PROXY, so a server there would be reached directly.
+    server = stack.start_py_server(host="127.0.0.2")
+    listen = proxy.url.removeprefix("http://")
+    step("still running: chain, facilitator, a paid server and the proxy (Ctrl-C stops them)")
+    say("    In another shell:")
+    say(f'    eval "$(.venv/bin/x402-proxy --home {home} --config {config} env --listen {listen})"')
+    say(f"    curl -i {server.url}/paid/b")
+    try:
+        while proxy.proc.poll() is None:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return 0
+    say(f"the proxy exited unexpectedly; its log:\n{proxy.log_tail()}")
+    return 1
+
+
+def demo(workdir: Path, keep_serving: bool = False) -> int:
     if shutil.which("curl") is None:
         say("curl is not installed (apt-get install curl, or `make apt-test`)")
         return 2
@@ -239,7 +257,7 @@ def demo(workdir: Path) -> int:
         if after - before != stack.price or row["state"] != "settled":
             raise RuntimeError("unexpected outcome: the payment did not settle for exactly the price")
         say("\nDone: one request, one payment, one ledger row, settled on chain.")
-        return 0
+        return serve(stack, proxy, home, config) if keep_serving else 0
     finally:
         step("tearing down")
         if proxy is not None:
@@ -254,12 +272,15 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, ledger, config)")
+    parser.add_argument(
+        "--serve", action="store_true", help="then keep the stack and the proxy running for your own requests"
+    )
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="x402-demo-"))
     code = 1
     try:
-        code = demo(workdir)
+        code = demo(workdir, keep_serving=args.serve)
     except KeyboardInterrupt:
         say("\ninterrupted")
         code = 130
