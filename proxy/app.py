@@ -178,6 +178,17 @@ async def start_admin(runtime: Runtime, metrics: AdminMetrics) -> None:
 async def serve_forever(config: Config, home: Path, load_config: Callable[[], Config] | None = None) -> int:
     """Run until SIGTERM/SIGINT, then drain and exit 0. SIGHUP re-reads the config via `load_config`."""
     runtime = await start(config, home)
+    # Handlers before the "listening" line: whoever waits for that line may signal at once.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if load_config is not None:
+        reload = load_config
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: reload_config(runtime.config, reload, runtime.payer, runtime.session_stage),
+        )
     host, port = runtime.server.addresses[0]
     shown = f"[{host}]" if ":" in host else host
     if runtime.admin is not None and runtime.admin_token is not None:
@@ -189,16 +200,6 @@ async def serve_forever(config: Config, home: Path, load_config: Callable[[], Co
     print(f"x402-proxy listening on http://{shown}:{port}", flush=True)
     print(f"CA certificate: {runtime.ca.ca_pem_path}", flush=True)
     print(f"CA bundle (system roots + ours): {runtime.bundle}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    if load_config is not None:
-        reload = load_config
-        loop.add_signal_handler(
-            signal.SIGHUP,
-            lambda: reload_config(runtime.config, reload, runtime.payer, runtime.session_stage),
-        )
     await stop.wait()
     runtime.control.draining = True
     timeout = config.proxy.drain_timeout

@@ -16,6 +16,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -267,3 +268,36 @@ def test_startup_with_corrupt_ledger(tmp_path: Path, damage: Callable[[Path], No
     assert f"ledger {path} is corrupt" in result.stderr
     assert "move it aside" in result.stderr
     assert path.read_bytes() == damaged, "the proxy changed a ledger it refused to use"
+
+
+def test_outcome_not_recordable_after_payment_stays_in_doubt(
+    x402_stack: Stack, tmp_path: Path, running: list[ProxyProcess]
+) -> None:
+    """The ledger fails between the payment leaving and its outcome being written: the client still
+    gets what was paid for, and the same request is not paid again while the payment is in doubt."""
+    proxy = paying_proxy(x402_stack, tmp_path / "home", running)
+    url = f"{x402_stack.py}/paid/slow?delay=2"
+    before = x402_stack.balance_of(x402_stack.pay_to)
+    answer: dict[str, requests.Response] = {}
+    client = threading.Thread(target=lambda: answer.setdefault("r", get(proxy, url)))
+    client.start()
+    deadline = time.monotonic() + TIMEOUT
+    while not ledger(proxy) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (pending,) = ledger(proxy)
+    assert pending["state"] == "pending"
+    # The paid request is at the slow handler; from now on every ledger write fails (EFBIG).
+    set_file_size_limit(proxy.pid(), (proxy.home / "state.db-wal").stat().st_size)
+    try:
+        client.join(TIMEOUT)
+        response = answer["r"]
+        assert response.status_code == 200, response.text[:300]
+        assert response.headers[ERROR] == "ledger_unavailable"
+        assert int(response.headers[PAYMENT]) == pending["id"]
+        assert x402_stack.balance_of(x402_stack.pay_to) - before == x402_stack.price
+    finally:
+        set_file_size_limit(proxy.pid(), resource.RLIM_INFINITY)
+    retry = get(proxy, url)
+    assert retry.status_code == 402 and retry.headers[ERROR] == "payment_in_doubt", retry.text[:300]
+    assert x402_stack.balance_of(x402_stack.pay_to) - before == x402_stack.price
+    assert [r["state"] for r in ledger(proxy)] == ["pending"]  # a restart turns it unknown

@@ -126,6 +126,9 @@ class Payer:
         self._balance_lookup = balance_lookup
         self._balance_timeout = balance_timeout
         self._lock = asyncio.Lock()
+        # Payments that left but whose outcome could not be written (ledger locked, disk full): their
+        # rows still say `pending`, so until a restart turns them `unknown` the in-doubt check asks here.
+        self._unrecorded: dict[tuple[str, str], tuple[int, int]] = {}
 
     def recover(self) -> list[PaymentRecord]:
         """Call once at startup: payments left pending by a crash become unknown."""
@@ -218,6 +221,20 @@ class Payer:
         self, plan: PaymentPlan, status: int, resp_headers: Mapping[str, str], body: bytes | None = None
     ) -> PaymentRecord:
         """Record how the server answered the paid request."""
+        try:
+            return self._record_response(plan, status, resp_headers, body)
+        except StoreError:
+            self._remember_unrecorded(plan)
+            raise
+
+    def _remember_unrecorded(self, plan: PaymentPlan) -> None:
+        log.error("payment #%s left but its outcome is not recorded; it stays in doubt", plan.ledger_id)
+        key = (plan.record.method.upper(), plan.record.url)
+        self._unrecorded[key] = (plan.ledger_id, plan.valid_before)
+
+    def _record_response(
+        self, plan: PaymentPlan, status: int, resp_headers: Mapping[str, str], body: bytes | None
+    ) -> PaymentRecord:
         now = self.clock()
         receipt = read_settlement(resp_headers)
         try:
@@ -264,6 +281,7 @@ class Payer:
             )
         except StoreError as exc:
             if exc.kind != "transition":
+                self._remember_unrecorded(plan)
                 raise
             current = self.store.get(plan.ledger_id)
             assert current is not None
@@ -275,9 +293,10 @@ class Payer:
         self, request: PaymentRequestInfo, now: float, balances: Mapping[tuple[str, str], int] | None
     ) -> PaymentContext:
         host = normalize_host(request.host)
-        in_doubt = self.store.find_in_doubt(
-            request.method.upper(), request.url, still_valid_at=now - CLOCK_SKEW_ALLOWANCE
-        )
+        still_valid_at = now - CLOCK_SKEW_ALLOWANCE
+        method = request.method.upper()
+        in_doubt = self.store.find_in_doubt(method, request.url, still_valid_at=still_valid_at)
+        in_doubt_id = in_doubt.id if in_doubt else self._unrecorded_in_doubt(request, still_valid_at)
         return PaymentContext(
             host=host,
             url=request.url,
@@ -285,8 +304,18 @@ class Payer:
             spent_today_global=self._spent(now, None),
             spent_today_host=self._spent(now, host),
             balances=balances,
-            in_doubt_payment_id=in_doubt.id if in_doubt else None,
+            in_doubt_payment_id=in_doubt_id,
         )
+
+    def _unrecorded_in_doubt(self, request: PaymentRequestInfo, still_valid_at: float) -> int | None:
+        key = (request.method.upper(), request.url)
+        entry = self._unrecorded.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= still_valid_at:  # the authorization has expired: it can no longer settle
+            del self._unrecorded[key]
+            return None
+        return entry[0]
 
     def _spent(self, now: float, host: str | None) -> int:
         since = now - BUDGET_WINDOW_SECONDS

@@ -150,20 +150,20 @@ class PaymentStage:
 
     async def _pay(
         self, request: Exchange, plan: PaymentPlan, inner: Exchanger, started: float
-    ) -> tuple[Outcome, PaymentRecord]:
+    ) -> tuple[Outcome, PaymentRecord | None]:
         paid_request = request.with_headers({plan.header_name: plan.header_value})
         # The proxy's own cost of a payment: 402 in hand -> paid retry leaving (benchmarked in bench/).
         log.debug("payment #%s overhead %.3f ms", plan.ledger_id, (time.perf_counter() - started) * 1000)
         try:
             paid = await inner(paid_request)
         except UpstreamError as exc:
-            record = self.payer.record_transport_failure(plan, f"{exc.reason_code}: {exc.message}")
-            exc.extra_headers.append((PAYMENT_HEADER, str(record.id)))
+            self._record_failure(plan, f"{exc.reason_code}: {exc.message}")
+            exc.extra_headers.append((PAYMENT_HEADER, str(plan.ledger_id)))
             raise
         except asyncio.CancelledError:
             # The drain deadline passed (or the client left) while the paid request was out: it may
             # still settle, so the row says `unknown` now rather than waiting for the next start.
-            self.payer.record_transport_failure(plan, "cancelled while the paid request was in flight")
+            self._record_failure(plan, "cancelled while the paid request was in flight")
             raise
         checkpoint("payment.answered")
         rejection_body: bytes | None = None
@@ -172,12 +172,27 @@ class PaymentStage:
                 rejection_body = await read_bounded(paid)
             except (ChallengeBodyTooLarge, UpstreamError):
                 rejection_body = None  # the answer still gets recorded below; only its reason text is lost
-        record = self.payer.record_response(plan, paid.response.status, paid.response.headers, rejection_body)
+        paid.extra_headers.append((PAYMENT_HEADER, str(plan.ledger_id)))
+        try:
+            record = self.payer.record_response(
+                plan, paid.response.status, paid.response.headers, rejection_body
+            )
+        except StoreError as exc:
+            # The money has moved and the answer is here: hand it over rather than lose what was paid
+            # for. The payer keeps the payment in doubt, so this request is not paid for again.
+            log.error("payment #%s: outcome not recorded: %s", plan.ledger_id, exc)
+            paid.extra_headers.append((ERROR_HEADER, "ledger_unavailable"))
+            return paid, None
         checkpoint("payment.recorded")
-        paid.extra_headers.append((PAYMENT_HEADER, str(record.id)))
         if record.state.value == "rejected":
             paid.extra_headers.append((ERROR_HEADER, "payment_rejected"))
         return paid, record
+
+    def _record_failure(self, plan: PaymentPlan, reason: str) -> None:
+        try:
+            self.payer.record_transport_failure(plan, reason)
+        except StoreError as exc:  # the payer keeps it in doubt in memory; the row says pending
+            log.error("payment #%s: transport failure not recorded: %s", plan.ledger_id, exc)
 
 
 def _refusal_outcome(outcome: Outcome, code: str, body: bytes) -> Outcome:
