@@ -114,3 +114,16 @@ async def test_different_scopes_fly_in_parallel(tmp_path: Path) -> None:
 
     _, waited = await asyncio.gather(first(), second())
     assert waited < 0.1
+
+
+def test_expired_sessions_leave_the_index_even_if_never_looked_up(tmp_path: Path) -> None:
+    """One exact-URL session per payment: scopes nobody asks for again must not pile up in the index."""
+    clock = Clock()
+    manager = make(tmp_path, clock)
+    for n in range(50):
+        manager.add(new_session(clock, f"https://api.x.com/item/{n}", ttl=60))
+    assert len(manager._index) == 50
+    clock.now += 61
+    manager.add(new_session(clock, "https://api.x.com/fresh", ttl=60))  # any insert expires the rest
+    assert len(manager._index) == 1
+    assert manager.match("https://api.x.com/fresh/x") is not None

@@ -26,6 +26,29 @@ log = logging.getLogger("x402_proxy.sessions")
 MAX_LIVE_SESSIONS = 1_000_000
 
 
+class _LiveSessions(TLRUCache[str, Session]):
+    """The TLRU cache, telling the index whenever it drops a session on its own (expiry or size).
+
+    The cache expires entries on every insert without saying which; an index that only learnt of
+    expiry from lookups would keep every scope nobody asks for again (one per exact-URL payment).
+    """
+
+    def __init__(self, maxsize: int, clock: Callable[[], float], dropped: Callable[[str], object]) -> None:
+        super().__init__(maxsize=maxsize, ttu=lambda _key, session, _now: session.expires_at, timer=clock)
+        self._dropped = dropped
+
+    def expire(self, time: float | None = None) -> list[tuple[str, Session]]:
+        expired: list[tuple[str, Session]] = super().expire(time)
+        for session_id, _ in expired:
+            self._dropped(session_id)
+        return expired
+
+    def popitem(self) -> tuple[str, Session]:
+        session_id, session = super().popitem()
+        self._dropped(session_id)
+        return session_id, session
+
+
 class SessionManager:
     def __init__(
         self,
@@ -38,9 +61,7 @@ class SessionManager:
         self._clock = clock
         self.flush_interval = flush_interval
         self._index = SessionIndex()
-        self._live: TLRUCache[str, Session] = TLRUCache(
-            maxsize=MAX_LIVE_SESSIONS, ttu=lambda _key, session, _now: session.expires_at, timer=clock
-        )
+        self._live = _LiveSessions(MAX_LIVE_SESSIONS, clock, self._index.remove)
         self._dirty: set[str] = set()
         # scope key -> (lock, number of requests holding or waiting for it)
         self._flights: dict[str, tuple[asyncio.Lock, int]] = {}
