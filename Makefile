@@ -59,7 +59,19 @@ bench: $(STAMP) npm apt-bench
 
 # A newcomer's first sight: local chain, token, facilitator, a paid server; curl pays through the proxy.
 demo: $(STAMP) npm apt-test
-	$(BIN)/python scripts/demo.py
+	$(BIN)/python scripts/demo.py $(DEMO_ARGS)
+
+# Long fuzzing (tests/test_fuzz_*.py; `make test` runs them briefly): >= 100,000 examples for each pure
+# property (challenge parsing, policy and payer decisions, scopes and the session index), thousands of
+# malformed request heads against a real proxy. Takes hours; FUZZ_ARGS="-k scope" picks a part.
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz-long $(BIN)/pytest -q --timeout=0 --hypothesis-show-statistics tests/test_fuzz_*.py $(FUZZ_ARGS)
+
+# Ten minutes of mixed load through one proxy (pass-through, session hits, payments, admin calls), sampling
+# RSS, fds and asyncio tasks; fails on a proxy 5xx, growth over 10%, or a payment not accounted for on chain.
+# Results in .soak/results.json; method and figures: docs/soak.md. SOAK_ARGS="--duration 120" = a short run.
+soak: $(STAMP) npm
+	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) $(STACK)/node_modules .pytest_cache .mypy_cache .ruff_cache .bench

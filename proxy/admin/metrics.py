@@ -7,6 +7,7 @@ request path pays one counter increment and one histogram observation, nothing m
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 import time
@@ -35,9 +36,12 @@ OUTCOMES = ("payment_refused", "payment_required", "paid", "session", "forwarded
 
 def classify(outcome: Outcome) -> str:
     """One word for what happened to a proxied request."""
-    names = {name for name, _ in outcome.extra_headers}
+    extra = outcome.extra_headers
     if outcome.response.status == 402:
-        return "payment_refused" if ERROR_HEADER in names else "payment_required"
+        return "payment_refused" if any(name == ERROR_HEADER for name, _ in extra) else "payment_required"
+    if not extra:  # the common case: no stage added anything
+        return "forwarded"
+    names = {name for name, _ in extra}
     if PAYMENT_HEADER in names:
         return "paid"
     if SESSION_HEADER in names:
@@ -106,6 +110,19 @@ class _StoreCollector(Collector):
             conn.close()
 
 
+class _TaskCollector(Collector):
+    """Live asyncio tasks, counted at scrape time: a task leak shows as a number that only grows."""
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # no running loop (scraped from a plain thread): nothing to count
+            return
+        gauge = GaugeMetricFamily("x402_proxy_asyncio_tasks", "Asyncio tasks alive in the proxy's event loop")
+        gauge.add_metric([], float(tasks))
+        yield gauge
+
+
 class AdminMetrics:
     def __init__(
         self, db_path: Path, ready: Callable[[], bool] = lambda: True, clock: Callable[[], float] = time.time
@@ -127,6 +144,7 @@ class AdminMetrics:
         )
         self._store = _StoreCollector(db_path, ready, clock)
         self.registry.register(self._store)
+        self.registry.register(_TaskCollector())
 
     def set_ready_probe(self, ready: Callable[[], bool]) -> None:
         self._store._ready = ready
