@@ -159,13 +159,15 @@ class Stack:
         ssl_keyfile: str | Path | None = None,
         extra_args: list[str] | None = None,
         timeout: float = STARTUP_TIMEOUT,
+        script: str = "server_py.py",
     ) -> PyServer:
         """Start another FastAPI reference server (e.g. with SIWX or another price) and wait for it.
 
         It is stopped with the stack; stop it earlier with `.stop()` or use it as a context manager.
         `payment_identifier` is "off", "optional" or "required". With `ssl_certfile`/`ssl_keyfile` it
         serves HTTPS (the URL is https://host:port); `host` may be another loopback address such as
-        127.0.0.2 to match a test certificate.
+        127.0.0.2 to match a test certificate. `script="server_mcp.py"` starts the paid MCP server
+        instead (same options; its MCP endpoint is `/mcp`).
         """
         port = free_port(host)
         args = _server_argv(
@@ -175,6 +177,7 @@ class Stack:
             token=self.token,
             pay_to=pay_to or self.pay_to,
             price=self.price if price is None else price,
+            script=script,
         )
         if price_b is not None:
             args += ["--price-b", str(price_b)]
@@ -185,7 +188,7 @@ class Stack:
         if ssl_certfile is not None:
             args += ["--ssl-certfile", str(ssl_certfile), "--ssl-keyfile", str(ssl_keyfile or ssl_certfile)]
         args += list(extra_args or [])
-        name = f"server_py-{port}"
+        name = f"{script.split('.')[0]}-{port}"
         proc = ManagedProcess(name, args, self.workdir / f"{name}.log")
         url = f"{'https' if ssl_certfile else 'http'}://{host}:{port}"
         server = PyServer(url=url, proc=proc, args=args)
@@ -262,9 +265,16 @@ SERVER_SCRIPTS = {
 
 
 def _server_argv(
-    kind: str, *, port: int, facilitator_url: str, token: str, pay_to: str, price: int
+    kind: str,
+    *,
+    port: int,
+    facilitator_url: str,
+    token: str,
+    pay_to: str,
+    price: int,
+    script: str | None = None,
 ) -> list[str]:
-    script = SERVER_SCRIPTS[kind]
+    script = script or SERVER_SCRIPTS[kind]
     interpreter = sys.executable if script.endswith(".py") else "node"
     return [
         interpreter,

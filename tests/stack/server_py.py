@@ -11,6 +11,9 @@ assert which credentials reached the origin):
   GET  /paid/fail500         paid; handler answers 500, so the SDK must not settle
   GET  /paid/slow?delay=S    paid; handler sleeps S seconds first (timeouts, concurrency)
   POST /paid/echo            paid; echoes body and headers
+  GET  /paid/events?count=N&interval=S
+                             paid; a text/event-stream of N events, one every S seconds (the SDK
+                             middleware buffers the answer it settles; a SIWX-granted request streams)
   GET  /__stats              handler invocation counts and settlements seen by this server
 
 Options: --ssl-certfile/--ssl-keyfile serve HTTPS (for tests through the proxy's CONNECT interception);
@@ -30,13 +33,15 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from x402 import x402ResourceServer
 from x402.extensions.payment_identifier import (
     PAYMENT_IDENTIFIER,
@@ -57,7 +62,14 @@ from x402.schemas import AssetAmount
 
 log = logging.getLogger("x402-stack.server_py")
 
-PAID_ROUTES = ("GET /paid/a", "GET /paid/b", "GET /paid/fail500", "GET /paid/slow", "POST /paid/echo")
+PAID_ROUTES = (
+    "GET /paid/a",
+    "GET /paid/b",
+    "GET /paid/fail500",
+    "GET /paid/slow",
+    "POST /paid/echo",
+    "GET /paid/events",
+)
 
 
 @dataclass
@@ -90,7 +102,7 @@ class ServerConfig:
 
 
 @dataclass
-class _Stats:
+class Stats:
     handled: Counter[str] = field(default_factory=Counter)
     settlements: list[dict[str, Any]] = field(default_factory=list)
     idempotent_replays: int = 0
@@ -162,8 +174,9 @@ def _payment_identifier_of(header: str) -> tuple[str, str] | None:
     return pid, fingerprint
 
 
-def create_app(cfg: ServerConfig) -> FastAPI:
-    stats = _Stats()
+def payment_server(cfg: ServerConfig, stats: Stats) -> tuple[x402ResourceServer, dict[str, Any]]:
+    """The SDK resource server (exact EVM scheme, optional SIWX / payment-identifier) and the extensions
+    its paid routes declare. Shared with `server_mcp.py`, which puts the same middleware before MCP."""
     facilitator = HTTPFacilitatorClient(FacilitatorConfig(url=cfg.facilitator_url, timeout=60.0))
     server = x402ResourceServer(facilitator)
     # Typed as Any: the SDK class is unannotated and does not match its own Protocol (mypy-only issue).
@@ -206,7 +219,12 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         extensions[PAYMENT_IDENTIFIER] = declare_payment_identifier_extension(
             required=cfg.payment_identifier == "required"
         )
+    return server, extensions
 
+
+def create_app(cfg: ServerConfig) -> FastAPI:
+    stats = Stats()
+    server, extensions = payment_server(cfg, stats)
     price_b = cfg.price_b if cfg.price_b is not None else cfg.price
     routes = {
         "GET /paid/a": _route(cfg, cfg.price, "paid resource A", extensions),
@@ -214,6 +232,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
         "GET /paid/fail500": _route(cfg, cfg.price, "paid resource whose handler fails", extensions),
         "GET /paid/slow": _route(cfg, cfg.price, "paid resource with a slow handler", extensions),
         "POST /paid/echo": _route(cfg, cfg.price, "paid echo", extensions),
+        "GET /paid/events": _route(cfg, cfg.price, "paid event stream", extensions),
     }
 
     app = FastAPI(title="x402 reference server (python)")
@@ -294,6 +313,22 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             request, body=body.decode("utf-8", "replace"), body_sha256=hashlib.sha256(body).hexdigest()
         )
 
+    @app.get("/paid/events")
+    async def paid_events(request: Request, count: int = 5, interval: float = 0.3) -> StreamingResponse:
+        stats.handled["/paid/events"] += 1
+        paid = getattr(request.state, "payment_payload", None) is not None
+
+        async def events() -> AsyncIterator[bytes]:
+            for i in range(count):
+                if i:
+                    await asyncio.sleep(interval)
+                data = json.dumps({"i": i, "paid": paid, "sent_at": time.time()})
+                yield f"id: {i}\nevent: tick\ndata: {data}\n\n".encode()
+
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
+
     @app.get("/__stats")
     async def get_stats() -> dict[str, Any]:
         return {
@@ -312,7 +347,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
     return app
 
 
-def _install_reuse(app: FastAPI, cfg: ServerConfig, stats: _Stats) -> None:
+def _install_reuse(app: FastAPI, cfg: ServerConfig, stats: Stats) -> None:
     """Server-side reuse of a purchase, the way an API provider might add it in front of the middleware."""
     import secrets
 
