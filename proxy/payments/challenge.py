@@ -30,7 +30,7 @@ from typing import Any
 from eth_utils.address import is_checksum_address
 
 from proxy.payments.amounts import UINT256_MAX
-from proxy.payments.assets import is_evm_address
+from proxy.payments.assets import EVM_ADDRESS
 from proxy.payments.headers import PAYMENT_REQUIRED, get_header
 from proxy.payments.networks import EIP155_PATTERN, NetworkRegistry, to_caip2
 
@@ -47,7 +47,9 @@ MAX_TIMEOUT_ACCEPTED = 365 * 24 * 3600
 MIN_SIGNING_WINDOW = 30
 MAX_SIGNING_WINDOW = 3600
 
-_DIGITS = re.compile(r"^[0-9]{1,78}$")
+# Matched with fullmatch: "$" would also accept a trailing newline ("10000\n", "0x...\n"), and a
+# recipient written that way compared unequal to its pay_to_deny entry.
+_DIGITS = re.compile(r"[0-9]{1,78}")
 _SNIFF_BYTES = 4096
 
 
@@ -268,7 +270,7 @@ def _requirement(index: int, entry: Any, version: int, networks: NetworkRegistry
     asset = _text(entry, "asset")
     pay_to = _text(entry, "payTo")
     if network.startswith("eip155:"):
-        if EIP155_PATTERN.match(network) is None:
+        if EIP155_PATTERN.fullmatch(network) is None:
             raise _InvalidEntry(f"network {network_raw!r} is not a valid eip155 id")
         _evm_address(asset, "asset")
         _evm_address(pay_to, "payTo")
@@ -307,7 +309,7 @@ def _amount(entry: Mapping[str, Any], key: str) -> int:
         raise _InvalidEntry(f"'{key}' must be an integer string, got a boolean")
     if isinstance(value, int):
         amount = value
-    elif isinstance(value, str) and _DIGITS.match(value):
+    elif isinstance(value, str) and _DIGITS.fullmatch(value):
         amount = int(value)
     else:
         shown = value if not isinstance(value, str) else value[:40]
@@ -318,7 +320,7 @@ def _amount(entry: Mapping[str, Any], key: str) -> int:
 
 
 def _evm_address(value: str, key: str) -> None:
-    if not is_evm_address(value):
+    if EVM_ADDRESS.fullmatch(value) is None:
         raise _InvalidEntry(f"'{key}' is not an EVM address")
     body = value[2:]
     if body != body.lower() and body != body.upper() and not is_checksum_address(value):
