@@ -129,7 +129,7 @@ def _b64url_encode(data: bytes) -> str:
 
 
 def _b64url_decode(text: str) -> bytes:
-    if not _B64URL_RE.match(text) or len(text) % 4 == 1:
+    if not _B64URL_RE.fullmatch(text) or len(text) % 4 == 1:
         raise InvalidSessionToken("malformed", "claim is not unpadded base64url")
     try:
         return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
@@ -160,7 +160,7 @@ def decode_session_token(token: str) -> tuple[SessionClaim, bytes, str]:
         raise InvalidSessionToken("malformed", "expected <claim>.<signature>")
     payload = _b64url_decode(parts[0])
     signature = parts[1]
-    if not _SIG_RE.match(signature):
+    if not _SIG_RE.fullmatch(signature):
         raise InvalidSessionToken("bad_signature", "signature is not 0x + 65 bytes hex")
     try:
         data = json.loads(payload.decode("utf-8"))
@@ -209,11 +209,11 @@ def _claim_from_dict(data: dict[str, Any]) -> SessionClaim:
 
 
 def _check_claim(claim: SessionClaim) -> None:
-    if not _SESSION_ID_RE.match(claim.session_id):
+    if not _SESSION_ID_RE.fullmatch(claim.session_id):
         raise InvalidSessionToken("malformed", "bad session id")
-    if not _ADDRESS_RE.match(claim.address):
+    if not _ADDRESS_RE.fullmatch(claim.address):
         raise InvalidSessionToken("malformed", "bad address")
-    if not _AMOUNT_RE.match(claim.amount):
+    if not _AMOUNT_RE.fullmatch(claim.amount):
         raise InvalidSessionToken("malformed", "amount must be a decimal integer string")
     if claim.scope not in ("prefix", "exact") or (claim.scope == "prefix" and claim.query is not None):
         raise InvalidSessionToken("malformed", "bad scope")

@@ -20,7 +20,7 @@ EVM_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 
 
 def is_evm_address(text: str) -> bool:
-    return EVM_ADDRESS.match(text) is not None
+    return EVM_ADDRESS.fullmatch(text) is not None  # `$` alone would accept a trailing newline
 
 
 def same_address(a: str, b: str) -> bool:
