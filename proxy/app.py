@@ -140,6 +140,8 @@ async def start(config: Config, home: Path) -> Runtime:
     forwarder.wrap(access_stage(config.log.access_log))  # outermost: log context and the access line
     server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)
     await server.start()
+    # Names may resolve to us (a compose service name): the pool checks where each connection landed.
+    upstream.own_listeners = server.self_targets
     if payer.wallet is None:
         log.warning("no wallet configured: 402 challenges are passed to the client unpaid")
     else:

@@ -41,12 +41,13 @@ def classify(outcome: Outcome) -> str:
         return "payment_refused" if any(name == ERROR_HEADER for name, _ in extra) else "payment_required"
     if not extra:  # the common case: no stage added anything
         return "forwarded"
-    names = {name for name, _ in extra}
-    if PAYMENT_HEADER in names:
-        return "paid"
-    if SESSION_HEADER in names:
-        return "session"
-    return "forwarded"
+    session = False
+    for name, _ in extra:
+        if name == PAYMENT_HEADER:
+            return "paid"
+        if name == SESSION_HEADER:
+            session = True
+    return "session" if session else "forwarded"
 
 
 class _StoreCollector(Collector):

@@ -35,6 +35,33 @@ class UpstreamResponse(Protocol):
     def release(self) -> object: ...
 
 
+# Names whose handling the upstream client itself decides (framing, Host): never appended pre-encoded.
+_FRAMING_NAMES = frozenset({"host", "content-length", "transfer-encoding"})
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedHeaders:
+    """Headers a stage adds to many requests alike (a hot session's credentials), encoded once.
+
+    `data` is `items` as head lines ("Name: value\\r\\n" each), checked against header injection when
+    built; None when they cannot be encoded safely (the request then takes the ordinary copy path,
+    which refuses them as before).
+    """
+
+    items: tuple[tuple[str, str], ...]
+    names: frozenset[str]  # lower-case
+    data: bytes | None
+
+    @classmethod
+    def build(cls, headers: dict[str, str]) -> EncodedHeaders:
+        from proxy.engine.upstream_pool import encode_head
+
+        lines = [f"{name}: {value}\r\n" for name, value in headers.items()]
+        names = frozenset(name.lower() for name in headers)
+        data = encode_head(lines) if lines and not names & _FRAMING_NAMES else None
+        return cls(tuple(headers.items()), names, data)
+
+
 @dataclass(slots=True)
 class Exchange:
     request_id: str
@@ -48,14 +75,24 @@ class Exchange:
     body: bytes | None
     body_stream: AsyncIterator[bytes] | None = None
     tunnelled: bool = False
+    # Pre-encoded headers sent after `headers` (see `with_encoded`); none of their names is in `headers`.
+    appended: EncodedHeaders | None = None
 
     @property
     def replayable(self) -> bool:
         return self.body_stream is None
 
+    def has_header(self, name: str) -> bool:
+        """Whether the request sent upstream carries `name` (in `headers` or appended)."""
+        appended = self.appended
+        return name in self.headers or (appended is not None and name.lower() in appended.names)
+
     def with_headers(self, extra: dict[str, str]) -> Exchange:
         """A copy whose headers carry `extra`, replacing anything the client sent under those names."""
         headers = self.headers.copy()
+        if self.appended is not None:
+            for name, value in self.appended.items:
+                headers[name] = value
         for name, value in extra.items():
             headers[name] = value
         # Built directly: dataclasses.replace() re-inspects the fields on every call (hot path).
@@ -68,6 +105,26 @@ class Exchange:
             self.body,
             self.body_stream,
             self.tunnelled,
+        )
+
+    def with_encoded(self, extra: EncodedHeaders) -> Exchange:
+        """`with_headers(dict(extra.items))` without copying the headers when no name collides."""
+        if extra.data is None or self.appended is not None:
+            return self.with_headers(dict(extra.items))
+        headers = self.headers
+        for name in extra.names:
+            if name in headers:
+                return self.with_headers(dict(extra.items))
+        return Exchange(
+            self.request_id,
+            self.method,
+            self.url,
+            self.headers,
+            self.client_headers,
+            self.body,
+            self.body_stream,
+            self.tunnelled,
+            extra,
         )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDictProxy, MultiMapping
 from yarl import URL
 
 from proxy.engine import http_semantics as hs
@@ -31,6 +32,8 @@ _STREAM_CHUNK = 256 * 1024
 _DROP_REQUEST = frozenset({"host", "expect"})
 _DROP_RESPONSE = frozenset({"content-length"})
 _request_ids = itertools.count(1)
+_TARGET_CACHE_SIZE = 4096
+_TARGET_CACHE_URL = 1024
 _id_prefix = os.urandom(3).hex()
 
 
@@ -67,6 +70,43 @@ def check_proxy_auth(settings: ProxySettings, header: str | None) -> bool:
 PROXY_AUTH_CHALLENGE = 'Basic realm="x402-proxy", charset="UTF-8"'
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request the proxy answers itself, before anything goes upstream."""
+
+    status: int
+    reason_code: str
+    message: str
+    close: bool = False
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def build_exchange(
+    method: str,
+    url: URL,
+    client_headers: CIMultiDictProxy[str],
+    version: tuple[int, int],
+    tunnelled: bool,
+    body: bytes | None,
+    stream: AsyncIterator[bytes] | None,
+) -> Exchange:
+    """The upstream view of a client request: end-to-end headers only, Via added, a fresh request id."""
+    headers = hs.end_to_end_headers(
+        client_headers.items(), hs.connection_tokens(client_headers), _DROP_REQUEST
+    )
+    headers["Via"] = hs.via_value(headers.pop("Via", None), version)
+    return Exchange(
+        f"{_id_prefix}-{next(_request_ids)}",
+        method,
+        url,
+        headers,
+        client_headers,
+        body,
+        stream,
+        tunnelled,
+    )
+
+
 class Forwarder:
     def __init__(
         self,
@@ -79,6 +119,7 @@ class Forwarder:
         self._listen = listen_addresses
         self._local_names = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
         self._exchanger: Exchanger = self._send
+        self._targets: dict[str, URL] = {}  # request target -> its checked URL (see _target_url)
         from proxy.engine.websocket_relay import relay_websocket
 
         self._relay_websocket = relay_websocket
@@ -94,26 +135,51 @@ class Forwarder:
     def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
         self._listen = addresses
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        tunnel: TunnelInfo | None = getattr(request.protocol, "x402_tunnel", None)
-        if tunnel is None and not check_proxy_auth(
-            self._settings, request.headers.get("Proxy-Authorization")
+    @property
+    def exchanger(self) -> Exchanger:
+        """The full stage stack (outermost stage first); what every proxied request goes through."""
+        return self._exchanger
+
+    def admit(self, raw_target: str, headers: MultiMapping[str], tunnel: TunnelInfo | None) -> URL | Refusal:
+        """The checks every request passes before anything is sent upstream (shared by both servers)."""
+        if (
+            tunnel is None
+            and self._settings.auth.enabled
+            and not check_proxy_auth(self._settings, headers.get("Proxy-Authorization"))
         ):
-            response = proxy_error(407, "proxy_auth_required", "proxy authentication required")
-            response.headers["Proxy-Authenticate"] = PROXY_AUTH_CHALLENGE
-            return response
+            return Refusal(
+                407,
+                "proxy_auth_required",
+                "proxy authentication required",
+                headers=(("Proxy-Authenticate", PROXY_AUTH_CHALLENGE),),
+            )
         try:
-            url = self._target_url(request, tunnel)
+            url = self._target_url(raw_target, tunnel)
         except hs.TargetError as exc:
-            return proxy_error(400, "bad_request_target", str(exc))
-        problem = hs.framing_error(request.headers)
+            return Refusal(400, "bad_request_target", str(exc))
+        problem = hs.framing_error(headers)
         if problem:
-            return proxy_error(400, "bad_framing", problem, close=True)
-        if hs.via_has_loop(request.headers.getall("Via", [])):
-            return proxy_error(508, "loop_detected", "request already passed through this proxy")
-        authority = hs.Authority((url.host or "").lower(), url.port or 0)
-        if tunnel is None and hs.is_self_target(authority, self._listen, self._local_names):
-            return proxy_error(400, "self_target", "request is aimed at the proxy itself")
+            return Refusal(400, "bad_framing", problem, close=True)
+        if "Via" in headers and hs.via_has_loop(headers.getall("Via")):
+            return Refusal(508, "loop_detected", "request already passed through this proxy")
+        if tunnel is None:
+            authority = hs.Authority((url.host or "").lower(), url.port or 0)
+            if hs.is_self_target(authority, self._listen, self._local_names):
+                return Refusal(400, "self_target", "request is aimed at the proxy itself")
+        return url
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """aiohttp's handler entry: connections handed over by the lean server (upgrades) land here."""
+        tunnel: TunnelInfo | None = getattr(request.protocol, "x402_tunnel", None)
+        admitted = self.admit(request.raw_path, request.headers, tunnel)
+        if isinstance(admitted, Refusal):
+            response = proxy_error(
+                admitted.status, admitted.reason_code, admitted.message, close=admitted.close
+            )
+            for name, value in admitted.headers:
+                response.headers[name] = value
+            return response
+        url = admitted
 
         if hs.is_websocket_upgrade(request.headers):
             return await self._relay_websocket(request, url, self._upstream, self._settings)
@@ -129,8 +195,20 @@ class Forwarder:
             return response
         return await self._respond(request, outcome)
 
-    def _target_url(self, request: web.BaseRequest, tunnel: TunnelInfo | None) -> URL:
-        raw = request.raw_path
+    def _target_url(self, raw: str, tunnel: TunnelInfo | None) -> URL:
+        if tunnel is not None:
+            return self._parse_target(raw, tunnel)
+        # Absolute-form targets recur (an agent calls the same endpoints): parse and check each once.
+        url = self._targets.get(raw)
+        if url is None:
+            url = self._parse_target(raw, None)
+            if len(raw) <= _TARGET_CACHE_URL:  # bounded memory: entries of at most 1 KiB
+                if len(self._targets) >= _TARGET_CACHE_SIZE:
+                    self._targets.clear()
+                self._targets[raw] = url
+        return url
+
+    def _parse_target(self, raw: str, tunnel: TunnelInfo | None) -> URL:
         if tunnel is not None:
             if not raw.startswith("/"):
                 if raw.startswith(("http://", "https://")):
@@ -139,16 +217,24 @@ class Forwarder:
                 else:
                     raise hs.TargetError("request target inside the tunnel must start with /")
             netloc = tunnel.authority.netloc(tunnel.scheme)
-            return URL(f"{tunnel.scheme}://{netloc}{raw}", encoded=True)
+            try:
+                tunnelled = URL(f"{tunnel.scheme}://{netloc}{raw}", encoded=True)
+                tunnel_host = tunnelled.host  # an invalid xn-- label raises here, not mid-exchange
+            except ValueError as exc:
+                raise hs.TargetError(f"unparseable tunnel authority: {exc}") from exc
+            if not tunnel_host:
+                raise hs.TargetError("tunnel authority has no host")
+            return tunnelled
         if raw.startswith("/") or raw == "*":
             raise hs.TargetError(
                 "this is a forward proxy: send absolute-form requests (http://host/path) or CONNECT"
             )
         try:
             url = URL(raw, encoded=True)
+            host = url.host  # decodes IDNA: an invalid xn-- label raises UnicodeError (a ValueError)
         except ValueError as exc:
             raise hs.TargetError(f"unparseable request target: {exc}") from exc
-        if url.scheme not in ("http", "https", "ws", "wss") or not url.host:
+        if url.scheme not in ("http", "https", "ws", "wss") or not host:
             raise hs.TargetError(f"unsupported request target {raw[:200]!r}")
         if url.user is not None or url.password is not None:
             raise hs.TargetError("credentials in the request URL are not forwarded")
@@ -157,25 +243,12 @@ class Forwarder:
         return url
 
     async def _prepare(self, request: web.BaseRequest, url: URL, tunnelled: bool) -> Exchange:
-        headers = hs.end_to_end_headers(
-            request.headers.items(), hs.connection_tokens(request.headers), _DROP_REQUEST
-        )
-        headers["Via"] = hs.via_value(headers.pop("Via", None), request.version)
         if hs.expects_continue(request.headers):
             # The low-level server never sends 100 itself and the upstream client would wait for one:
             # answer it here and strip the expectation (RFC 9110 10.1.1 lets a proxy do so).
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         body, stream = await self._read_body(request)
-        return Exchange(
-            request_id=f"{_id_prefix}-{next(_request_ids)}",
-            method=request.method,
-            url=url,
-            headers=headers,
-            client_headers=request.headers,
-            body=body,
-            body_stream=stream,
-            tunnelled=tunnelled,
-        )
+        return build_exchange(request.method, url, request.headers, request.version, tunnelled, body, stream)
 
     async def _read_body(self, request: web.BaseRequest) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
         if not request.body_exists:
@@ -195,7 +268,9 @@ class Forwarder:
                 return None, _iterate(request.content, bytes(buffered))
 
     async def _send(self, exchange: Exchange) -> Outcome:
-        upstream_request = UpstreamRequest(exchange.method, exchange.url, exchange.headers, exchange.body)
+        upstream_request = UpstreamRequest(
+            exchange.method, exchange.url, exchange.headers, exchange.body, exchange.appended
+        )
         response = await self._upstream.send(upstream_request, exchange.body_stream)
         return Outcome(response)
 

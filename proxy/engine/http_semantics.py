@@ -92,6 +92,8 @@ def connection_tokens(headers: Mapping[str, str] | MultiMapping[str]) -> set[str
     """Header names listed in Connection (and Proxy-Connection) are hop-by-hop too."""
     tokens: set[str] = set()
     getall = getattr(headers, "getall", None)
+    if getall is not None and "Connection" not in headers and "Proxy-Connection" not in headers:
+        return tokens  # the common request: nothing listed
     for name in ("Connection", "Proxy-Connection"):
         values: Iterable[str] = getall(name, ()) if getall else [headers.get(name, "")]
         for value in values:
@@ -117,8 +119,11 @@ def end_to_end_headers(
     return out
 
 
+_VIA_ENTRIES = {(1, 1): f"1.1 {VIA_PSEUDONYM}", (1, 0): f"1.0 {VIA_PSEUDONYM}"}
+
+
 def via_value(existing: str | None, http_version: tuple[int, int]) -> str:
-    entry = f"{http_version[0]}.{http_version[1]} {VIA_PSEUDONYM}"
+    entry = _VIA_ENTRIES.get(http_version) or f"{http_version[0]}.{http_version[1]} {VIA_PSEUDONYM}"
     return f"{existing}, {entry}" if existing else entry
 
 
@@ -156,6 +161,38 @@ def is_self_target(
         if host in ("0.0.0.0", "::") and authority.is_ip:
             return True
     return False
+
+
+def is_own_listener(peer: tuple[str, int], local_ip: str, listeners: Iterable[tuple[str, int]]) -> bool:
+    """True when an upstream connection reached one of our own listeners.
+
+    Names are no guide (any hostname may resolve to this machine: a compose service name, an
+    /etc/hosts alias), so this looks at where the connection actually went: a listener's port at
+    its address, or at any address of this host for a wildcard listener (the peer is this host
+    when it is loopback or the very address our end of the connection has).
+    """
+    peer_ip = _plain_ip(peer[0])
+    if peer_ip is None:
+        return False
+    for host, port in listeners:
+        if port != peer[1]:
+            continue
+        if host in ("0.0.0.0", "::", ""):
+            if peer_ip.is_loopback or peer_ip == _plain_ip(local_ip):
+                return True
+        elif _plain_ip(host) == peer_ip:
+            return True
+    return False
+
+
+def _plain_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def expects_continue(headers: MultiMapping[str]) -> bool:

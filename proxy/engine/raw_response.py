@@ -42,25 +42,34 @@ def serialize_head(
     extra: list[tuple[str, str]],
     content_length: int | None,
     keep_alive: bool,
+    chunked: bool = False,
 ) -> bytes | None:
-    """Status line and end-to-end headers; None if a header would break the framing (caller falls back)."""
+    """Status line and end-to-end headers; None if a header would break the framing (caller falls back).
+
+    With `chunked` the body that follows is sent with chunked transfer coding (HTTP/1.1 clients only).
+    """
     lines = [f"HTTP/{version[0]}.{version[1]} {status} {reason}\r\n"]
     skip = _SKIP
-    if connection_listed:
+    if connection_listed and not connection_listed <= skip:  # "keep-alive" alone is skipped anyway
         skip = skip | connection_listed
-    if extra:
-        # A stage's header replaces the upstream's of that name; of a stage's repeats the last one wins.
+    # Names a stage sets: they replace the upstream's (checked apart from `skip`: no set union per answer).
+    replaced: tuple[str, ...] | Iterable[str] = ()
+    if len(extra) == 1:  # the usual case (a session or payment id)
+        replaced = (extra[0][0].lower(),)
+    elif extra:
+        # Of a stage's repeats the last one wins.
         last = {name.lower(): (name, value) for name, value in extra}
         extra = list(last.values())
-        skip = skip | last.keys()
+        replaced = last.keys()
     has_date = False
+    append = lines.append
     for name, value in upstream_headers:
         lower = name.lower()
-        if lower in skip:
+        if lower in skip or lower in replaced:
             continue
         if lower == "date":
             has_date = True
-        lines.append(f"{name}: {value}\r\n")
+        append(f"{name}: {value}\r\n")
     for name, value in extra:
         lines.append(f"{name}: {value}\r\n")
     if not has_date:
@@ -68,6 +77,8 @@ def serialize_head(
         lines.append(f"Date: {http_date()}\r\n")
     if content_length is not None:
         lines.append(f"Content-Length: {content_length}\r\n")
+    elif chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
     if version >= (1, 1):
         if not keep_alive:
             lines.append("Connection: close\r\n")

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from http import HTTPStatus
+
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from proxy.engine.raw_response import http_date
 
 ERROR_HEADER = "X-402-Proxy-Error"
 
@@ -27,6 +32,38 @@ def raw_error(status: int, phrase: str, reason_code: str, message: str, extra: s
         f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\n"
         f"{ERROR_HEADER}: {reason_code}\r\n{extra}Connection: close\r\n\r\n"
     ).encode() + body
+
+
+def error_response(
+    version: tuple[int, int],
+    status: int,
+    reason_code: str,
+    message: str,
+    keep_alive: bool,
+    extra: Iterable[tuple[str, str]] = (),
+) -> bytes:
+    """`proxy_error` as finished bytes, for the lean server (same headers, no Server header)."""
+    body = f"x402-proxy: {message}\n".encode()
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = ""
+    lines = [
+        f"HTTP/{version[0]}.{version[1]} {status} {phrase}\r\n",
+        "Content-Type: text/plain; charset=utf-8\r\n",
+        f"Content-Length: {len(body)}\r\n",
+        f"Date: {http_date()}\r\n",
+        f"{ERROR_HEADER}: {reason_code}\r\n",
+    ]
+    # Stage headers (a ledger id) and the message are ours; line breaks in them would split the head.
+    lines.extend(f"{name}: {value}\r\n" for name, value in extra if "\r" not in value and "\n" not in value)
+    if version >= (1, 1):
+        if not keep_alive:
+            lines.append("Connection: close\r\n")
+    elif keep_alive:
+        lines.append("Connection: keep-alive\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape") + body
 
 
 def classify_request_error(exc: BaseException | None, status: int) -> tuple[int, str, str]:

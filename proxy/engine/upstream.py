@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from proxy.engine.exchange import UpstreamResponse
+from proxy.engine.exchange import EncodedHeaders, UpstreamResponse
 from proxy.engine.settings import UpstreamSettings
 from proxy.engine.upstream_pool import (
     DisconnectedError,
@@ -21,6 +21,7 @@ from proxy.engine.upstream_pool import (
     RequestBodyError,
     RequestHeadError,
     ResponseHeadError,
+    SelfTargetError,
     UpstreamConnection,
     UpstreamPool,
     build_head,
@@ -59,6 +60,8 @@ class UpstreamRequest:
     url: URL
     headers: CIMultiDict[str]
     body: bytes | None
+    # Pre-encoded header lines sent after `headers` (a session's credentials; names not in `headers`).
+    appended: EncodedHeaders | None = None
 
 
 class Upstream:
@@ -67,6 +70,8 @@ class Upstream:
         self._ssl = ssl_context
         self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
+        # Set by the app: the addresses of every listener of this process (refused as upstreams).
+        self.own_listeners: Callable[[], list[tuple[str, int]]] | None = None
         self._hosts: dict[PoolKey, str] = {}
 
     @property
@@ -107,6 +112,7 @@ class Upstream:
                 max_field=MAX_UPSTREAM_FIELD,
                 max_head=MAX_UPSTREAM_HEAD,
             )
+            self._pool.own_listeners = self.own_listeners
         return self._pool
 
     async def send(
@@ -134,7 +140,7 @@ class Upstream:
                 if not (
                     body_stream is None
                     and (exc.reused or request.method in _IDEMPOTENT)
-                    and not _carries_payment(request.headers)
+                    and not _carries_payment(request)
                 ):
                     raise
             conn = await self._connect(key, request)
@@ -172,13 +178,19 @@ class Upstream:
                 self._hosts.clear()
             host = self._hosts[key] = _host_header(request.url)
         try:
-            return build_head(request.method, request.url.raw_path_qs, host, headers, extra), stream_length
+            head = build_head(request.method, request.url.raw_path_qs, host, headers, extra)
         except (RequestHeadError, UnicodeEncodeError) as exc:
             raise UpstreamError(400, "bad_request_header", f"request cannot be forwarded: {exc}") from exc
+        appended = request.appended
+        if appended is not None and appended.data is not None:
+            head = head[:-2] + appended.data + b"\r\n"
+        return head, stream_length
 
     async def _connect(self, key: PoolKey, request: UpstreamRequest) -> UpstreamConnection:
         try:
             return await self.pool.connect(key)
+        except SelfTargetError as exc:
+            raise UpstreamError(400, "self_target", f"request is aimed at the proxy itself: {exc}") from exc
         except ssl.SSLCertVerificationError as exc:
             raise UpstreamError(
                 502,
@@ -229,8 +241,9 @@ def _map_error(exc: Exception, request: UpstreamRequest) -> UpstreamError:
     return UpstreamError(502, "upstream_error", f"upstream {host} failed: {_reason(exc)}")
 
 
-def _carries_payment(headers: CIMultiDict[str]) -> bool:
-    return any(name in headers for name in PAYMENT_HEADERS)
+def _carries_payment(request: UpstreamRequest) -> bool:
+    appended = request.appended.names if request.appended is not None else frozenset()
+    return any(name in request.headers or name.lower() in appended for name in PAYMENT_HEADERS)
 
 
 def _host_header(url: URL) -> str:

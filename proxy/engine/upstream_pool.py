@@ -24,12 +24,14 @@ import asyncio
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Final
 
 import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.engine.http_semantics import is_own_listener
 
 IDLE_KEEPALIVE: Final = 30.0  # seconds an unused upstream connection is kept
 MAX_IDLE_PER_KEY: Final = 256
@@ -56,6 +58,10 @@ class NoResponseError(Exception):
     def __init__(self, message: str, reused: bool) -> None:
         super().__init__(message)
         self.reused = reused
+
+
+class SelfTargetError(Exception):
+    """The upstream connection reached one of the proxy's own listeners."""
 
 
 class DisconnectedError(Exception):
@@ -201,6 +207,20 @@ class PooledResponse:
 
     def iter_chunked(self, n: int) -> AsyncIterator[bytes]:
         return self._iterate(n)
+
+    def read_complete(self) -> bytes | None:
+        """The whole body if it has fully arrived (without an await), else None."""
+        if self._body is not None:
+            return self._body
+        if not self._done or self._exc is not None:
+            return None
+        chunks = self._chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        self._complete()
+        self._body = body
+        return body
 
     async def read(self) -> bytes:
         if self._body is not None:
@@ -657,6 +677,8 @@ class UpstreamPool:
         self._idle: dict[PoolKey, list[UpstreamConnection]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self.connections_opened = 0
+        # Our own listeners: a connection that lands on one is refused (see is_own_listener).
+        self.own_listeners: Callable[[], list[tuple[str, int]]] | None = None
 
     def acquire(self, key: PoolKey) -> UpstreamConnection | None:
         idle = self._idle.get(key)
@@ -681,6 +703,12 @@ class UpstreamPool:
                 server_hostname=host if tls else None,
             )
         self.connections_opened += 1
+        if self.own_listeners is not None and conn.transport is not None:
+            peer = conn.transport.get_extra_info("peername")
+            local = conn.transport.get_extra_info("sockname")
+            if peer and local and is_own_listener(peer[:2], local[0], self.own_listeners()):
+                conn._close()
+                raise SelfTargetError(f"{host}:{port} is this proxy's own listener")
         return conn
 
     def put(self, conn: UpstreamConnection) -> None:

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from cachetools import LRUCache
+from yarl import URL
 
-from proxy.engine.exchange import Exchange, Exchanger, Outcome
+from proxy.engine.exchange import EncodedHeaders, Exchange, Exchanger, Outcome
 from proxy.engine.responses import ERROR_HEADER
 from proxy.faults import checkpoint
 from proxy.observability.context import SESSION_ID
@@ -49,6 +49,9 @@ from proxy.tokens import SessionClaim, make_session_token
 log = logging.getLogger("x402_proxy.sessions")
 
 SESSION_HEADER = "X-402-Proxy-Session"
+_NORMALIZED_CACHE_SIZE = 4096
+_STATIC_CACHE_SIZE = 4096
+_NORMALIZED_CACHE_URL = 1024
 
 
 class SessionStage:
@@ -68,7 +71,10 @@ class SessionStage:
         self._clock = clock
         # Hot sessions' static credential headers (lease headers, signed token): building them costs more
         # than the rest of a session hit. Bounded, and keyed by the credentials object a renewal replaces.
-        self._static: LRUCache[str, tuple[SessionCredentials, dict[str, str]]] = LRUCache(maxsize=4096)
+        # A plain dict emptied when full: an LRU's bookkeeping costs as much as the lookup it saves.
+        self._static: dict[str, tuple[SessionCredentials, EncodedHeaders]] = {}
+        # Request URL -> its normal form (or None when it has none): pure, and the same few URLs recur.
+        self._normalized: dict[URL, NormalizedURL | None] = {}
 
     def apply_settings(self, settings: SessionSettings) -> None:
         """A reload (SIGHUP): new sessions follow the new rules; existing sessions keep their scope."""
@@ -77,17 +83,13 @@ class SessionStage:
         self._static.clear()
 
     def __call__(self, inner: Exchanger) -> Exchanger:
-        async def exchange(request: Exchange) -> Outcome:
-            return await self.handle(request, inner)
-
-        return exchange
+        # Returns handle()'s coroutine itself: an `async def` wrapper would add a frame to every await.
+        handle = self.handle
+        return lambda request: handle(request, inner)
 
     async def handle(self, request: Exchange, inner: Exchanger) -> Outcome:
         now = self._clock()
-        try:
-            url: NormalizedURL | None = normalize_url(str(request.url))
-        except ScopeError:
-            url = None
+        url = self._normalize(request.url)
         session = self.manager.match(url, now) if url is not None else None
         if session is not None:
             SESSION_ID.set(session.id)  # log lines of this request name its session
@@ -110,6 +112,24 @@ class SessionStage:
                 return outcome
         return await self._pay(request, outcome, inner, url, session)
 
+    def _normalize(self, request_url: URL) -> NormalizedURL | None:
+        # Keyed by the URL object (equal URLs have the same text): no str() per request.
+        normalized = self._normalized
+        try:
+            return normalized[request_url]
+        except KeyError:
+            pass
+        raw = str(request_url)
+        try:
+            url: NormalizedURL | None = normalize_url(raw)
+        except ScopeError:
+            url = None
+        if len(raw) <= _NORMALIZED_CACHE_URL:  # bounded memory: 4096 entries of at most 1 KiB
+            if len(normalized) >= _NORMALIZED_CACHE_SIZE:
+                normalized.clear()
+            normalized[request_url] = url
+        return url
+
     def _attach(
         self, request: Exchange, session: Session | None, url: NormalizedURL | None, now: float
     ) -> Exchange:
@@ -123,10 +143,15 @@ class SessionStage:
         else:
             cached = self._static.get(session.id)
             if cached is None or cached[0] is not creds:
-                built = credential_headers(session, url, (), self._kinds, now, None)
+                built = EncodedHeaders.build(credential_headers(session, url, (), self._kinds, now, None))
+                if len(self._static) >= _STATIC_CACHE_SIZE:
+                    self._static.clear()
                 cached = self._static[session.id] = (creds, built)
             # The scope check stays per request: a cached header set must never leave its scope.
-            headers = cached[1] if session.scope.covers(url) and session.is_active(now) else {}
+            if cached[1].items and session.scope.covers(url) and session.is_active(now):
+                # Encoded once per session and appended to the upstream head: no per-request header copy.
+                return request.with_encoded(cached[1])
+            return request
         return request.with_headers(headers) if headers else request
 
     def _used(self, session: Session | None, outcome: Outcome, now: float) -> None:
