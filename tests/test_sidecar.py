@@ -422,10 +422,14 @@ def test_sigterm_drains_then_exits_zero(tmp_path: Path, upstream_ca: UpstreamCA,
             )
             outcome["status"], outcome["body"] = response.status_code, response.text
 
+        def slow_seen() -> int:  # the upstream is shared by the whole test session: count, don't look
+            return sum(1 for r in upstream.received if r.path.startswith("/slow"))
+
+        earlier = slow_seen()
         slow = threading.Thread(target=slow_request)
         slow.start()
         deadline = time.monotonic() + 20
-        while not any(r.path.startswith("/slow") for r in upstream.received) and time.monotonic() < deadline:
+        while slow_seen() == earlier and time.monotonic() < deadline:
             time.sleep(0.05)
         assert process.proc is not None
         process.proc.send_signal(signal.SIGTERM)  # what `docker stop` sends to PID 1

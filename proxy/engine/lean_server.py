@@ -51,6 +51,10 @@ class ClientBodyError(ConnectionError):
     """The client's request body broke off or could not be parsed."""
 
 
+class UnsupportedVersion(Exception):
+    """A request line without HTTP/1.0 or HTTP/1.1 (llhttp reads a bare `GET url` as HTTP/0.9)."""
+
+
 class HeadTooLarge(Exception):
     """A request line or header field is over the limit (raised inside a parser callback)."""
 
@@ -280,6 +284,8 @@ class LeanConnection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, HeadTooLarge):
                 self._parse_failed(431, "headers_too_large", "request line or a header is too long")
+            elif isinstance(exc.__context__, UnsupportedVersion):
+                self._parse_failed(400, "bad_request", "only HTTP/1.0 and HTTP/1.1 requests are served")
             else:
                 log.error("request parser callback failed", exc_info=exc.__context__)
                 self._parse_failed(400, "bad_request", "malformed request")
@@ -343,6 +349,8 @@ class LeanConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         parser = self._parser
         version_text = parser.get_http_version()
+        if version_text not in ("1.0", "1.1"):
+            raise UnsupportedVersion(version_text)
         version = (1, 1) if version_text == "1.1" else (int(version_text[0]), int(version_text[2]))
         request = ClientRequest(
             self,
