@@ -120,6 +120,8 @@ class Forwarder:
         self._local_names = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
         self._exchanger: Exchanger = self._send
         self._targets: dict[str, URL] = {}  # request target -> its checked URL (see _target_url)
+        # URL -> aimed at one of our listeners? Depends only on the listen addresses, which reset it.
+        self._self_checked: dict[URL, bool] = {}
         from proxy.engine.websocket_relay import relay_websocket
 
         self._relay_websocket = relay_websocket
@@ -134,6 +136,7 @@ class Forwarder:
 
     def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
         self._listen = addresses
+        self._self_checked.clear()
 
     @property
     def exchanger(self) -> Exchanger:
@@ -163,8 +166,15 @@ class Forwarder:
         if "Via" in headers and hs.via_has_loop(headers.getall("Via")):
             return Refusal(508, "loop_detected", "request already passed through this proxy")
         if tunnel is None:
-            authority = hs.Authority((url.host or "").lower(), url.port or 0)
-            if hs.is_self_target(authority, self._listen, self._local_names):
+            aimed_at_us = self._self_checked.get(url)
+            if aimed_at_us is None:
+                authority = hs.Authority((url.host or "").lower(), url.port or 0)
+                aimed_at_us = hs.is_self_target(authority, self._listen, self._local_names)
+                if len(raw_target) <= _TARGET_CACHE_URL:
+                    if len(self._self_checked) >= _TARGET_CACHE_SIZE:
+                        self._self_checked.clear()
+                    self._self_checked[url] = aimed_at_us
+            if aimed_at_us:
                 return Refusal(400, "self_target", "request is aimed at the proxy itself")
         return url
 
