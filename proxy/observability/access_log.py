@@ -1,5 +1,5 @@
 """One line per proxied request: method, host, status, bytes, duration, and whether it was paid or
-rode on a session. Installed as the outermost stage, so it also scopes the request's log context.
+rode on a session. Installed as the outermost stage, so it also names the request in its log context.
 """
 
 from __future__ import annotations
@@ -20,37 +20,50 @@ _ERROR_HEADER = "x-402-proxy-error"
 
 
 def access_stage(enabled: bool) -> object:
-    """stage(inner) -> Exchanger; with the access log off it still scopes the log context."""
+    """stage(inner) -> Exchanger; with the access log off it still names the request in log lines.
+
+    Every proxied request runs in a task of its own (the lean server and aiohttp's handler both
+    start one), and a task works on a copy of the context: ids set here never leak into another
+    request, so nothing needs resetting (that cost ~4 % of a small request's CPU).
+    """
+
+    def fresh_context(request: Exchange) -> None:
+        REQUEST_ID.set(request.request_id)
+        if SESSION_ID.get() is not None:
+            SESSION_ID.set(None)
+        if PAYMENT_ID.get() is not None:
+            PAYMENT_ID.set(None)
 
     def wrap(inner: Exchanger) -> Exchanger:
-        async def exchange(request: Exchange) -> Outcome:
-            tokens = (REQUEST_ID.set(request.request_id), SESSION_ID.set(None), PAYMENT_ID.set(None))
+        if not enabled:
+
+            async def quiet(request: Exchange) -> Outcome:
+                fresh_context(request)
+                return await inner(request)
+
+            return quiet
+
+        async def logged(request: Exchange) -> Outcome:
+            fresh_context(request)
             started = time.perf_counter()
             try:
-                try:
-                    outcome = await inner(request)
-                except UpstreamError as exc:
-                    if enabled:
-                        _line(request, exc.status, None, started, exc.reason_code, None, None)
-                    raise
-                if enabled:
-                    extra = {name.lower(): value for name, value in outcome.extra_headers}
-                    _line(
-                        request,
-                        outcome.response.status,
-                        outcome.response.content_length,
-                        started,
-                        extra.get(_ERROR_HEADER),
-                        extra.get(_SESSION_HEADER),
-                        extra.get(_PAYMENT_HEADER),
-                    )
-                return outcome
-            finally:
-                PAYMENT_ID.reset(tokens[2])
-                SESSION_ID.reset(tokens[1])
-                REQUEST_ID.reset(tokens[0])
+                outcome = await inner(request)
+            except UpstreamError as exc:
+                _line(request, exc.status, None, started, exc.reason_code, None, None)
+                raise
+            extra = {name.lower(): value for name, value in outcome.extra_headers}
+            _line(
+                request,
+                outcome.response.status,
+                outcome.response.content_length,
+                started,
+                extra.get(_ERROR_HEADER),
+                extra.get(_SESSION_HEADER),
+                extra.get(_PAYMENT_HEADER),
+            )
+            return outcome
 
-        return exchange
+        return logged
 
     return wrap
 

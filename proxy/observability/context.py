@@ -1,7 +1,8 @@
 """Which request, session and payment a log line belongs to, carried by context variables.
 
-The access-log stage sets the request id when a request enters the stages and restores all three
-when it leaves, so a keep-alive connection never lends one request's ids to the next.
+The access-log stage sets the request id when a request enters the stages; the session and payment
+stages add theirs. Each request runs in its own task, on its own copy of the context, so a
+keep-alive connection never lends one request's ids to the next.
 """
 
 from __future__ import annotations
