@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,7 @@ def ledger(proxy: ProxyProcess) -> list[dict[str, Any]]:
     path = proxy.home / "state.db"
     if not path.exists():
         return []
-    # A plain connection, closed after use: a `mode=ro` one may read the database file without the
-    # proxy's write-ahead log when it cannot use the shared-memory index, and miss committed rows.
-    with closing(sqlite3.connect(path, timeout=10)) as conn:
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
         conn.row_factory = sqlite3.Row
         return [dict(row) for row in conn.execute("SELECT * FROM payments ORDER BY id")]
 
