@@ -8,6 +8,7 @@ is keyed by component, and ``open_database`` / ``apply_migrations`` are reusable
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -127,13 +128,16 @@ def open_database(path: Path) -> sqlite3.Connection:
     path = Path(path)
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            mode = stat.S_IMODE(os.fstat(fd).st_mode)
-            if mode & 0o077:
-                os.fchmod(fd, 0o600)  # the ledger reveals spending habits: private to the user
-        finally:
-            os.close(fd)
+        # Never open() and close() an existing database file here: closing any descriptor of a file drops
+        # every POSIX lock this process holds on it, including the SHARED lock of a SQLite connection
+        # already open (the ledger's, when the session store opens the same file). Another process could
+        # then take the file as unused, checkpoint and delete the WAL, and our later commits would go to
+        # an unlinked WAL, invisible to others and lost on a crash. (Found by tests/test_store_faults.py.)
+        if not path.exists():
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        if stat.S_IMODE(os.stat(path).st_mode) & 0o077:
+            os.chmod(path, 0o600)  # the ledger reveals spending habits: private to the user
     except OSError as exc:
         raise StoreError(f"cannot create ledger {path}: {exc.strerror}", "io") from None
     try:
