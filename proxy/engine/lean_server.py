@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.engine.flow_control import WriteFlow
 from proxy.engine.responses import error_response
 
 if TYPE_CHECKING:
@@ -244,8 +245,7 @@ class LeanConnection(asyncio.Protocol):
         self._eof = False
         self._read_paused = False
         self._body_backlog = False
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._flow = WriteFlow(self.loop)
         self._last_activity = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -308,25 +308,16 @@ class LeanConnection(asyncio.Protocol):
             if request is not None and request.body is not None and not request.body.done:
                 request.body.fail(gone)
         self._waiting.clear()
-        drain = self._drain_waiter
-        if drain is not None:
-            self._drain_waiter = None
-            if not drain.done():
-                drain.set_exception(gone)
+        self._flow.fail(gone)
         if self._task is not None:
             # The answer has nowhere to go (what aiohttp's handler_cancellation does).
             self._task.cancel()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._flow.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain_waiter
-        if drain is not None:
-            self._drain_waiter = None
-            if not drain.done():
-                drain.set_result(None)
+        self._flow.resume()
 
     # --- llhttp callbacks ------------------------------------------------------------------
 
@@ -502,18 +493,15 @@ class LeanConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         """Wait while the transport's write buffer is over its high-water mark."""
-        if not self._write_paused:
+        if not self._flow.paused:
             return
         if self.lost:
             raise ConnectionResetError("client connection lost")
-        drain = self._drain_waiter
-        if drain is None:
-            drain = self._drain_waiter = self.loop.create_future()
-        await drain
+        await self._flow.wait()
 
     @property
     def write_paused(self) -> bool:
-        return self._write_paused
+        return self._flow.paused
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None

@@ -31,6 +31,7 @@ import aiohttp
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.engine.flow_control import WriteFlow
 from proxy.engine.http_semantics import is_own_listener
 
 IDLE_KEEPALIVE: Final = 30.0  # seconds an unused upstream connection is kept
@@ -283,9 +284,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._keep_alive = False
         self._eof_framed = False
         self._writer: asyncio.Task[None] | None = None
-        # Write flow control.
-        self._write_paused = False
-        self._drain_waiter: asyncio.Future[None] | None = None
+        self._flow = WriteFlow(self.loop)
         # Idle timeout.
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -350,11 +349,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        drain = self._drain_waiter
-        if drain is not None:
-            self._drain_waiter = None
-            if not drain.done():
-                drain.set_exception(ConnectionResetError("upstream connection lost"))
+        self._flow.fail(ConnectionResetError("upstream connection lost"))
         if not self._busy:
             self.pool.forget(self)
             return
@@ -378,15 +373,10 @@ class UpstreamConnection(asyncio.Protocol):
                 )
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._flow.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        drain = self._drain_waiter
-        if drain is not None:
-            self._drain_waiter = None
-            if not drain.done():
-                drain.set_result(None)
+        self._flow.resume()
 
     # --- llhttp callbacks ------------------------------------------------------------------
 
@@ -539,7 +529,7 @@ class UpstreamConnection(asyncio.Protocol):
             else:
                 transport.write(chunk)
             sent += len(chunk)
-            if self._write_paused:
+            if self._flow.paused:
                 try:
                     await self._drain()
                 except ConnectionError:
@@ -560,13 +550,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._abort()
 
     async def _drain(self) -> None:
-        if not self._write_paused or self.transport is None:
-            return
-        drain = self._drain_waiter
-        if drain is None:
-            drain = self.loop.create_future()
-            self._drain_waiter = drain
-        await drain
+        if self.transport is not None:
+            await self._flow.wait()
 
     def exchange_finished(self, complete: bool) -> None:
         """The response has been consumed (`complete`) or abandoned."""
