@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
@@ -35,7 +34,14 @@ from x402.http.middleware.fastapi import PaymentMiddlewareASGI
 
 # Run by file path like server_py.py, whose helpers it shares (the tests package would import the whole stack).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from server_py import ServerConfig, Stats, _route, parse_args, payment_server  # type: ignore[import-not-found]
+from server_py import (  # type: ignore[import-not-found]
+    ServerConfig,
+    Stats,
+    _route,
+    parse_args,
+    payment_server,
+    serve,
+)
 
 MCP_PATH = "/mcp"
 
@@ -123,15 +129,7 @@ def create_app(cfg: ServerConfig) -> ASGIApp:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
-    uvicorn.run(
-        create_app(cfg),
-        host=cfg.host,
-        port=cfg.port,
-        log_level="warning",
-        access_log=False,
-        ssl_certfile=cfg.ssl_certfile,
-        ssl_keyfile=cfg.ssl_keyfile,
-    )
+    serve(create_app(cfg), cfg)
 
 
 if __name__ == "__main__":

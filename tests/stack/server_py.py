@@ -433,11 +433,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+def serve(app: Any, cfg: ServerConfig) -> None:
+    """Run an app on the configured address (and TLS); shared with server_mcp.py."""
     uvicorn.run(
-        create_app(cfg),
+        app,
         host=cfg.host,
         port=cfg.port,
         log_level="warning",
@@ -445,6 +444,12 @@ def main(argv: list[str] | None = None) -> None:
         ssl_certfile=cfg.ssl_certfile,
         ssl_keyfile=cfg.ssl_keyfile,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    serve(create_app(cfg), cfg)
 
 
 if __name__ == "__main__":
