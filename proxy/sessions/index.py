@@ -28,6 +28,10 @@ index keeps them all: ``lookup`` returns the newest, ``candidates`` yields every
 in preference order so the caller can skip ones it finds expired or ended (and remove them).
 The index knows nothing about time: liveness is the caller's check. Re-adding an id moves it to
 newest; when loading from the store, add sessions in ``created_at`` order.
+
+``generation`` changes whenever an add or remove changes what some URL resolves to. A caller may
+memoise a URL's answer and reuse it while the generation is unchanged (the session stage does, so
+a request in a known scope skips the walk).
 """
 
 from __future__ import annotations
@@ -113,9 +117,10 @@ def _entry_without(entry: _Entry, slash: bool, session_id: str) -> _Entry | None
 
 
 class SessionIndex:
-    __slots__ = ("_exact", "_origins", "_scopes")
+    __slots__ = ("_exact", "_origins", "_scopes", "generation")
 
     def __init__(self) -> None:
+        self.generation = 0
         self._exact: dict[NormalizedURL, _Ids] = {}
         self._origins: dict[tuple[str, str, int], _Paths] = {}
         self._scopes: dict[str, Scope] = {}
@@ -133,6 +138,7 @@ class SessionIndex:
         """Index a session; if the id is already present it is moved (to ``scope``, as newest)."""
         if session_id in self._scopes:
             self.remove(session_id)
+        self.generation += 1
         self._scopes[session_id] = scope
         if scope.kind == "exact":
             key = scope.normalized()
@@ -156,6 +162,7 @@ class SessionIndex:
         scope = self._scopes.pop(session_id, None)
         if scope is None:
             return False
+        self.generation += 1
         if scope.kind == "exact":
             key = scope.normalized()
             rest = _without(self._exact[key], session_id)

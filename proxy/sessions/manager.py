@@ -70,6 +70,11 @@ class SessionManager:
     def store(self) -> SqliteSessionStore:
         return self._store
 
+    @property
+    def index(self) -> SessionIndex:
+        """The scope index; read its `generation` to know when a memoised `match` answer is stale."""
+        return self._index
+
     def load(self) -> int:
         """Bring back the sessions that were active when the proxy last stopped."""
         sessions = self._store.load_active(self._clock())
@@ -118,6 +123,8 @@ class SessionManager:
 
     def touch(self, session: Session, now: float) -> None:
         session.touch(now)
+        # Flushed later; the flush also refreshes the session's place in the LRU order (lookups
+        # memoised by the stage do not touch the cache).
         self._dirty.add(session.id)
 
     def end(self, session_id: str, reason: str) -> tuple[Session | None, bool]:

@@ -10,7 +10,7 @@ downgrade needs. Whatever the proxy sends, a test can ask what *arrived* (`hits`
 Routes (any front, any scheme):
 - a protected path (`protect(scheme, port, path)`): 402 with a real x402 V2 challenge naming the stack's
   token and payTo; a paid retry is settled through the real facilitator and answered 200 with a
-  receipt, a session cookie and an `X-X402-Lease` header; later requests with that cookie get 200.
+  receipt, a session cookie and an `X-X402-Lease` header; later requests with either get 200.
 - `/hostile/<name>`: a 402 built by `HOSTILE_CHALLENGES[name]` from an honest requirement; a payment
   sent anyway is settled (the worst case: the attacker takes the money) and answered 200.
 - `/switch`: an honest 402; the paid retry is settled, then answered with a *fresh* 402 naming
@@ -262,7 +262,8 @@ class HostileOrigin:
     async def _sell(
         self, request: web.Request, url: str, authority: str, signature: str | None
     ) -> web.Response:
-        if any(request.cookies.get(COOKIE_NAME) == sale.cookie for sale in self.sales):
+        lease = request.headers.get(LEASE_HEADER)
+        if any(request.cookies.get(COOKIE_NAME) == sale.cookie or lease == sale.lease for sale in self.sales):
             return web.json_response({"access": "session"})
         if signature:
             result, receipt = await self._settle(signature)
