@@ -56,6 +56,7 @@ bench: $(STAMP) npm apt-bench
 	@PY=$(PY) bash bench/setup.sh --mitm-only
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/session_hits.py
+	$(BIN)/python bench/session_index.py
 
 # A newcomer's first sight: local chain, token, facilitator, a paid server; curl pays through the proxy.
 demo: $(STAMP) npm apt-test

@@ -49,7 +49,10 @@ def start_nginx(work: Path, port: int) -> subprocess.Popen[bytes]:
         "http { access_log off; keepalive_requests 1000000;\n"
         f'  server {{ listen 127.0.0.1:{port}; location / {{ return 200 "{"x" * 100}"; }} }} }}\n'
     )
-    proc = subprocess.Popen(["nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # On the load generator's CPU, as in bench/run.py (--origin-cpus loadgen): the proxy's CPU is its own.
+    proc = subprocess.Popen(
+        ["taskset", "-c", "0", "nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     for _ in range(100):
         try:
             socket.create_connection(("127.0.0.1", port), 0.1).close()
