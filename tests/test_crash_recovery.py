@@ -7,6 +7,7 @@ Then, on the real chain and in the ledger:
     payTo's balance delta equals exactly the amounts of those rows;
   - a payment whose outcome the proxy could not know is `unknown`, and a retry of the same request
     is refused `payment_in_doubt` instead of paying again;
+  - no point leaves a settled payment without the session it bought (a retry would pay again);
   - the session opened before the crash is back and used without paying.
 
 Most points are reached with the `X402_PROXY_FAULT_PAUSE` hook (proxy/faults.py): the proxy stops
@@ -46,7 +47,7 @@ class CrashPoint:
     path: str  # the paid request in flight when the proxy is killed
     row_state: str  # its ledger row after the restart
     money_moved: bool  # whether its authorization settles on chain
-    retry: str  # what the same request does after the restart: in_doubt | pays_again | session
+    retry: str  # what the same request does after the restart: in_doubt | session
 
 
 CRASH_POINTS = {
@@ -56,13 +57,13 @@ CRASH_POINTS = {
     "b-at-upstream": CrashPoint(None, "/paid/slow?delay=4", "unknown", True, "in_doubt"),
     # The server settled and answered; the proxy died before recording it.
     "c-answered-unrecorded": CrashPoint("payment.answered", "/paid/b", "unknown", True, "in_doubt"),
-    # Recorded settled, the client never got the answer and no session was opened: a retry is a new
-    # need and the policy allows paying it (the ledger shows both payments).
-    "c-recorded-unanswered": CrashPoint("payment.recorded", "/paid/b", "settled", True, "pays_again"),
-    # Settled, its session not yet saved: the session is lost, so the next request pays again (policy).
-    "d-session-unsaved": CrashPoint("session.before_save", "/paid/b", "settled", True, "pays_again"),
-    # Session saved, payment not yet linked to it: the session is back and serves the retry for free.
-    "d-session-saved": CrashPoint("session.saved", "/paid/b", "settled", True, "session"),
+    # What the payment bought (its session) is saved before the row says settled. So:
+    # answered and settled, its session not yet saved: the row is in doubt, a retry is refused.
+    "d-session-unsaved": CrashPoint("session.before_save", "/paid/b", "unknown", True, "in_doubt"),
+    # Session saved, the row not yet linked to it nor settled: the session is back and serves the retry.
+    "d-session-saved": CrashPoint("session.saved", "/paid/b", "unknown", True, "session"),
+    # Recorded settled with its session saved, the client never got the answer: the retry rides the session.
+    "c-recorded-unanswered": CrashPoint("payment.recorded", "/paid/b", "settled", True, "session"),
 }
 
 
@@ -205,18 +206,15 @@ def test_sigkill_at_payment_step(
         assert retry.status_code == 402 and retry.headers[ERROR] == "payment_in_doubt"
         assert len(ledger(proxy)) == 2, "a second payment was prepared"
         assert x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == paid_so_far
-    elif point.retry == "session":
+    else:
+        assert point.retry == "session"
         assert retry.status_code == 200 and PAYMENT not in retry.headers
         (restored,) = (s for s in session_rows(home) if s != session_a)
         assert retry.headers[SESSION] == restored
         assert session_rows(home)[restored]["payment_ids"] == [crashed["id"]]
-        assert crashed["session_id"] is None  # killed before the link: the session side holds it
+        # Killed at session.saved: before the link, so only the session side holds it.
+        assert crashed["session_id"] == (None if point.fault == "session.saved" else restored)
         assert x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == paid_so_far
-    else:
-        assert point.retry == "pays_again"
-        assert retry.status_code == 200 and PAYMENT in retry.headers
-        assert x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == paid_so_far + price
-        assert [s for s in session_rows(home) if s != session_a] == [retry.headers[SESSION]]
     final = assert_ledger_matches_chain(x402_stack, proxy, pay_to_before)
-    assert len(final) == (3 if point.retry == "pays_again" else 2)
+    assert len(final) == 2  # never a second payment for the interrupted request
     assert proxy.stop(signal.SIGTERM) == 0

@@ -221,8 +221,12 @@ class Payer:
         self, plan: PaymentPlan, status: int, resp_headers: Mapping[str, str], body: bytes | None = None
     ) -> PaymentRecord:
         """Record how the server answered the paid request."""
+        return self.record_verdict(plan, settlement_verdict(status, resp_headers, body))
+
+    def record_verdict(self, plan: PaymentPlan, verdict: Verdict) -> PaymentRecord:
+        """Write a verdict (see `settlement_verdict`) to the payment's ledger row."""
         try:
-            return self._record_response(plan, status, resp_headers, body)
+            return self._write_verdict(plan, verdict)
         except StoreError:
             self._remember_unrecorded(plan)
             raise
@@ -232,41 +236,26 @@ class Payer:
         key = (plan.record.method.upper(), plan.record.url)
         self._unrecorded[key] = (plan.ledger_id, plan.valid_before)
 
-    def _record_response(
-        self, plan: PaymentPlan, status: int, resp_headers: Mapping[str, str], body: bytes | None
-    ) -> PaymentRecord:
+    def _write_verdict(self, plan: PaymentPlan, verdict: Verdict) -> PaymentRecord:
         now = self.clock()
-        receipt = read_settlement(resp_headers)
+        store = self.store
         try:
-            if receipt is not None and (
-                receipt.success is True or (receipt.success is None and receipt.transaction)
-            ):
-                return self.store.mark_settled(
-                    plan.ledger_id, tx_hash=receipt.transaction, payer=receipt.payer, now=now
+            if verdict.state is PaymentState.SETTLED:
+                return store.mark_settled(
+                    plan.ledger_id,
+                    tx_hash=verdict.tx_hash,
+                    payer=verdict.payer,
+                    reason=verdict.reason,
+                    now=now,
                 )
-            if status == 402:
-                reason = (
-                    receipt.error_reason
-                    if receipt and receipt.error_reason
-                    else rejection_reason(resp_headers, body)
-                )
-                return self.store.mark_rejected(plan.ledger_id, reason=_clip(reason), now=now)
-            if receipt is not None and receipt.success is False:
-                reason = f"HTTP {status}; settlement failed: {receipt.error_reason or 'no reason given'}"
-                return self.store.mark_unsettled(plan.ledger_id, reason=_clip(reason), now=now)
-            if status >= 400:
-                return self.store.mark_unsettled(
-                    plan.ledger_id, reason=f"HTTP {status} without a settlement receipt", now=now
-                )
-            # Served without a receipt: the need was met, so treat the payment as spent.
-            return self.store.mark_settled(
-                plan.ledger_id, reason=f"HTTP {status} without a settlement receipt", now=now
-            )
+            if verdict.state is PaymentState.REJECTED:
+                return store.mark_rejected(plan.ledger_id, reason=verdict.reason or "", now=now)
+            return store.mark_unsettled(plan.ledger_id, reason=verdict.reason or "", now=now)
         except StoreError as exc:
             if exc.kind != "transition":
                 raise
             log.warning("payment #%s already recorded: %s", plan.ledger_id, exc)
-            current = self.store.get(plan.ledger_id)
+            current = store.get(plan.ledger_id)
             assert current is not None
             return current
 
@@ -373,6 +362,35 @@ class Payer:
             payer=self.wallet.address if self.wallet else None,
             session_id=request.session_id,
         )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the paid answer says became of the payment: the ledger state to record, and its details."""
+
+    state: PaymentState  # SETTLED, REJECTED or UNSETTLED
+    tx_hash: str | None = None
+    payer: str | None = None
+    reason: str | None = None
+
+
+def settlement_verdict(status: int, resp_headers: Mapping[str, str], body: bytes | None) -> Verdict:
+    """Read the paid answer (status, settlement receipt, 402 reason) into a verdict. Pure."""
+    receipt = read_settlement(resp_headers)
+    if receipt is not None and (receipt.success is True or (receipt.success is None and receipt.transaction)):
+        return Verdict(PaymentState.SETTLED, tx_hash=receipt.transaction, payer=receipt.payer)
+    if status == 402:
+        reason = (
+            receipt.error_reason if receipt and receipt.error_reason else rejection_reason(resp_headers, body)
+        )
+        return Verdict(PaymentState.REJECTED, reason=_clip(reason))
+    if receipt is not None and receipt.success is False:
+        reason = f"HTTP {status}; settlement failed: {receipt.error_reason or 'no reason given'}"
+        return Verdict(PaymentState.UNSETTLED, reason=_clip(reason))
+    if status >= 400:
+        return Verdict(PaymentState.UNSETTLED, reason=f"HTTP {status} without a settlement receipt")
+    # Served without a receipt: the need was met, so treat the payment as spent.
+    return Verdict(PaymentState.SETTLED, reason=f"HTTP {status} without a settlement receipt")
 
 
 def spend_in_budget_units(totals: SpendTotals) -> int:

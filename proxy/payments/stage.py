@@ -9,7 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 import aiohttp
@@ -20,8 +21,8 @@ from proxy.engine.responses import ERROR_HEADER
 from proxy.engine.upstream import UpstreamError
 from proxy.faults import checkpoint
 from proxy.payments.challenge import challenge_refetch_headers, needs_challenge_refetch
-from proxy.payments.payer import Payer, PaymentPlan, PaymentRequestInfo, Refused
-from proxy.store.base import PaymentRecord, StoreError
+from proxy.payments.payer import Payer, PaymentPlan, PaymentRequestInfo, Refused, settlement_verdict
+from proxy.store.base import PaymentRecord, PaymentState, StoreError
 
 log = logging.getLogger("x402_proxy.payments")
 
@@ -70,6 +71,9 @@ class PaymentAttempt:
     refusal: str | None = None
 
 
+SettledHook = Callable[[PaymentAttempt], None]
+
+
 class PaymentStage:
     def __init__(self, payer: Payer) -> None:
         self.payer = payer
@@ -91,8 +95,13 @@ class PaymentStage:
         *,
         max_amount: Decimal | None = None,
         session_id: str | None = None,
+        on_settled: SettledHook | None = None,
     ) -> PaymentAttempt:
-        """Given a 402 for `request`, pay at most once and replay; never raises for a refusal."""
+        """Given a 402 for `request`, pay at most once and replay; never raises for a refusal.
+
+        `on_settled` runs when the paid answer is a success (2xx/3xx) that settled the payment, *before*
+        the ledger row says so (see `_pay`); its `record` is the row as it is about to be written.
+        """
         started = time.perf_counter()
         challenge_source = outcome
         if request.replayable and needs_challenge_refetch(402, outcome.response.headers, b""):
@@ -145,11 +154,18 @@ class PaymentStage:
             return PaymentAttempt(outcome)
         if challenge_source is not outcome:
             outcome.release_body()
-        paid, record = await self._pay(request, decision, inner, started)
-        return PaymentAttempt(paid, record, challenge_source.response.headers)
+        challenge_headers = challenge_source.response.headers
+        paid, record = await self._pay(request, decision, inner, started, challenge_headers, on_settled)
+        return PaymentAttempt(paid, record, challenge_headers)
 
     async def _pay(
-        self, request: Exchange, plan: PaymentPlan, inner: Exchanger, started: float
+        self,
+        request: Exchange,
+        plan: PaymentPlan,
+        inner: Exchanger,
+        started: float,
+        challenge_headers: CIMultiDictProxy[str],
+        on_settled: SettledHook | None,
     ) -> tuple[Outcome, PaymentRecord | None]:
         paid_request = request.with_headers({plan.header_name: plan.header_value})
         # The proxy's own cost of a payment: 402 in hand -> paid retry leaving (benchmarked in bench/).
@@ -173,10 +189,24 @@ class PaymentStage:
             except (ChallengeBodyTooLarge, UpstreamError):
                 rejection_body = None  # the answer still gets recorded below; only its reason text is lost
         paid.extra_headers.append((PAYMENT_HEADER, str(plan.ledger_id)))
-        try:
-            record = self.payer.record_response(
-                plan, paid.response.status, paid.response.headers, rejection_body
+        status = paid.response.status
+        verdict = settlement_verdict(status, paid.response.headers, rejection_body)
+        if on_settled is not None and verdict.state is PaymentState.SETTLED and 200 <= status < 400:
+            # What was paid for (a session) is saved before the row says `settled`: killed in between,
+            # the row is `unknown` at restart (a retry is refused, in doubt) and the session is back,
+            # never a settled row without its session (a retry would pay again).
+            settled = replace(
+                plan.record,
+                state=PaymentState.SETTLED,
+                tx_hash=verdict.tx_hash or plan.record.tx_hash,
+                payer=verdict.payer or plan.record.payer,
             )
+            try:
+                on_settled(PaymentAttempt(paid, settled, challenge_headers))
+            except Exception:  # the payment is recorded whatever happens to what it bought
+                log.exception("payment #%s: saving what it paid for failed", plan.ledger_id)
+        try:
+            record = self.payer.record_verdict(plan, verdict)
         except StoreError as exc:
             # The money has moved and the answer is here: hand it over rather than lose what was paid
             # for. The payer keeps the payment in doubt, so this request is not paid for again.

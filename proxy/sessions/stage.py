@@ -240,24 +240,33 @@ class SessionStage:
                     return retried
                 outcome, session = retried, fresh
                 payments_seen = len(fresh.payment_ids)
+            paid_for: list[Session] = []
+            renewing = session
+
+            def save_session(settled: PaymentAttempt) -> None:
+                # Runs before the ledger row says `settled` (see PaymentStage._pay): a crash in between
+                # leaves the session and an in-doubt row, never a settled payment without its session.
+                now = self._clock()
+                if renewing is None:
+                    ttl, session_cap = _rule_terms(rule, settled)
+                    paid_for.append(
+                        self._open(scope, url, settled, now, ttl_seconds=ttl, max_session_payment=session_cap)
+                    )
+                else:
+                    self._renew(renewing, url, settled, now)
+                    paid_for.append(renewing)
+
             attempt = await self._payments.attempt(
                 request,
                 outcome,
                 inner,
                 max_amount=_remaining(session, rule),
                 session_id=session.id if session else None,
+                on_settled=save_session,
             )
-            if not _succeeded(attempt):
+            if not paid_for:
                 return attempt.outcome
-            now = self._clock()
-            if session is None:
-                ttl, session_cap = _rule_terms(rule, attempt)
-                session = self._open(
-                    scope, url, attempt, now, ttl_seconds=ttl, max_session_payment=session_cap
-                )
-            else:
-                self._renew(session, url, attempt, now)
-            self._used(session, attempt.outcome, now)
+            self._used(paid_for[0], attempt.outcome, self._clock())
             return attempt.outcome
 
     def _open(
@@ -316,25 +325,32 @@ class SessionStage:
         if outcome.response.status != 402:
             return StartResult(outcome)
         async with self.manager.flight(scope.key):
-            attempt = await self._payments.attempt(request, outcome, inner, max_amount=max_amount)
-            if not _succeeded(attempt):
+            opened: list[Session] = []
+
+            def save_session(settled: PaymentAttempt) -> None:  # before the row says settled, as in _pay
+                assert settled.record is not None
+                cap = None if max_amount is None else int(max_amount.scaleb(settled.record.decimals))
+                opened.append(
+                    self._open(
+                        scope,
+                        url,
+                        settled,
+                        self._clock(),
+                        ttl_seconds=ttl_seconds,
+                        label=label,
+                        max_session_payment=cap,
+                    )
+                )
+
+            attempt = await self._payments.attempt(
+                request, outcome, inner, max_amount=max_amount, on_settled=save_session
+            )
+            if not opened:
                 return StartResult(
                     attempt.outcome, None, attempt.record, attempt.refusal, payment_required=True
                 )
-            cap = None
-            if max_amount is not None and attempt.record is not None:
-                cap = int(max_amount.scaleb(attempt.record.decimals))
-            session = self._open(
-                scope,
-                url,
-                attempt,
-                self._clock(),
-                ttl_seconds=ttl_seconds,
-                label=label,
-                max_session_payment=cap,
-            )
-            self._used(session, attempt.outcome, self._clock())
-            return StartResult(attempt.outcome, session, attempt.record, None, payment_required=True)
+            self._used(opened[0], attempt.outcome, self._clock())
+            return StartResult(attempt.outcome, opened[0], attempt.record, None, payment_required=True)
 
     async def fetch(
         self, session: Session, request: Exchange, inner: Exchanger, *, allow_renew: bool
@@ -421,13 +437,6 @@ def _rule_terms(rule: SessionRule | None, attempt: PaymentAttempt) -> tuple[int 
             )
         )
     return rule.ttl_seconds, cap
-
-
-def _succeeded(attempt: PaymentAttempt) -> bool:
-    """A session is opened only when a payment was sent AND the paid answer was a success."""
-    if attempt.record is None:
-        return False
-    return 200 <= attempt.outcome.response.status < 400 and attempt.record.state.value == "settled"
 
 
 def _remaining(session: Session | None, rule: SessionRule | None) -> Decimal | None:
