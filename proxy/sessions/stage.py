@@ -126,16 +126,33 @@ class SessionStage:
         if url is None:
             return (await self._payments.attempt(request, outcome, inner)).outcome
         if session is not None:
-            session.rejected_count += 1
-            retried = await self._siwx_fallback(request, outcome, session, url, inner)
-            if retried is not None:
-                if retried.response.status != 402:
-                    self._used(session, retried, now)
-                    return retried
-                outcome = retried
-            if not self._settings.renew_on_reject:
-                outcome.extra_headers.append((ERROR_HEADER, "session_rejected"))
-                return outcome
+            return await self._rejected(
+                request, outcome, session, url, inner, now, renew=self._settings.renew_on_reject
+            )
+        return await self._pay(request, outcome, inner, url, None)
+
+    async def _rejected(
+        self,
+        request: Exchange,
+        outcome: Outcome,
+        session: Session,
+        url: NormalizedURL,
+        inner: Exchanger,
+        now: float,
+        *,
+        renew: bool,
+    ) -> Outcome:
+        """An in-scope request got a 402 although its credentials went along: SIWX, then maybe renew."""
+        session.rejected_count += 1
+        retried = await self._siwx_fallback(request, outcome, session, url, inner)
+        if retried is not None:
+            if retried.response.status != 402:
+                self._used(session, retried, now)
+                return retried
+            outcome = retried
+        if not renew:
+            outcome.extra_headers.append((ERROR_HEADER, "session_rejected"))
+            return outcome
         return await self._pay(request, outcome, inner, url, session)
 
     def _route(self, request_url: URL, now: float) -> _Route:
@@ -364,17 +381,7 @@ class SessionStage:
         if outcome.response.status != 402:
             self._used(session, outcome, now)
             return outcome
-        session.rejected_count += 1
-        retried = await self._siwx_fallback(request, outcome, session, url, inner)
-        if retried is not None:
-            if retried.response.status != 402:
-                self._used(session, retried, now)
-                return retried
-            outcome = retried
-        if not allow_renew:
-            outcome.extra_headers.append((ERROR_HEADER, "session_rejected"))
-            return outcome
-        return await self._pay(request, outcome, inner, url, session)
+        return await self._rejected(request, outcome, session, url, inner, now, renew=allow_renew)
 
     def credentials_for(self, session: Session, url: str) -> dict[str, str]:
         """Credential headers for `url` (e.g. the upstream DELETE when a session ends)."""
