@@ -327,6 +327,32 @@ def test_invalid_urls(admin: AdminProxy) -> None:
         assert_problem(admin.call("POST", "/sessions", json={"endpoint": endpoint}), 400, "invalid_url")
 
 
+def test_control_characters_in_endpoint_are_refused(admin: AdminProxy, upstream: Upstream) -> None:
+    """A raw CR/LF (or any control character) is refused, not silently dropped or re-encoded into another
+    URL; percent-encoded bytes are data and are sent exactly as written."""
+    base = f"{upstream.http_url}/echo"
+    before = len(upstream.received)
+    for endpoint in (
+        f"{base}/x\r\nX-Injected: 1",
+        f"{base}/x\ny",
+        f"{base}/x\ry",
+        f"{base}/a\tb",
+        f"{base}/nul\x00",
+        f"{base}/del\x7f",
+        f"{base}/c1\x85",
+        f"{base}?q=a\r\nb",
+        f"{base}#frag\n",
+    ):
+        body = assert_problem(admin.call("POST", "/sessions", json={"endpoint": endpoint}), 400, "invalid_url")
+        assert "control character" in body["detail"], body
+    assert len(upstream.received) == before  # nothing was sent upstream
+    # (%0D%0A in the query: the test origin's router would not match a decoded newline in the path)
+    response = admin.call("POST", "/sessions", json={"endpoint": f"{base}/a%09b?q=%0D%0A"})
+    assert response.status_code == 200, response.text
+    assert response.json()["response"]["status"] == 200
+    assert upstream.received[-1].path == "/echo/a%09b?q=%0D%0A"
+
+
 # -- sessions without payment -----------------------------------------------------------------------------
 
 

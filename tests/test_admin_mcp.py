@@ -151,6 +151,7 @@ async def test_over_cap_pays_nothing(admin: AdminProxy, x402_stack: Stack, siwx_
         ("x402_session_start", {"endpoint": "http://127.0.0.1:1/", "max_payment": "lots"}, "invalid_parameter"),
         ("x402_session_start", {"endpoint": "http://127.0.0.1:1/", "headers": {"X": "a\r\nB: c"}}, "invalid_header"),
         ("x402_session_start", {"endpoint": "ftp://127.0.0.1/"}, "invalid_url"),
+        ("x402_session_start", {"endpoint": "http://127.0.0.1:1/x\r\nX-Injected: 1"}, "invalid_url"),
         ("x402_session_fetch", {"session_id": "nope"}, "invalid_parameter"),
         ("x402_session_fetch", {"session_id": "nope", "url": "http://127.0.0.1:1/"}, "session_not_found"),
         ("x402_session_status", {"session_id": 5}, "invalid_parameter"),

@@ -267,7 +267,7 @@ def permitted(
         return None
     amount = int(raw["amount"] if version == 2 else raw["maxAmountRequired"])
     cost = amount * 10 ** (18 - decimals)
-    if cost > units(cfg.max_per_payment):
+    if amount == 0 or cost > units(cfg.max_per_payment):  # a zero price is never signed
         return None
     if spent_global + cost > units(cfg.daily_budget) or spent_host + cost > units(cfg.per_host_daily_budget):
         return None

@@ -143,6 +143,22 @@ def test_over_max_per_payment() -> None:
     assert isinstance(decide(challenge(v2_requirement(amount="100000"))), Selection)  # exactly the cap
 
 
+def test_zero_amount_is_refused() -> None:
+    """A 0-amount requirement is under every cap, but a zero-value authorization buys nothing: never sign one."""
+    result = refused(decide(challenge(v2_requirement(amount="0"))), ReasonCode.ZERO_AMOUNT)
+    assert result.requirement_index == 0 and "0 USDC" in result.detail
+    parsed = parse_challenge(*v1_response(v1_requirement(maxAmountRequired="0")))
+    assert parsed is not None
+    refused(decide(parsed), ReasonCode.ZERO_AMOUNT)
+    upto = v2_requirement(scheme="upto", amount="0", extra={"facilitatorAddress": OTHER_PAY_TO})
+    refused(decide(challenge(upto), policy(enable_upto=True)), ReasonCode.ZERO_AMOUNT)
+    # dry run simulates a payment; a zero one is refused the same way
+    refused(decide(challenge(v2_requirement(amount="0")), policy(dry_run=True)), ReasonCode.ZERO_AMOUNT)
+    # a priced option next to the free one is still chosen; the smallest real price passes
+    result = decide(challenge(v2_requirement(amount="0"), v2_requirement(amount="1")))
+    assert isinstance(result, Selection) and result.requirement.index == 1 and result.amount == 1
+
+
 def test_network_not_allowed_for_mainnet_by_default() -> None:
     mainnet = v2_requirement(
         network="eip155:8453", asset=BASE_USDC, extra={"name": "USD Coin", "version": "2"}

@@ -471,16 +471,22 @@ def test_thirty_day_timeout_is_paid_with_a_short_authorization(
     assert money.moved() == {x402_stack.payer_address: -x402_stack.price, x402_stack.pay_to: x402_stack.price}
 
 
-def test_zero_amount_moves_nothing(proxy: AdminProxy, hostile: Hostile, x402_stack: Stack) -> None:
-    """Observed: a 0-amount requirement passes the policy (0 <= every cap) and a zero-value authorization
-    is signed and settled. Not a loss, but it must never move tokens or be signed twice."""
-    start = len(hostile.origin.hits)
+def test_zero_amount_is_refused_and_nothing_is_signed(
+    proxy: AdminProxy, hostile: Hostile, x402_stack: Stack
+) -> None:
+    """A 0-amount requirement is under every cap, but a zero-value authorization buys nothing (and the
+    facilitator would pay gas to settle it): the policy refuses it before anything is signed."""
+    rows, settled, start = len(ledger(proxy)), len(hostile.origin.settlements), len(hostile.origin.hits)
     money = Money.read(x402_stack)
     response = get(proxy, hostile.url("http", OTHER_HOST, "/hostile/zero-amount"))
-    sent = signatures(hostile.origin.hits_since(start))
-    assert len(sent) <= 1 and all(p["payload"]["authorization"]["value"] == "0" for p in sent), sent
+    assert response.status_code == 402, response.text[:300]
+    assert response.headers.get(ERROR) == "zero_amount", dict(response.headers)
+    assert PAYMENT not in response.headers
+    hits = hostile.origin.hits_since(start)
+    assert len(hits) == 1 and signatures(hits) == []  # no PAYMENT-SIGNATURE reached the origin
+    assert len(hostile.origin.settlements) == settled
+    assert len(ledger(proxy)) == rows  # no row: nothing was signed, nothing is pending
     assert money.moved() == {}
-    print(response.status_code, response.headers.get(ERROR), [r["state"] for r in ledger(proxy)][-1:])
 
 
 def test_pay_to_switched_on_the_paid_retry_gets_no_second_payment(

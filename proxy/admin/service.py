@@ -7,6 +7,7 @@ Routes and tools translate their inputs to these calls and their results to JSON
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ from proxy.store.base import PaymentRecord, PaymentState
 # Initial/fetched response bodies are returned up to this many bytes (the rest is cut, and said so).
 MAX_RETURNED_BODY = 64 * 1024
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+# C0, DEL and C1. yarl would drop a raw CR/LF and re-encode the rest into a URL nobody asked for, so
+# an endpoint holding one is refused; percent-encoded bytes (%0D%0A) are data and pass as written.
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _ADMIN_REQUEST_IDS = iter(range(1, 1 << 62))
 
 
@@ -272,6 +276,10 @@ class ControlPlane:
         method = method.upper()
         if method not in METHODS:
             raise ControlError("invalid_parameter", 400, f"method must be one of {', '.join(METHODS)}")
+        if (bad := _CONTROL_CHARS.search(url)) is not None:
+            raise ControlError(
+                "invalid_url", 400, f"URL holds a control character ({bad.group()!r} at {bad.start()})"
+            )
         try:
             target = URL(url)
         except ValueError as exc:

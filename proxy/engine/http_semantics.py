@@ -76,7 +76,10 @@ def parse_authority(value: str, default_port: int | None = None) -> Authority:
         if not sep:
             host, port_text = value, ""
     if port_text:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        # RFC 3986 port = *DIGIT, ASCII only: str.isdigit() alone also takes Arabic-Indic or fullwidth
+        # digits (which int() reads as 80 for "\u0668\u0660") and "\u00b9" (which int() refuses with a
+        # message that names no port).
+        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
             raise TargetError(f"invalid port {port_text[:20]!r}")
         port = int(port_text)
     elif default_port is not None:

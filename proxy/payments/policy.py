@@ -2,7 +2,7 @@
 
 ``choose_requirement`` walks every requirement of a challenge through the same checks, in order:
 
-    1 scheme   2 network   3 asset   4 payTo   5 per-payment cap   6 budgets   7 balance
+    1 scheme   2 network   3 asset   4 payTo   5 amount (not 0, per-payment cap)   6 budgets   7 balance
 
 It picks, among those passing all checks, scheme ``exact`` before ``upto``, then the cheapest in
 budget units, then EIP-3009 before Permit2 (Permit2 needs a prior on-chain approval), then the
@@ -53,6 +53,9 @@ class ReasonCode(StrEnum):
     PAYMENT_IN_DOUBT = "payment_in_doubt"
     # A per-request ceiling below the policy's (a session's cap, or an admin start's max_payment).
     OVER_REQUEST_CAP = "over_request_cap"
+    # A price of 0: under every cap, but a zero-value authorization buys nothing and costs the
+    # facilitator gas to settle, so there is nothing worth signing.
+    ZERO_AMOUNT = "zero_amount"
 
 
 TESTNETS_KEYWORD = "testnets"
@@ -362,9 +365,13 @@ def _check(
             _STAGE_PAY_TO, ReasonCode.PAY_TO_NOT_ALLOWED, f"recipient {req.pay_to} is not in pay_to_allow"
         )
 
-    # 5. per-payment cap
+    # 5. amount: not zero, within the per-payment cap
     units = to_budget_units(req.amount, asset.decimals)
     shown = f"{format_units(req.amount, asset.decimals)} {asset.symbol}"
+    if req.amount == 0:
+        return refuse(
+            _STAGE_CAP, ReasonCode.ZERO_AMOUNT, f"the price is {shown}; a zero-value payment is never signed"
+        )
     if units > policy.max_per_payment:
         return refuse(
             _STAGE_CAP,
