@@ -21,10 +21,11 @@ from proxy.engine.forwarder import Forwarder
 from proxy.engine.server import ProxyServer
 from proxy.engine.upstream import Upstream
 from proxy.home import ensure_home
-from proxy.observability.access_log import access_stage
+from proxy.observability.access_log import access_hook, access_stage
 from proxy.payments.assets import AssetRegistry
 from proxy.payments.networks import NetworkRegistry
 from proxy.payments.payer import BalanceLookup, Payer
+from proxy.payments.reconcile import Reconciler
 from proxy.payments.stage import PaymentStage
 from proxy.payments.wallet import Wallet, load_wallet, token_balance
 from proxy.reload import reload_config
@@ -71,15 +72,21 @@ class Runtime:
         self.store.close()
 
 
-def balance_lookup(config: Config, networks: NetworkRegistry, wallet: Wallet | None) -> BalanceLookup | None:
-    """Balances come from the configured RPC of each network; without one the check is skipped."""
-    if wallet is None or not config.rpc:
-        return None
+def rpc_urls(config: Config, networks: NetworkRegistry) -> dict[str, str]:
+    """`[rpc]` keyed by CAIP-2 id (the config may name a network by its V1 name)."""
     urls: dict[str, str] = {}
     for name, url in config.rpc.items():
         network = networks.lookup(name)
         if network is not None:
             urls[network.caip2] = url
+    return urls
+
+
+def balance_lookup(config: Config, networks: NetworkRegistry, wallet: Wallet | None) -> BalanceLookup | None:
+    """Balances come from the configured RPC of each network; without one the check is skipped."""
+    if wallet is None or not config.rpc:
+        return None
+    urls = rpc_urls(config, networks)
     address = wallet.address
     # A balance read costs an RPC round trip per payment. A few seconds of staleness is money-safe: an
     # over-estimate only lets us sign something the facilitator will refuse for lack of funds.
@@ -139,9 +146,17 @@ async def start(config: Config, home: Path) -> Runtime:
     forwarder.wrap(metrics.outcome_stage)  # one count per proxied request
     forwarder.wrap(access_stage(config.log.access_log))  # outermost: log context and the access line
     server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)
+    # The access line is written when the answer is out (bytes written, whole duration); None when off.
+    server.set_completion_hook(access_hook(config.log.access_log))
     await server.start()
     # Names may resolve to us (a compose service name): the pool checks where each connection landed.
     upstream.own_listeners = server.self_targets
+    # Unknown payments (left by a crash) are resolved from the chain in the background: the proxy
+    # listens at once, and until a row is resolved the in-doubt refusal protects it.
+    reconciler = Reconciler(
+        store, rpc_urls(config, payer.assets.networks), interval=config.reconcile.interval
+    )
+    background.append(asyncio.create_task(reconciler.run_forever()))
     if payer.wallet is None:
         log.warning("no wallet configured: 402 challenges are passed to the client unpaid")
     else:

@@ -14,6 +14,7 @@ from proxy.engine.settings import ProxySettings, UpstreamSettings
 from proxy.payments.assets import AssetConfig
 from proxy.payments.networks import NetworkConfig
 from proxy.payments.policy import PolicyConfig
+from proxy.payments.reconcile import ReconcileSettings
 from proxy.payments.wallet import WalletConfig
 from proxy.sessions.settings import SessionSettings
 
@@ -38,14 +39,27 @@ class Config:
     assets: list[AssetConfig] = field(default_factory=list)
     networks: list[NetworkConfig] = field(default_factory=list)
     sessions: SessionSettings = field(default_factory=SessionSettings)
-    # JSON-RPC endpoint per network (CAIP-2 id or V1 name), used for balances only.
+    # JSON-RPC endpoint per network (CAIP-2 id or V1 name): balances, and reconciling unknown payments.
     rpc: dict[str, str] = field(default_factory=dict)
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     # Where the config came from, for messages; not a config key.
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
 
-TOP_LEVEL = {"proxy", "upstream", "log", "policy", "wallet", "assets", "networks", "rpc", "sessions", "admin"}
+TOP_LEVEL = {
+    "proxy",
+    "upstream",
+    "log",
+    "policy",
+    "wallet",
+    "assets",
+    "networks",
+    "rpc",
+    "reconcile",
+    "sessions",
+    "admin",
+}
 SECRET_KEYS = ("password", "token", "private_key", "passphrase", "secret")
 
 

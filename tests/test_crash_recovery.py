@@ -31,6 +31,7 @@ import pytest
 import requests
 
 from proxy.faults import FAULT_PAUSE_ENV
+from proxy.store.base import RECONCILED_USED
 from tests.stack import PyServer, Stack
 from tests.support.paying_proxy import ledger, proxies, stack_config
 from tests.support.proxy_process import ProxyProcess
@@ -45,26 +46,32 @@ TIMEOUT = 60
 class CrashPoint:
     fault: str | None  # the fault point the proxy pauses at; None: a real slow upstream holds the request
     path: str  # the paid request in flight when the proxy is killed
-    row_state: str  # its ledger row after the restart
+    row_state: str  # its ledger row after the restart, once the reconciler has read the chain
     money_moved: bool  # whether its authorization settles on chain
     retry: str  # what the same request does after the restart: in_doubt | session
 
 
+# A row left pending by the crash is `unknown` at restart; the reconciler (proxy/payments/reconcile.py)
+# then settles it from the chain when its authorization was used, and the retry stays refused
+# (`payment_in_doubt`) while that authorization is valid: the answer it bought never reached the client.
 CRASH_POINTS = {
-    # Row durable, nothing signed yet: the proxy cannot know that, so the row is unknown and blocks a retry.
+    # Row durable, nothing signed yet: the proxy cannot know that (the authorization is still valid on
+    # chain), so the row stays unknown and blocks a retry.
     "a-pending-written": CrashPoint("payment.pending_written", "/paid/b", "unknown", False, "in_doubt"),
     # The paid request is at the server (handler sleeping): the server settles although its client died.
-    "b-at-upstream": CrashPoint(None, "/paid/slow?delay=4", "unknown", True, "in_doubt"),
+    "b-at-upstream": CrashPoint(None, "/paid/slow?delay=4", "settled", True, "in_doubt"),
     # The server settled and answered; the proxy died before recording it.
-    "c-answered-unrecorded": CrashPoint("payment.answered", "/paid/b", "unknown", True, "in_doubt"),
+    "c-answered-unrecorded": CrashPoint("payment.answered", "/paid/b", "settled", True, "in_doubt"),
     # What the payment bought (its session) is saved before the row says settled. So:
     # answered and settled, its session not yet saved: the row is in doubt, a retry is refused.
-    "d-session-unsaved": CrashPoint("session.before_save", "/paid/b", "unknown", True, "in_doubt"),
+    "d-session-unsaved": CrashPoint("session.before_save", "/paid/b", "settled", True, "in_doubt"),
     # Session saved, the row not yet linked to it nor settled: the session is back and serves the retry.
-    "d-session-saved": CrashPoint("session.saved", "/paid/b", "unknown", True, "session"),
+    "d-session-saved": CrashPoint("session.saved", "/paid/b", "settled", True, "session"),
     # Recorded settled with its session saved, the client never got the answer: the retry rides the session.
     "c-recorded-unanswered": CrashPoint("payment.recorded", "/paid/b", "settled", True, "session"),
 }
+# Reconcile every second: a transfer that lands after the startup pass (b-at-upstream) is seen soon.
+RECONCILE_CONFIG = "\n[reconcile]\ninterval = 1.0\n"
 
 
 @pytest.fixture
@@ -138,7 +145,8 @@ def test_sigkill_at_payment_step(
     price = x402_stack.price
     pay_to_before = x402_stack.balance_of(x402_stack.pay_to)
     verify_before = x402_stack.facilitator_stats()["counts"]["verify"]
-    proxy = ProxyProcess(home, stack_config(x402_stack), {"X402_PROXY_PRIVATE_KEY": x402_stack.payer_key})
+    config = stack_config(x402_stack, extra=RECONCILE_CONFIG)
+    proxy = ProxyProcess(home, config, {"X402_PROXY_PRIVATE_KEY": x402_stack.payer_key})
     running.append(proxy)
 
     # 1. A session to restore later: one payment on /paid/a.
@@ -180,10 +188,17 @@ def test_sigkill_at_payment_step(
             "the in-flight payment to settle",
             interval=0.25,
         )
+    if point.row_state == "settled":
+        wait_for(lambda: ledger(proxy)[-1]["state"] == "settled", 30, "the row to be settled", interval=0.25)
     rows = assert_ledger_matches_chain(x402_stack, proxy, pay_to_before)
     first, crashed = rows
     assert first["state"] == "settled" and first["session_id"] == session_a
     assert crashed["state"] == point.row_state, crashed
+    if point.fault != "payment.recorded":  # the proxy had not recorded the outcome: the chain told it
+        assert (crashed["state"] == "settled") is (crashed["reason"] or "").startswith(RECONCILED_USED), (
+            crashed
+        )
+        assert (crashed["tx_hash"] is not None) is point.money_moved, crashed
     assert crashed["nonce"] and crashed["valid_before"]
     assert (
         x402_stack.chain.authorization_state(x402_stack.payer_address, crashed["nonce"]) is point.money_moved
@@ -191,7 +206,7 @@ def test_sigkill_at_payment_step(
     # Exactly one authorization per payment ever reached the facilitator (two, or one if nothing left).
     expected_verifies = 2 if point.fault != "payment.pending_written" else 1
     assert x402_stack.facilitator_stats()["counts"]["verify"] - verify_before == expected_verifies
-    if point.row_state == "unknown":
+    if point.fault != "payment.recorded":
         assert f"payment #{crashed['id']} was pending at shutdown" in proxy.log_text()
 
     # The session opened before the crash is back, and free.

@@ -4,14 +4,19 @@ proxied request, and no secret anywhere."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from tests.conftest import proxy_config
 from tests.stack import Stack
+from tests.support import raw
+from tests.support.certs import UpstreamCA
 from tests.support.paying_proxy import proxies, stack_config
 from tests.support.proxy_process import ProxyProcess
+from tests.support.upstream import Upstream
 
 PAYMENT = "X-402-Proxy-Payment"
 SESSION = "X-402-Proxy-Session"
@@ -90,3 +95,142 @@ def test_plain_logs_are_key_value_and_access_log_can_be_off(
     finally:
         quiet.stop()
     assert "x402_proxy.access" not in quiet.log_text()
+
+
+# -- what the access line measures --------------------------------------------------------------------------
+
+
+def access_lines(proxy: ProxyProcess) -> list[dict[str, Any]]:
+    return [r for r in json_lines(proxy) if r["logger"] == "x402_proxy.access"]
+
+
+def raw_get(proxy: ProxyProcess, url: str, headers: str = "") -> bytes:
+    """One request on its own connection (`Connection: close`): everything the proxy wrote, to its EOF."""
+    authority = url.split("/")[2]
+    with raw.connect(proxy.address, timeout=30) as sock:
+        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {authority}\r\n{headers}Connection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def dechunk(body: bytes) -> bytes:
+    out = b""
+    while True:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert body == b"\r\n", body  # no trailers, nothing after the last chunk
+            return out
+        out, body = out + body[:size], body[size + 2 :]
+
+
+def test_access_line_counts_bytes_written_and_times_the_whole_answer(
+    upstream: Upstream, upstream_ca: UpstreamCA, tmp_path: Path
+) -> None:
+    size = 300_000  # over the lean server's whole-body limit (64 KiB): relayed as it streams
+    proxy = ProxyProcess(tmp_path / "home", proxy_config(upstream_ca), {"X402_PROXY_LOG__FORMAT": "json"}).start()
+    try:
+        chunked = raw_get(proxy, f"{upstream.http_url}/bytes?size={size}&chunked=1")
+        sized = raw_get(proxy, f"{upstream.http_url}/bytes?size={size}")
+        small = raw_get(proxy, f"{upstream.http_url}/echo/small")
+        # Three events 0.3 s apart: the answer's head leaves at once, its end ~0.9 s later.
+        events = raw_get(proxy, f"{upstream.http_url}/sse?count=3&delay=0.3")
+    finally:
+        proxy.stop()
+
+    head, _, body = chunked.partition(b"\r\n\r\n")
+    assert b"\r\nTransfer-Encoding: chunked\r\n" in head and len(dechunk(body)) == size
+    head, _, body = sized.partition(b"\r\n\r\n")
+    assert f"\r\nContent-Length: {size}\r\n".encode() in head and len(body) == size
+    assert events.count(b"data: event") == 3
+
+    lines = access_lines(proxy)
+    assert [(r["method"], r["status"]) for r in lines] == [("GET", 200)] * 4, lines
+    # `bytes` is what reached the client: head, body and chunk framing, to the byte.
+    assert [r["bytes"] for r in lines] == [len(chunked), len(sized), len(small), len(events)], lines
+    # `ms` runs to the answer's last byte, not to its head.
+    assert lines[3]["ms"] >= 800, lines[3]
+    assert all(0 <= r["ms"] < 800 for r in lines[:3]), lines
+
+
+def test_refused_requests_get_an_access_line(upstream_ca: UpstreamCA, upstream: Upstream, tmp_path: Path) -> None:
+    """Refusals before the stages (proxy auth, a bad target, the proxy itself as target) are logged too."""
+    config = proxy_config(upstream_ca, '[proxy.auth]\nusername = "agent"\npassword = "pw-Wq9z"\n')
+    proxy = ProxyProcess(tmp_path / "home", config, {"X402_PROXY_LOG__FORMAT": "json"}).start()
+    authorized = "Proxy-Authorization: Basic YWdlbnQ6cHctV3E5eg==\r\n"  # agent:pw-Wq9z
+    try:
+        unauthenticated = raw_get(proxy, f"{upstream.http_url}/echo/no-credentials")
+        with raw.connect(proxy.address) as sock:
+            sock.sendall(f"GET /relative HTTP/1.1\r\nHost: x\r\n{authorized}Connection: close\r\n\r\n".encode())
+            relative = raw.read_response(sock)
+        own = raw_get(proxy, f"http://{proxy.address}/", authorized)
+        fine = raw_get(proxy, f"{upstream.http_url}/echo/authorized", authorized)
+    finally:
+        proxy.stop()
+    assert [raw.status_of(r) for r in (unauthenticated, relative, own, fine)] == [407, 400, 400, 200]
+
+    lines = access_lines(proxy)
+    got = [(r["status"], r.get("error"), r["bytes"]) for r in lines]
+    assert got == [
+        (407, "proxy_auth_required", len(unauthenticated)),
+        (400, "bad_request_target", len(relative)),
+        (400, "self_target", len(own)),
+        (200, None, len(fine)),
+    ], lines
+    host = upstream.http_url.split("//")[1].rsplit(":", 1)[0]
+    assert [r["host"] for r in lines] == [host, "-", proxy.address.rsplit(":", 1)[0], host]
+    assert all(r["method"] == "GET" and r["paid"] is False and r["session"] is False for r in lines)
+    assert all(isinstance(r["ms"], (int, float)) and r["ms"] >= 0 for r in lines)
+
+
+def test_cut_answers_and_upgrade_handovers_get_one_line_each(
+    upstream: Upstream, upstream_ca: UpstreamCA, tmp_path: Path
+) -> None:
+    """A client that leaves mid-stream or before any answer still gets its line; so does a request that
+    aiohttp serves after the lean server handed it the connection (an `Upgrade: h2c` request)."""
+    proxy = ProxyProcess(tmp_path / "home", proxy_config(upstream_ca), {"X402_PROXY_LOG__FORMAT": "json"}).start()
+    authority = upstream.http_url.split("/")[2]
+    try:
+        with raw.connect(proxy.address) as sock:  # leaves after the first of 5 events (0.5 s apart)
+            sock.sendall(f"GET {upstream.http_url}/sse?count=5&delay=0.5 HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            got = b""
+            while b"data: event 0" not in got:
+                got += sock.recv(65536)
+        time.sleep(0.2)  # the proxy sees the close and logs before the next request (lines stay in order)
+        with raw.connect(proxy.address) as sock:  # leaves while the upstream is still thinking
+            sock.sendall(f"GET {upstream.http_url}/slow?seconds=2 HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            time.sleep(0.3)
+        time.sleep(0.2)
+        # Pipelined: the lean server answers the first request, then hands the connection (with the
+        # upgrade request) to aiohttp from inside the first request's task.
+        plain = f"GET {upstream.http_url}/echo/lean HTTP/1.1\r\nHost: {authority}\r\n\r\n"
+        upgrade = (
+            f"GET {upstream.http_url}/echo/handed-over HTTP/1.1\r\nHost: {authority}\r\n"
+            "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        )
+        with raw.connect(proxy.address) as sock:
+            sock.sendall((plain + upgrade).encode())
+            answers = b""
+            while not (b"/echo/handed-over" in answers and answers.endswith(b"}")):
+                answers += sock.recv(65536)
+        assert answers.count(b"HTTP/1.1 200 OK\r\n") == 2, answers
+        first = answers[: answers.index(b"HTTP/1.1", 1)]
+    finally:
+        proxy.stop()
+
+    lines = access_lines(proxy)
+    assert [(r["status"], r.get("error")) for r in lines] == [
+        (200, "client_gone"),
+        (499, "client_gone"),
+        (200, None),
+        (200, None),
+    ], lines
+    cut, gone, lean, handed = lines
+    assert len(got) <= cut["bytes"] < len(got) + 200, (len(got), cut)  # not the 4 events it never sent
+    assert gone["bytes"] == 0 and 250 <= gone["ms"] < 2000, gone
+    assert lean["bytes"] == len(first)
+    # aiohttp's path has no completion hook: the stage logs there (the upstream's length, at the head)
+    assert handed["request_id"] != lean["request_id"]
+    assert handed["bytes"] == len(answers[len(first) :].partition(b"\r\n\r\n")[2])

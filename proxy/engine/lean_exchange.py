@@ -6,12 +6,16 @@ the answer serialized once by `serialize_head` and written straight to the clien
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Final
 
 import aiohttp
+from yarl import URL
 
 from proxy.engine import http_semantics as hs
 from proxy.engine.exchange import Outcome
@@ -28,22 +32,48 @@ log = logging.getLogger("x402_proxy.engine")
 SMALL_BODY: Final = 64 * 1024
 STREAM_CHUNK: Final = 256 * 1024
 CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+UNWRITABLE: Final = "upstream_bad_response"
+BODY_ERROR: Final = "upstream_body_error"
 _NO_BODY_STATUS: Final = frozenset({204, 304})
+# Logged for a request whose client went away before its answer was complete (nginx's convention).
+CLIENT_GONE_STATUS: Final = 499
+CLIENT_GONE: Final = "client_gone"
+
+# True in the task serving a request while the completion hook is set: the hook will report the
+# request, so a stage that would otherwise log it itself (the access log) leaves that to the hook.
+# Reset before the connection may be handed to aiohttp, whose task would inherit this context.
+COMPLETION_REPORTED: ContextVar[bool] = ContextVar("x402_completion_reported", default=False)
 
 
 @dataclass(slots=True)
 class CompletedRequest:
-    """A proxied request whose answer has been written (or that ended in an error answer)."""
+    """A proxied request whose answer has been written (or that ended in an error answer, or was cut)."""
 
     method: str
-    host: str
-    status: int
-    bytes_sent: int  # head and body bytes written to the client for this answer
-    started: float  # loop.time() when the request's head had been parsed
+    host: str  # "" when the target could not be parsed
+    status: int  # the status written; CLIENT_GONE_STATUS if the client left before any answer
+    bytes_sent: int  # head and body bytes written to the client for this answer (chunk framing included)
+    started: float  # perf_counter() when the server started on the request
     outcome: Outcome | None  # stage headers (session id, payment id) live in outcome.extra_headers
+    # The proxy's own error code when the answer is one of its errors or was cut short; None for an
+    # answer relayed from upstream (a stage's code, if any, is in outcome.extra_headers).
+    error: str | None = None
 
 
 CompletionHook = Callable[[CompletedRequest], None]
+
+
+class AnswerCut(asyncio.CancelledError):
+    """The task was cancelled (the client went away) while the answer was being written.
+
+    Still a CancelledError, so the task ends cancelled as before; it carries what had gone out so the
+    completion hook can report it.
+    """
+
+    def __init__(self, status: int, sent: int) -> None:
+        super().__init__(status, sent)
+        self.status = status
+        self.sent = sent
 
 
 class LeanExchange:
@@ -56,8 +86,13 @@ class LeanExchange:
         self.on_complete: CompletionHook | None = None
 
     async def __call__(self, request: ClientRequest, conn: LeanConnection) -> None:
+        # With no hook (access log off) nothing below times, counts or allocates for the report.
+        reporting = self.on_complete is not None
+        started = perf_counter() if reporting else 0.0
+        reported = COMPLETION_REPORTED.set(True) if reporting else None
+        host = ""
+        outcome: Outcome | None = None
         try:
-            started = conn.loop.time()
             forwarder = self._forwarder
             admitted = forwarder.admit(request.target, request.headers, conn.tunnel)
             if isinstance(admitted, Refusal):
@@ -66,7 +101,9 @@ class LeanExchange:
                 sent = _send_error(
                     conn, request, admitted.status, admitted.reason_code, admitted.message, admitted.headers
                 )
-                self.completed(request, "", admitted.status, sent, started, None)
+                if reporting:
+                    host = _target_host(request.target, conn)
+                    self.completed(request, host, admitted.status, sent, started, None, admitted.reason_code)
                 return
             url = admitted
             host = url.raw_host or ""
@@ -83,7 +120,8 @@ class LeanExchange:
             except ClientBodyError as exc:
                 request.keep_alive = False
                 sent = _send_error(conn, request, 400, "bad_request", str(exc))
-                self.completed(request, host, 400, sent, started, None)
+                if reporting:
+                    self.completed(request, host, 400, sent, started, None, "bad_request")
                 return
             exchange = build_exchange(
                 request.method, url, request.headers, request.version, conn.tunnel is not None, body, stream
@@ -93,20 +131,36 @@ class LeanExchange:
             except UpstreamError as exc:
                 log.info("upstream failure %s %s: %s", request.method, url.host, exc.message)
                 sent = _send_error(conn, request, exc.status, exc.reason_code, exc.message, exc.extra_headers)
-                self.completed(request, host, exc.status, sent, started, None)
+                if reporting:
+                    self.completed(request, host, exc.status, sent, started, None, exc.reason_code)
                 return
             body = _body_in_hand(request, outcome)
             if body is not None:
                 try:  # the usual small answer: no coroutine for the response at all
-                    status, sent = _write_whole(conn, request, outcome, body)
+                    status, sent, error = _write_whole(conn, request, outcome, body)
                 finally:
                     outcome.response.release()
             else:
-                status, sent = await _respond(conn, request, outcome)
-            self.completed(request, host, status, sent, started, outcome)
+                status, sent, error = await _respond(conn, request, outcome)
+            if reporting:
+                self.completed(request, host, status, sent, started, outcome, error)
+        except AnswerCut as cut:
+            if reporting:
+                self.completed(request, host, cut.status, cut.sent, started, outcome, CLIENT_GONE)
+            raise
+        except asyncio.CancelledError:
+            # connection_lost cancels the task: the client left before any answer was written.
+            if reporting:
+                self.completed(request, host, CLIENT_GONE_STATUS, 0, started, outcome, CLIENT_GONE)
+            raise
         except Exception:  # one request must never take the server down
-            conn.request_failed(request)
+            sent = conn.request_failed(request)
+            if reporting:
+                self.completed(request, host, 500, sent, started, outcome, "internal_error")
         finally:
+            if reported is not None:
+                # Before request_finished(): it may hand the connection to aiohttp (COMPLETION_REPORTED).
+                COMPLETION_REPORTED.reset(reported)
             conn.request_finished(request)
 
     def completed(
@@ -117,11 +171,15 @@ class LeanExchange:
         bytes_sent: int,
         started: float,
         outcome: Outcome | None,
+        error: str | None = None,
     ) -> None:
-        """THE place a finished request is known: its answer is written (`bytes_sent` of it)."""
+        """THE place a finished request is known: its answer is written (`bytes_sent` of it), or cut."""
         hook = self.on_complete
         if hook is not None:
-            hook(CompletedRequest(request.method, host, status, bytes_sent, started, outcome))
+            try:
+                hook(CompletedRequest(request.method, host, status, bytes_sent, started, outcome, error))
+            except Exception:  # a report must never fail the request it reports
+                log.exception("completion hook failed")
 
     async def _read_body(self, request: ClientRequest) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
         body = request.body
@@ -165,6 +223,16 @@ def _send_error(
     return len(data)
 
 
+def _target_host(target: str, conn: LeanConnection) -> str:
+    """The host a refused request named (for its report only; "" when there is none to name)."""
+    if conn.tunnel is not None:
+        return conn.tunnel.authority.host
+    try:
+        return URL(target, encoded=True).raw_host or ""
+    except ValueError:
+        return ""
+
+
 def _body_in_hand(request: ClientRequest, outcome: Outcome) -> bytes | None:
     """The answer's whole body if it is already here (b"" for HEAD), taken without an await; else None."""
     body = outcome.body
@@ -182,8 +250,8 @@ def _body_in_hand(request: ClientRequest, outcome: Outcome) -> bytes | None:
 
 def _write_whole(
     conn: LeanConnection, request: ClientRequest, outcome: Outcome, body: bytes
-) -> tuple[int, int]:
-    """Head and body in one write (for HEAD, `body` is empty); (status, bytes written)."""
+) -> tuple[int, int, str | None]:
+    """Head and body in one write (for HEAD, `body` is empty); (status, bytes written, our error code)."""
     upstream = outcome.response
     status = upstream.status
     if request.method == "HEAD":
@@ -205,14 +273,16 @@ def _write_whole(
         conn.keep_alive(request),
     )
     if head is None:
-        return 502, _unwritable(conn, request)
+        return 502, _unwritable(conn, request), UNWRITABLE
     data = head + body if body else head
     conn.write(data)
-    return status, len(data)
+    return status, len(data), None
 
 
-async def _respond(conn: LeanConnection, request: ClientRequest, outcome: Outcome) -> tuple[int, int]:
-    """Write the upstream's answer; (status, bytes written)."""
+async def _respond(
+    conn: LeanConnection, request: ClientRequest, outcome: Outcome
+) -> tuple[int, int, str | None]:
+    """Write the upstream's answer; (status, bytes written, our error code if it is not the upstream's)."""
     upstream = outcome.response
     status = upstream.status
     sent = 0
@@ -250,7 +320,7 @@ async def _respond(conn: LeanConnection, request: ClientRequest, outcome: Outcom
             chunked=chunked,
         )
         if head is None:
-            return 502, _unwritable(conn, request)
+            return 502, _unwritable(conn, request), UNWRITABLE
         conn.write(head)
         sent = len(head)
         async for chunk in upstream.content.iter_chunked(STREAM_CHUNK):
@@ -267,19 +337,24 @@ async def _respond(conn: LeanConnection, request: ClientRequest, outcome: Outcom
                 sent += len(chunk)
             if conn.write_paused:
                 await conn.drain()
-        if chunked and not conn.lost:
+        if conn.lost:
+            return status, sent, CLIENT_GONE
+        if chunked:
             conn.write(b"0\r\n\r\n")
             sent += 5
-        return status, sent
+        return status, sent, None
     except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         log.info("upstream body failed mid-stream for %s: %s", request.target[:200], exc.__class__.__name__)
         if sent == 0:
-            return 502, _send_error(
-                conn, request, 502, "upstream_body_error", f"upstream body failed: {exc.__class__.__name__}"
-            )
+            detail = f"upstream body failed: {exc.__class__.__name__}"
+            return 502, _send_error(conn, request, 502, BODY_ERROR, detail), BODY_ERROR
         # Headers are out: the only honest signal left is to cut the client connection.
         conn.abort()
-        return status, sent
+        return status, sent, BODY_ERROR
+    except asyncio.CancelledError:
+        if sent:  # the client went away mid-answer: say how much of it had gone out
+            raise AnswerCut(status, sent) from None
+        raise
     finally:
         upstream.release()
 
@@ -287,4 +362,4 @@ async def _respond(conn: LeanConnection, request: ClientRequest, outcome: Outcom
 def _unwritable(conn: LeanConnection, request: ClientRequest) -> int:
     """A stage or upstream header would split the head: never write it."""
     log.error("answer for %s has a header that would break framing; not relayed", request.target[:200])
-    return _send_error(conn, request, 502, "upstream_bad_response", "answer headers cannot be relayed")
+    return _send_error(conn, request, 502, UNWRITABLE, "answer headers cannot be relayed")

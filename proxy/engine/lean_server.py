@@ -384,18 +384,21 @@ class LeanConnection(asyncio.Protocol):
         # back through request_failed() and request_finished().
         self._task = self.loop.create_task(self.server.serve(request, self))
 
-    def request_failed(self, request: ClientRequest) -> None:
-        """The request server raised: answer 500 if nothing was written yet, else cut the connection."""
+    def request_failed(self, request: ClientRequest) -> int:
+        """The request server raised: answer 500 if nothing was written yet, else cut the connection.
+
+        Returns the bytes of the 500 written (0 when the connection was cut instead).
+        """
         log.exception("unhandled error while proxying")
         if self.answer_started or self.transport is None:
             self.abort()
-        else:
-            request.keep_alive = False
-            self.write(
-                error_response(
-                    request.version, 500, "internal_error", "internal error (see the proxy log)", False
-                )
-            )
+            return 0
+        request.keep_alive = False
+        answer = error_response(
+            request.version, 500, "internal_error", "internal error (see the proxy log)", False
+        )
+        self.write(answer)
+        return len(answer)
 
     def request_finished(self, request: ClientRequest) -> None:
         """Called by the request server in a `finally` (also when cancelled): go on or close."""

@@ -1,5 +1,12 @@
 """One line per proxied request: method, host, status, bytes, duration, and whether it was paid or
-rode on a session. Installed as the outermost stage, so it also names the request in its log context.
+rode on a session (fields in docs/logs.md).
+
+Two parts. `access_hook` is the lean server's completion hook: it writes the line once the answer is
+out, so `bytes` counts what was written to the client and `ms` runs to the answer's last byte, and
+requests refused before the stages (407, a bad target, self_target) get a line too. `access_stage`
+is the outermost stage: it names the request in the log context and, for the few requests aiohttp
+serves after an upgrade handover (no completion hook there), writes the line itself when the
+answer's head is known.
 """
 
 from __future__ import annotations
@@ -8,6 +15,7 @@ import logging
 import time
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
+from proxy.engine.lean_exchange import COMPLETION_REPORTED, CompletedRequest, CompletionHook
 from proxy.engine.upstream import UpstreamError
 from proxy.observability.context import PAYMENT_ID, REQUEST_ID, SESSION_ID
 from proxy.observability.logs import FIELDS_ATTR
@@ -45,21 +53,22 @@ def access_stage(enabled: bool) -> object:
 
         async def logged(request: Exchange) -> Outcome:
             fresh_context(request)
+            if COMPLETION_REPORTED.get():
+                return await inner(request)  # the lean server's hook writes the line when the answer is out
             started = time.perf_counter()
             try:
                 outcome = await inner(request)
             except UpstreamError as exc:
-                _line(request, exc.status, None, started, exc.reason_code, None, None)
+                _line(request.method, request.url.raw_host, exc.status, None, started, exc.reason_code, None)
                 raise
-            extra = {name.lower(): value for name, value in outcome.extra_headers}
             _line(
-                request,
+                request.method,
+                request.url.raw_host,
                 outcome.response.status,
                 outcome.response.content_length,
                 started,
-                extra.get(_ERROR_HEADER),
-                extra.get(_SESSION_HEADER),
-                extra.get(_PAYMENT_HEADER),
+                None,
+                outcome,
             )
             return outcome
 
@@ -68,19 +77,42 @@ def access_stage(enabled: bool) -> object:
     return wrap
 
 
+def access_hook(enabled: bool) -> CompletionHook | None:
+    """The lean server's completion hook: the access line of a request whose answer is out. None when off."""
+    if not enabled:
+        return None
+
+    def completed(done: CompletedRequest) -> None:
+        _line(done.method, done.host, done.status, done.bytes_sent, done.started, done.error, done.outcome)
+
+    return completed
+
+
 def _line(
-    request: Exchange,
+    method: str,
+    host: str | None,
     status: int,
     size: int | None,
     started: float,
     error: str | None,
-    session_id: str | None,
-    payment_id: str | None,
+    outcome: Outcome | None,
 ) -> None:
+    if not log.isEnabledFor(logging.INFO):  # e.g. level = "warning": the line would be dropped anyway
+        return
     millis = (time.perf_counter() - started) * 1000
-    host = request.url.host or "-"
+    session_id = payment_id = None
+    if outcome is not None:
+        for name, value in outcome.extra_headers:  # a few at most: what the stages added
+            lower = name.lower()
+            if lower == _SESSION_HEADER:
+                session_id = value
+            elif lower == _PAYMENT_HEADER:
+                payment_id = value
+            elif lower == _ERROR_HEADER and error is None:
+                error = value
+    host = host or "-"
     fields: dict[str, object] = {
-        "method": request.method,
+        "method": method,
         "host": host,
         "status": status,
         "bytes": size if size is not None else "-",
@@ -94,4 +126,4 @@ def _line(
         fields["session_id"] = session_id
     if payment_id is not None:
         fields["payment_id"] = payment_id
-    log.info("%s %s %s %s", request.method, host, status, fields["bytes"], extra={FIELDS_ATTR: fields})
+    log.info("%s %s %s %s", method, host, status, fields["bytes"], extra={FIELDS_ATTR: fields})

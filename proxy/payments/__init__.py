@@ -8,6 +8,8 @@ Modules (import what you need; nothing heavy is imported here):
 - ``wallet``     key file / keystore / env loading, ``create_key_file``, ``token_balance``
 - ``settlement`` lenient parsing of ``PAYMENT-RESPONSE`` / ``X-PAYMENT-RESPONSE`` (pure)
 - ``payer``      ``Payer``: the one place where a 402 becomes a payment (does the I/O)
+- ``stage``      engine glue: notice a 402, ask the Payer, replay once with the payment header
+- ``reconcile``  resolve ``unknown`` ledger rows from the chain (``decide`` is pure; ``Reconciler`` reads)
 
 See docs/payments.md for the decisions behind them.
 """

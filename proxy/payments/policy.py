@@ -163,8 +163,9 @@ class PaymentContext:
     # Token balances in atomic units keyed by (CAIP-2 network, lower-case asset address);
     # None or a missing key means "unknown" and skips the balance check.
     balances: Mapping[tuple[str, str], int] | None = None
-    # Ledger id of an earlier payment for the same request whose outcome is unknown and whose
-    # authorization may still settle. Paying again could pay twice for one need.
+    # Ledger id of an earlier payment for the same request whose authorization is still valid and whose
+    # outcome is unknown (it may still settle) or was found settled on chain after a crash (the answer
+    # it bought never reached the client). Paying again could pay twice for one need.
     in_doubt_payment_id: int | None = None
 
 
@@ -265,8 +266,9 @@ def choose_requirement(
     if ctx.in_doubt_payment_id is not None:
         return Refusal(
             ReasonCode.PAYMENT_IN_DOUBT,
-            f"payment #{ctx.in_doubt_payment_id} for this request has an unknown outcome and may still "
-            "settle; not paying again until it expires or is resolved",
+            f"payment #{ctx.in_doubt_payment_id} for this request was paid or may still settle, and its "
+            "answer never arrived; not paying again until its authorization expires or the chain shows "
+            "it unused",
         )
     accepted: list[Selection] = []
     rejected: list[_Rejected] = []

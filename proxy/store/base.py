@@ -4,8 +4,11 @@ A row is written (and durable) *before* anything is signed, so after any crash e
 that may have left the process has a row. States:
 
     pending   -> signed or about to be; outcome not yet known
-    settled   -> the server returned a settlement receipt (or served the resource after payment)
-    rejected  -> the server answered 402 again: it says it did not accept the payment
+    settled   -> the server returned a settlement receipt (or served the resource after payment), or
+                 an unknown row's authorization was found used on chain (reason: RECONCILED_USED)
+    rejected  -> the server answered 402 again: it says it did not accept the payment; also a
+                 payment that never moved money: never signed, or an unknown one the chain proved
+                 unused and expired (proxy/payments/reconcile.py; the reason says which)
     unsettled -> the server answered >= 400 without a receipt (handler failed; servers do not settle)
     unknown   -> the outcome cannot be known (transport failure, crash): may or may not settle
     dry_run   -> policy would have paid; nothing was signed
@@ -36,10 +39,17 @@ class PaymentState(StrEnum):
 ALLOWED_TRANSITIONS: Mapping[PaymentState, frozenset[PaymentState]] = {
     # A late receipt or an on-chain check may resolve unknown/unsettled rows as settled.
     PaymentState.SETTLED: frozenset({PaymentState.PENDING, PaymentState.UNKNOWN, PaymentState.UNSETTLED}),
-    PaymentState.REJECTED: frozenset({PaymentState.PENDING}),
+    # unknown -> rejected only when the chain proves the authorization unused and expired (reconcile.py).
+    PaymentState.REJECTED: frozenset({PaymentState.PENDING, PaymentState.UNKNOWN}),
     PaymentState.UNSETTLED: frozenset({PaymentState.PENDING}),
     PaymentState.UNKNOWN: frozenset({PaymentState.PENDING}),
 }
+
+
+# Start of the reason of a row that was `unknown` until the chain showed its authorization used
+# (proxy/payments/reconcile.py). `find_in_doubt` keeps such a row blocking a retry as long as the
+# unknown row did: reconciliation lifts the refusal early only when it proves that no money moved.
+RECONCILED_USED = "reconciled from chain: authorization used"
 
 
 class StoreError(Exception):
@@ -155,11 +165,17 @@ class LedgerStore(Protocol):
         ...
 
     def find_in_doubt(self, method: str, url: str, *, still_valid_at: float) -> PaymentRecord | None:
-        """Newest `unknown` row for this request whose authorization may still settle."""
+        """Newest row for this request that must not be paid again yet, while its authorization is valid:
+        `unknown` (it may still settle), or settled by reconciliation (RECONCILED_USED: the money moved,
+        but the answer it bought never reached the client, so paying again would pay twice)."""
         ...
 
     def recover_on_startup(self, *, now: float | None = None) -> Sequence[PaymentRecord]:
         """Turn rows left `pending` by a crash into `unknown`; return them."""
+        ...
+
+    def list_unknown(self) -> Sequence[PaymentRecord]:
+        """Every `unknown` row, oldest first (for reconciliation from the chain)."""
         ...
 
     def close(self) -> None: ...

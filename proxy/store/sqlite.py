@@ -22,6 +22,7 @@ from typing import Any
 
 from proxy.store.base import (
     ALLOWED_TRANSITIONS,
+    RECONCILED_USED,
     NewPayment,
     PaymentRecord,
     PaymentState,
@@ -449,11 +450,18 @@ class SqliteLedgerStore:
     def find_in_doubt(self, method: str, url: str, *, still_valid_at: float) -> PaymentRecord | None:
         with self._reading() as conn:
             row = conn.execute(
-                "SELECT * FROM payments WHERE url = ? AND method = ? AND state = 'unknown' "
+                "SELECT * FROM payments WHERE url = ? AND method = ? "
+                "AND (state = 'unknown' OR (state = 'settled' AND substr(reason, 1, ?) = ?)) "
                 "AND valid_before IS NOT NULL AND valid_before > ? ORDER BY id DESC LIMIT 1",
-                (url, method.upper(), still_valid_at),
+                (url, method.upper(), len(RECONCILED_USED), RECONCILED_USED, still_valid_at),
             ).fetchone()
             return _record(row) if row else None
+
+    def list_unknown(self) -> Sequence[PaymentRecord]:
+        # Not `list()`: that is newest first and capped; reconciliation must see every unknown row.
+        with self._reading() as conn:
+            rows = conn.execute("SELECT * FROM payments WHERE state = 'unknown' ORDER BY id")
+            return [_record(row) for row in rows]
 
     def _fetch(self, conn: sqlite3.Connection, payment_id: int) -> PaymentRecord:
         row = conn.execute("SELECT * FROM payments WHERE id = ?", (payment_id,)).fetchone()
