@@ -107,3 +107,19 @@ def test_config_check_names_key_source_and_allowed_values(tmp_path: Path) -> Non
     from_env = _config_check(env={"X402_PROXY_PROXY__DRAIN_TIMEOUT": "-1"})
     assert from_env.returncode == 2
     assert "proxy.drain_timeout" in from_env.stderr and "X402_PROXY_PROXY__DRAIN_TIMEOUT" in from_env.stderr
+
+
+@pytest.mark.parametrize("ports", ['["٤٤٣"]', '["443-\uff14\uff14\uff15"]', '["0"]', '["+443"]'])
+def test_connect_ports_take_ascii_port_numbers_only(tmp_path: Path, ports: str) -> None:
+    """Arabic-Indic or fullwidth digits pass str.isdigit(): they must not pass as a port range."""
+    config_file = tmp_path / "c.toml"
+    config_file.write_text(f"[proxy]\nconnect_ports = {ports}\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, env={})
+    assert info.value.key == "proxy.connect_ports", info.value
+
+
+def test_connect_ports_ascii_ranges_load(tmp_path: Path) -> None:
+    config_file = tmp_path / "c.toml"
+    config_file.write_text('[proxy]\nconnect_ports = ["443", "8000-9000"]\n')
+    assert load_config(config_file, env={}).proxy.connect_ports == ["443", "8000-9000"]

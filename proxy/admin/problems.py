@@ -54,6 +54,7 @@ TITLES: dict[str, str] = {
     "dry_run": "Dry run: nothing is signed",
     "no_wallet": "No wallet is configured",
     "payment_in_doubt": "An earlier payment for this request is in doubt",
+    "zero_amount": "The challenge asks for a zero amount: nothing is signed",
     # upstream
     "upstream_error": "The upstream failed",
     "upstream_timeout": "The upstream did not answer in time",

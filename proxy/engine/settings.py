@@ -45,7 +45,8 @@ def parse_port_ranges(items: list[str]) -> list[tuple[int, int]]:
             ranges.append((1, 65535))
             continue
         low, _, high = text.partition("-")
-        if not low.isdigit() or (high and not high.isdigit()):
+        # ASCII digits only: str.isdigit() alone also takes Arabic-Indic or fullwidth digits.
+        if not _ascii_digits(low) or (high and not _ascii_digits(high)):
             raise ValueError(f"port range {text!r} is not N or N-M or *")
         lo, hi = int(low), int(high or low)
         if not 0 < lo <= hi < 65536:
@@ -125,3 +126,7 @@ class UpstreamSettings:
             raise SettingError("idle_timeout", "must be > 0")
         if self.extra_ca_bundle is not None and not self.extra_ca_bundle.is_file():
             raise SettingError("extra_ca_bundle", f"file not found: {self.extra_ca_bundle}")
+
+
+def _ascii_digits(text: str) -> bool:
+    return text.isascii() and text.isdigit()

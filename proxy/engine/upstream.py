@@ -158,7 +158,7 @@ class Upstream:
         stream_length: int | None = None
         if body_stream is not None:
             declared = headers.get("Content-Length")
-            if declared is not None and declared.isdigit():
+            if declared is not None and declared.isascii() and declared.isdigit():
                 stream_length = int(declared)
             else:
                 if declared is not None:
