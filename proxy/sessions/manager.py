@@ -122,7 +122,9 @@ class SessionManager:
         self._dirty.discard(session.id)
 
     def touch(self, session: Session, now: float) -> None:
-        session.touch(now)
+        # Runs on every session hit: two stores and a set add, no further call.
+        session.last_used_at = now
+        session.call_count += 1
         # Flushed later; the flush also refreshes the session's place in the LRU order (lookups
         # memoised by the stage do not touch the cache).
         self._dirty.add(session.id)

@@ -261,10 +261,6 @@ class Session:
             self.ended_reason = reason
         self.credentials.clear()
 
-    def touch(self, now: float) -> None:
-        self.last_used_at = now
-        self.call_count += 1
-
     def record_payment(self, ledger_id: int, amount: int) -> None:
         self.payment_ids.append(ledger_id)
         self.amount_paid += amount

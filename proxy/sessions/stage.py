@@ -67,6 +67,7 @@ class _Route:
     session: Session | None
     credentials: SessionCredentials | None = None
     headers: EncodedHeaders | None = None
+    header: tuple[str, str] = ("", "")  # (SESSION_HEADER, session id) for the answer
 
 
 class SessionStage:
@@ -121,7 +122,9 @@ class SessionStage:
         url = route.url
         outcome = await inner(self._attach(request, session, url, now, route))
         if outcome.response.status != 402:
-            self._used(session, outcome, now)
+            if session is not None:
+                self.manager.touch(session, now)
+                outcome.extra_headers.append(route.header)  # session is route.session: its pair, built once
             return outcome
         if url is None:
             return (await self._payments.attempt(request, outcome, inner)).outcome
@@ -165,6 +168,8 @@ class SessionStage:
             url = None
         session = self.manager.match(url, now) if url is not None else None
         route = _Route(url, generation, session)
+        if session is not None:
+            route.header = (SESSION_HEADER, session.id)
         if len(raw) <= _ROUTE_CACHE_URL:  # bounded memory: 4096 entries of at most 1 KiB
             routes = self._routes
             if len(routes) >= _ROUTE_CACHE_SIZE:
