@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import signal
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,23 @@ def siwx_server(x402_stack: Stack) -> Iterator[PyServer]:
     server = x402_stack.start_py_server(siwx=True)
     yield server
     server.stop()
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    """A fresh proxy home (created by the proxy itself, as on a new machine)."""
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def running() -> Iterator[list[ProxyProcess]]:
+    """Proxy processes a test starts and appends here; all are killed at teardown. SIGKILL: one paused at a
+    fault point (X402_PROXY_FAULT_PAUSE) ignores SIGTERM, and a test that cares about a clean stop checks it
+    itself."""
+    procs: list[ProxyProcess] = []
+    yield procs
+    for proc in procs:
+        proc.stop(signal.SIGKILL)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

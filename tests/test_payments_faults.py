@@ -35,19 +35,6 @@ TIMEOUT = 60
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
-@pytest.fixture
-def home(tmp_path: Path) -> Path:
-    return tmp_path / "home"
-
-
-@pytest.fixture
-def started() -> Iterator[list[ProxyProcess]]:
-    procs: list[ProxyProcess] = []
-    yield procs
-    for proc in procs:
-        proc.stop()
-
-
 def get(proxy: ProxyProcess, url: str, **kwargs: Any) -> requests.Response:
     return requests.get(url, proxies=proxies(proxy), timeout=TIMEOUT, **kwargs)
 
@@ -76,9 +63,9 @@ def settle_counts(stack: Stack) -> tuple[int, int]:
 # -- settlement fails ---------------------------------------------------------------------------
 
 
-def test_facilitator_cannot_settle(x402_stack: Stack, home: Path, started: list[ProxyProcess]) -> None:
+def test_facilitator_cannot_settle(x402_stack: Stack, home: Path, running: list[ProxyProcess]) -> None:
     proxy = start_paying_proxy(x402_stack, home)
-    started.append(proxy)
+    running.append(proxy)
     before = x402_stack.balance_of(x402_stack.pay_to)
     payer_before = x402_stack.balance_of(x402_stack.payer_address)
     x402_stack.facilitator_faults(settle_fail_reason="unexpected_settle_error")
@@ -103,12 +90,12 @@ def test_facilitator_cannot_settle(x402_stack: Stack, home: Path, started: list[
     assert x402_stack.balance_of(x402_stack.pay_to) == before + x402_stack.price
 
 
-def test_facilitator_down(x402_stack: Stack, home: Path, started: list[ProxyProcess]) -> None:
+def test_facilitator_down(x402_stack: Stack, home: Path, running: list[ProxyProcess]) -> None:
     """A resource server whose facilitator is unreachable: nothing settles, the proxy keeps serving."""
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     server = x402_stack.start_py_server(extra_args=["--facilitator", dead])
     proxy = start_paying_proxy(x402_stack, home)
-    started.append(proxy)
+    running.append(proxy)
     before = x402_stack.balance_of(x402_stack.pay_to)
     try:
         response = get(proxy, f"{server.url}/paid/a")
@@ -129,11 +116,11 @@ def _config_without_rpc(stack: Stack, **kwargs: Any) -> str:
 
 
 def test_unfunded_payer_without_rpc_is_rejected(
-    x402_stack: Stack, home: Path, started: list[ProxyProcess]
+    x402_stack: Stack, home: Path, running: list[ProxyProcess]
 ) -> None:
     key = fresh_key()
     proxy = ProxyProcess(home, _config_without_rpc(x402_stack), {"X402_PROXY_PRIVATE_KEY": key}).start()
-    started.append(proxy)
+    running.append(proxy)
     before = x402_stack.balance_of(x402_stack.pay_to)
     verify_before, _ = settle_counts(x402_stack)
     response = get(proxy, f"{x402_stack.py}/paid/a")
@@ -158,7 +145,7 @@ def test_unfunded_payer_without_rpc_is_rejected(
 
 
 def test_wrong_eip712_name_in_config_is_overridden_by_server(
-    x402_stack: Stack, home: Path, started: list[ProxyProcess]
+    x402_stack: Stack, home: Path, running: list[ProxyProcess]
 ) -> None:
     """Design: the domain in the server's `extra` wins; the configured name is only a fallback.
 
@@ -166,7 +153,7 @@ def test_wrong_eip712_name_in_config_is_overridden_by_server(
     only way a payment can verify at all; a wrong local name therefore costs nothing.
     """
     proxy = start_paying_proxy(x402_stack, home, eip712_name="USD Coin")
-    started.append(proxy)
+    running.append(proxy)
     before = x402_stack.balance_of(x402_stack.pay_to)
     response = get(proxy, f"{x402_stack.py}/paid/a")
     assert response.status_code == 200, response.text[:300]
@@ -211,13 +198,13 @@ def wrong_domain_server(x402_stack: Stack, tmp_path_factory: pytest.TempPathFact
 
 
 def test_server_advertising_wrong_eip712_name(
-    x402_stack: Stack, home: Path, started: list[ProxyProcess], wrong_domain_server: str
+    x402_stack: Stack, home: Path, running: list[ProxyProcess], wrong_domain_server: str
 ) -> None:
     """A wrong domain name signs fine, but the token contract's domain differs: the facilitator's
     verify step simulates the transfer, the token reverts "invalid signature", and the server
     answers 402 again. Nothing reaches settlement, no money moves, the row is `rejected`."""
     proxy = start_paying_proxy(x402_stack, home)  # our asset table has the right name, "USDC"
-    started.append(proxy)
+    running.append(proxy)
     before = x402_stack.balance_of(x402_stack.pay_to)
     payer_before = x402_stack.balance_of(x402_stack.payer_address)
     response = get(proxy, f"{wrong_domain_server}/paid/a")
@@ -235,7 +222,7 @@ def test_server_advertising_wrong_eip712_name(
 
 
 @pytest.mark.parametrize("skew", [+300, -300], ids=["fast-5m", "slow-5m"])
-def test_proxy_clock_skew(x402_stack: Stack, home: Path, started: list[ProxyProcess], skew: int) -> None:
+def test_proxy_clock_skew(x402_stack: Stack, home: Path, running: list[ProxyProcess], skew: int) -> None:
     if not FAKETIME_LIB.exists():
         pytest.skip(f"{FAKETIME_LIB} missing: apt-get install faketime (Makefile apt-test)")
     assert abs(x402_stack.chain.latest_timestamp() - time.time()) < 120, "the chain's clock was moved"
@@ -247,7 +234,7 @@ def test_proxy_clock_skew(x402_stack: Stack, home: Path, started: list[ProxyProc
         "FAKETIME_NO_CACHE": "1",
     }
     proxy = ProxyProcess(home, stack_config(x402_stack), env).start()
-    started.append(proxy)
+    running.append(proxy)
     before = x402_stack.balance_of(x402_stack.pay_to)
     sent_at = time.time()
     response = get(proxy, f"{x402_stack.py}/paid/a")
@@ -263,10 +250,10 @@ def test_proxy_clock_skew(x402_stack: Stack, home: Path, started: list[ProxyProc
 
 
 def test_sigkill_while_pending_never_pays_twice(
-    x402_stack: Stack, home: Path, started: list[ProxyProcess]
+    x402_stack: Stack, home: Path, running: list[ProxyProcess]
 ) -> None:
     proxy = start_paying_proxy(x402_stack, home)
-    started.append(proxy)
+    running.append(proxy)
     url = f"{x402_stack.py}/paid/slow?delay=5"
     before = x402_stack.balance_of(x402_stack.pay_to)
     verify_before, _ = settle_counts(x402_stack)
@@ -329,7 +316,7 @@ def test_sigkill_while_pending_never_pays_twice(
 
 
 def test_private_key_never_written_outside_key_file(
-    x402_stack: Stack, home: Path, started: list[ProxyProcess]
+    x402_stack: Stack, home: Path, running: list[ProxyProcess]
 ) -> None:
     key = x402_stack.payer_key
     home.mkdir(mode=0o700, parents=True)
@@ -340,7 +327,7 @@ def test_private_key_never_written_outside_key_file(
     extra = f'[wallet]\nkey_file = "{key_file}"\n[log]\nlevel = "debug"\n'
     proxy = ProxyProcess(home, stack_config(x402_stack, extra=extra), {})
     proxy.env.pop("X402_PROXY_PRIVATE_KEY", None)
-    started.append(proxy.start())
+    running.append(proxy.start())
 
     # httpx's client closes its connections on exit, so the proxy can stop without a drain wait.
     with httpx.Client(proxy=proxy.url, timeout=TIMEOUT, trust_env=False) as client:
@@ -349,14 +336,18 @@ def test_private_key_never_written_outside_key_file(
             assert response.status_code == 200, response.text[:300]
             # The receipt is what a client sees of the payment: it names the payer, never the key.
             receipt = response.headers.get("PAYMENT-RESPONSE") or response.headers.get("X-PAYMENT-RESPONSE")
-            assert receipt and key[2:].lower() not in json.dumps(json.loads(base64.b64decode(receipt))).lower()
+            assert (
+                receipt and key[2:].lower() not in json.dumps(json.loads(base64.b64decode(receipt))).lower()
+            )
         assert client.get(f"{x402_stack.py}/paid/fail500").status_code == 500
     cli = proxy.cli("config", "check")
     proxy.stop()
     assert "paying from wallet" in proxy.log_text()
 
     body = key[2:]
-    needles = [n.encode() for n in {body.lower(), body.upper(), "0x" + body.lower(), "0x" + body.upper(), body}]
+    needles = [
+        n.encode() for n in {body.lower(), body.upper(), "0x" + body.lower(), "0x" + body.upper(), body}
+    ]
     needles.append(bytes.fromhex(body))  # the raw 32 bytes too
     scanned = []
     candidates = [proxy.log_path, proxy.config_path, *sorted(p for p in home.rglob("*") if p.is_file())]

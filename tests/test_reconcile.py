@@ -40,13 +40,10 @@ from proxy.payments.reconcile import (
 )
 from proxy.store.base import RECONCILED_USED, NewPayment, PaymentRecord, PaymentState, StoreError
 from proxy.store.sqlite import SqliteLedgerStore
-from tests import test_crash_recovery as crash_recovery
 from tests.stack import PAYER, Stack
 from tests.stack._proc import free_port
 from tests.stack.chain import DEPLOYER, Chain, start_chain
-from tests.support.paying_proxy import ledger, stack_config
-from tests.support.proxy_process import ProxyProcess
-from tests.test_crash_recovery import (
+from tests.support.crash import (
     ERROR,
     PAYMENT,
     TIMEOUT,
@@ -55,10 +52,10 @@ from tests.test_crash_recovery import (
     in_background,
     wait_for,
 )
+from tests.support.paying_proxy import ledger, stack_config
+from tests.support.proxy_process import ProxyProcess
 
-# The crash tests' fixtures: `home` (a fresh proxy home) and `running` (proxies SIGKILLed at teardown).
-home = crash_recovery.home
-running = crash_recovery.running
+# Fixtures from tests/conftest.py: `home` (a fresh proxy home) and `running` (proxies SIGKILLed at teardown).
 
 RECONCILE_EVERY_SECOND = "[reconcile]\ninterval = 1\n"
 RECONCILE_LOGGER = "x402_proxy.reconcile"

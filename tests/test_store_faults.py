@@ -67,14 +67,6 @@ class LockHolder:
             self.proc.wait(10)
 
 
-@pytest.fixture
-def running() -> Iterator[list[ProxyProcess]]:
-    procs: list[ProxyProcess] = []
-    yield procs
-    for proc in procs:
-        proc.stop()
-
-
 def paying_proxy(stack: Stack, home: Path, running: list[ProxyProcess]) -> ProxyProcess:
     proxy = ProxyProcess(home, stack_config(stack), {"X402_PROXY_PRIVATE_KEY": stack.payer_key})
     running.append(proxy)
