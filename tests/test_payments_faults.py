@@ -13,9 +13,8 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,8 @@ from eth_account import Account
 
 from tests.stack import Stack
 from tests.stack._proc import ManagedProcess, free_port, http_ready, wait_all
-from tests.support.paying_proxy import ledger, proxies, stack_config, start_paying_proxy
+from tests.support.crash import get, in_background, wait_for
+from tests.support.paying_proxy import ledger, stack_config, start_paying_proxy
 from tests.support.proxy_process import ProxyProcess
 
 ERROR = "X-402-Proxy-Error"
@@ -35,24 +35,12 @@ TIMEOUT = 60
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
-def get(proxy: ProxyProcess, url: str, **kwargs: Any) -> requests.Response:
-    return requests.get(url, proxies=proxies(proxy), timeout=TIMEOUT, **kwargs)
-
-
 def row_of(proxy: ProxyProcess, response: requests.Response) -> dict[str, Any]:
     return next(r for r in ledger(proxy) if r["id"] == int(response.headers[PAYMENT]))
 
 
 def fresh_key() -> str:
     return "0x" + bytes(Account.create().key).hex()
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 def settle_counts(stack: Stack) -> tuple[int, int]:
@@ -259,16 +247,7 @@ def test_sigkill_while_pending_never_pays_twice(
     verify_before, _ = settle_counts(x402_stack)
     handled_before = x402_stack.server_stats(x402_stack.py)["handled"].get("/paid/slow", 0)
 
-    outcome: dict[str, Any] = {}
-
-    def client() -> None:
-        try:
-            outcome["response"] = get(proxy, url)
-        except requests.RequestException as exc:
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=client, daemon=True)
-    thread.start()
+    thread, outcome = in_background(proxy, url)
     # The paid request is at the server (verified, handler sleeping) and the row is still pending.
     wait_for(lambda: [r["state"] for r in ledger(proxy)] == ["pending"], 15, "a pending ledger row")
     wait_for(

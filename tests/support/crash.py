@@ -31,8 +31,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
         time.sleep(interval)
 
 
-def get(proxy: ProxyProcess, url: str) -> requests.Response:
-    return requests.get(url, proxies=proxies(proxy), timeout=TIMEOUT)
+def get(proxy: ProxyProcess, url: str, **kwargs: Any) -> requests.Response:
+    return requests.get(url, proxies=proxies(proxy), timeout=TIMEOUT, **kwargs)
 
 
 def in_background(proxy: ProxyProcess, url: str) -> tuple[threading.Thread, dict[str, Any]]:
