@@ -34,7 +34,7 @@ from tests.stack import Stack
 from tests.support.admin import ADMIN_RE, AdminProxy, free_port
 from tests.support.certs import UpstreamCA
 from tests.support.paying_proxy import stack_config
-from tests.support.proxy_process import LISTEN_RE, REPO
+from tests.support.proxy_process import REPO
 from tests.support.upstream import Upstream
 
 DOCKERFILE = REPO / "Dockerfile"
@@ -196,34 +196,15 @@ class Sidecar(AdminProxy):
     def start(
         self, listen: str = "", timeout: float = STARTUP_TIMEOUT, extra: tuple[str, ...] = ()
     ) -> Sidecar:
-        log = self.log_path.open("a")
-        self.proc = subprocess.Popen(
-            [str(entrypoint_script()), *extra],
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            text=True,
-            cwd=self.home.parent,
-            start_new_session=True,
-        )
-        self.startup_lines = []
-        deadline = time.monotonic() + timeout
-        assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            self.startup_lines.append(line)
+        listening = self.launch([str(entrypoint_script()), *extra], cwd=self.home.parent, timeout=timeout)
+        for line in self.startup_lines:  # the admin address is printed before the "listening on" line
             if match := ADMIN_RE.search(line):
                 self.bound_admin = match.group(1).removeprefix("http://")
-            if match := LISTEN_RE.search(line):
-                self.bound_address = match.group(1)
-                self.address = loopback(self.bound_address)
-                self.admin_url = f"http://{loopback(self.bound_admin)}"
-                self.token = self._token()
-                return self
-        self.stop()
-        raise RuntimeError(f"sidecar did not start; log:\n{self.log_text()[-3000:]}")
+        self.bound_address = listening.group(1)
+        self.address = loopback(self.bound_address)
+        self.admin_url = f"http://{loopback(self.bound_admin)}"
+        self.token = self._token()
+        return self
 
     def proxy_url(self, agent_env: Mapping[str, str]) -> dict[str, str]:
         return {"http": agent_env["HTTP_PROXY"], "https": agent_env["HTTPS_PROXY"]}

@@ -125,6 +125,14 @@ def end_to_end_headers(
 _VIA_ENTRIES = {(1, 1): f"1.1 {VIA_PSEUDONYM}", (1, 0): f"1.0 {VIA_PSEUDONYM}"}
 
 
+def connection_line(version: tuple[int, int], keep_alive: bool) -> str:
+    """The `Connection` header line an answer needs, or "": 1.1 is persistent unless it says close,
+    1.0 closes unless it says keep-alive."""
+    if version >= (1, 1):
+        return "" if keep_alive else "Connection: close\r\n"
+    return "Connection: keep-alive\r\n" if keep_alive else ""
+
+
 def via_value(existing: str | None, http_version: tuple[int, int]) -> str:
     entry = _VIA_ENTRIES.get(http_version) or f"{http_version[0]}.{http_version[1]} {VIA_PSEUDONYM}"
     return f"{existing}, {entry}" if existing else entry

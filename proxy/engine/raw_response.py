@@ -79,11 +79,9 @@ def serialize_head(
         lines.append(f"Content-Length: {content_length}\r\n")
     elif chunked:
         lines.append("Transfer-Encoding: chunked\r\n")
-    if version >= (1, 1):
-        if not keep_alive:
-            lines.append("Connection: close\r\n")
-    elif keep_alive:
-        lines.append("Connection: keep-alive\r\n")
+    connection = hs.connection_line(version, keep_alive)
+    if connection:  # encode_head counts one CRLF per line: never append an empty one
+        lines.append(connection)
     lines.append("\r\n")
     return encode_head(lines)
 

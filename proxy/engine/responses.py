@@ -8,6 +8,7 @@ from http import HTTPStatus
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
+from proxy.engine import http_semantics as hs
 from proxy.engine.raw_response import http_date
 
 ERROR_HEADER = "X-402-Proxy-Error"
@@ -57,11 +58,9 @@ def error_response(
     ]
     # Stage headers (a ledger id) and the message are ours; line breaks in them would split the head.
     lines.extend(f"{name}: {value}\r\n" for name, value in extra if "\r" not in value and "\n" not in value)
-    if version >= (1, 1):
-        if not keep_alive:
-            lines.append("Connection: close\r\n")
-    elif keep_alive:
-        lines.append("Connection: keep-alive\r\n")
+    connection = hs.connection_line(version, keep_alive)
+    if connection:  # encode_head counts one CRLF per line: never append an empty one
+        lines.append(connection)
     lines.append("\r\n")
     return "".join(lines).encode("utf-8", "surrogateescape") + body
 

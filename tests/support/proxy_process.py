@@ -57,9 +57,14 @@ class ProxyProcess:
             listen,
             *extra,
         ]
+        self.address = self.launch(cmd, cwd=REPO, timeout=timeout).group(1)
+        return self
+
+    def launch(self, cmd: list[str], *, cwd: Path, timeout: float) -> re.Match[str]:
+        """Start `cmd`, keep what it prints until its "listening on" line, and return that line's match."""
         log = self.log_path.open("a")
         self.proc = subprocess.Popen(
-            cmd, env=self.env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=REPO, start_new_session=True
+            cmd, env=self.env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=cwd, start_new_session=True
         )
         self.startup_lines: list[str] = []
         deadline = time.monotonic() + timeout
@@ -71,10 +76,9 @@ class ProxyProcess:
             self.startup_lines.append(line)
             match = LISTEN_RE.search(line)
             if match:
-                self.address = match.group(1)
-                return self
+                return match
         self.stop()
-        raise RuntimeError(f"proxy did not start; log:\n{self.log_text()[-3000:]}")
+        raise RuntimeError(f"{cmd[0]} did not start; log:\n{self.log_text()[-3000:]}")
 
     @property
     def url(self) -> str:
