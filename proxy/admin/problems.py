@@ -35,6 +35,7 @@ TITLES: dict[str, str] = {
     "session_ended": "The session has ended",
     "session_expired": "The session has expired",
     "invalid_url": "The URL is not an http(s) URL this proxy can fetch",
+    "non_canonical_host": "The host is an IPv4 address in another form than its dotted quad",
     "invalid_header": "A header name or value is not allowed",
     "url_not_in_scope": "The URL is outside the session's scope",
     "payment_failed": "The payment was sent but the paid request failed; no session was opened",

@@ -20,6 +20,7 @@ from yarl import URL
 from proxy.engine import http_semantics as hs
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.upstream import UpstreamError
+from proxy.hosts import HostError, NonCanonicalHost, canonical_host
 from proxy.payments.amounts import AmountError, parse_decimal
 from proxy.payments.payer import BUDGET_WINDOW_SECONDS, Payer, spend_in_budget_units
 from proxy.payments.policy import normalize_host
@@ -286,6 +287,12 @@ class ControlPlane:
             raise ControlError("invalid_url", 400, f"invalid URL: {exc}") from None
         if target.scheme not in ("http", "https") or not target.host or target.user or target.password:
             raise ControlError("invalid_url", 400, "endpoint must be an http(s) URL without credentials")
+        try:
+            canonical_host(target.raw_host or "")  # the front door's rule (proxy/hosts.py), here too
+        except NonCanonicalHost as exc:
+            raise ControlError("non_canonical_host", 400, str(exc)) from None
+        except HostError:
+            pass  # left to the resolver, as for proxied requests
         out: CIMultiDict[str] = CIMultiDict()
         for name, value in headers.items():
             if not _token(name) or any(c in value for c in "\r\n\x00"):

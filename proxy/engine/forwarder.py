@@ -120,8 +120,10 @@ class Forwarder:
         self._local_names = frozenset({"localhost", "127.0.0.1", "::1", "localhost.localdomain"})
         self._exchanger: Exchanger = self._send
         self._targets: dict[str, URL] = {}  # request target -> its checked URL (see _target_url)
-        # URL -> aimed at one of our listeners? Depends only on the listen addresses, which reset it.
-        self._self_checked: dict[URL, bool] = {}
+        # URL -> why its host is refused ((code, message): aimed at one of our listeners, or another
+        # spelling of an IPv4 address), () if it is not. Depends only on the listen addresses, which
+        # reset it.
+        self._self_checked: dict[URL, tuple[str, str] | tuple[()]] = {}
         from proxy.engine.websocket_relay import relay_websocket
 
         self._relay_websocket = relay_websocket
@@ -165,18 +167,24 @@ class Forwarder:
             return Refusal(400, "bad_framing", problem, close=True)
         if "Via" in headers and hs.via_has_loop(headers.getall("Via")):
             return Refusal(508, "loop_detected", "request already passed through this proxy")
-        if tunnel is None:
-            aimed_at_us = self._self_checked.get(url)
-            if aimed_at_us is None:
-                authority = hs.Authority((url.host or "").lower(), url.port or 0)
-                aimed_at_us = hs.is_self_target(authority, self._listen, self._local_names)
+        if tunnel is None:  # a tunnel's authority passed the same checks at its CONNECT
+            refused = self._self_checked.get(url)
+            if refused is None:
+                refused = self._host_refusal(url)
                 if len(raw_target) <= _TARGET_CACHE_URL:
                     if len(self._self_checked) >= _TARGET_CACHE_SIZE:
                         self._self_checked.clear()
-                    self._self_checked[url] = aimed_at_us
-            if aimed_at_us:
-                return Refusal(400, "self_target", "request is aimed at the proxy itself")
+                    self._self_checked[url] = refused
+            if refused:
+                return Refusal(400, refused[0], refused[1])
         return url
+
+    def _host_refusal(self, url: URL) -> tuple[str, str] | tuple[()]:
+        """Why the target's host is refused, or () (see `admit`): aimed at us, or not canonical."""
+        authority = hs.Authority((url.raw_host or "").lower(), url.port or 0)
+        if hs.is_self_target(authority, self._listen, self._local_names):
+            return ("self_target", "request is aimed at the proxy itself")
+        return hs.host_refusal(authority, self._listen, self._local_names) or ()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """aiohttp's handler entry: connections handed over by the lean server (upgrades) land here."""

@@ -22,6 +22,7 @@ from proxy.engine.forwarder import PROXY_AUTH_CHALLENGE, TunnelInfo, check_proxy
 from proxy.engine.responses import raw_error
 from proxy.engine.settings import ProxySettings, parse_port_ranges
 from proxy.engine.splice import splice
+from proxy.hosts import normalize_host, normalize_host_pattern
 
 log = logging.getLogger("x402_proxy.front_door")
 
@@ -45,7 +46,9 @@ class FrontDoorContext:
         return any(lo <= port <= hi for lo, hi in self.port_ranges)
 
     def is_passthrough(self, host: str) -> bool:
-        return any(fnmatch.fnmatchcase(host, pattern.lower()) for pattern in self.settings.passthrough_hosts)
+        name = normalize_host(host)  # the canonical host, as every other decision compares it
+        patterns = self.settings.passthrough_hosts
+        return any(fnmatch.fnmatchcase(name, normalize_host_pattern(p)) for p in patterns)
 
 
 class FrontDoor(asyncio.Protocol):
@@ -173,6 +176,10 @@ class FrontDoor(asyncio.Protocol):
             return
         if hs.is_self_target(authority, ctx.listen_addresses(), ctx.local_names):
             self._refuse(400, "Bad Request", "self_target", "CONNECT is aimed at the proxy itself")
+            return
+        refused = hs.host_refusal(authority, ctx.listen_addresses(), ctx.local_names)
+        if refused is not None:
+            self._refuse(400, "Bad Request", refused[0], refused[1])
             return
         if early_data:
             # A client may not send tunnel bytes before our 200; refusing keeps framing unambiguous.

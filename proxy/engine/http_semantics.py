@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from multidict import CIMultiDict, MultiMapping
 
+from proxy.hosts import HostError, NonCanonicalHost, canonical_host
+
 # RFC 9110 7.6.1 plus the de-facto Proxy-Connection and Keep-Alive.
 HOP_BY_HOP = frozenset(
     {
@@ -172,6 +174,28 @@ def is_self_target(
         if host in ("0.0.0.0", "::") and authority.is_ip:
             return True
     return False
+
+
+def host_refusal(
+    authority: Authority, listen_addresses: Iterable[tuple[str, int]], local_names: frozenset[str]
+) -> tuple[str, str] | None:
+    """(reason code, message) when a target's host is another spelling of an IPv4 address, else None.
+
+    Such a host is never forwarded (see ``proxy.hosts``): ``self_target`` when the address it denotes
+    is one of our listeners, ``non_canonical_host`` otherwise. Other hosts that are not canonical
+    names (a bad label, say) are left to the resolver, as before.
+    """
+    try:
+        canonical_host(authority.host)
+    except NonCanonicalHost as exc:
+        if exc.canonical is not None and is_self_target(
+            Authority(exc.canonical, authority.port), listen_addresses, local_names
+        ):
+            return "self_target", "request is aimed at the proxy itself"
+        return "non_canonical_host", str(exc)
+    except HostError:
+        return None
+    return None
 
 
 def is_own_listener(peer: tuple[str, int], local_ip: str, listeners: Iterable[tuple[str, int]]) -> bool:

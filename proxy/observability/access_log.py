@@ -17,6 +17,7 @@ import time
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.lean_exchange import COMPLETION_REPORTED, CompletedRequest, CompletionHook
 from proxy.engine.upstream import UpstreamError
+from proxy.hosts import normalize_host
 from proxy.observability.context import PAYMENT_ID, REQUEST_ID, SESSION_ID
 from proxy.observability.logs import FIELDS_ATTR
 
@@ -110,7 +111,7 @@ def _line(
                 payment_id = value
             elif lower == _ERROR_HEADER and error is None:
                 error = value
-    host = host or "-"
+    host = normalize_host(host) if host else "-"  # the canonical host, as the policy and ledger name it
     fields: dict[str, object] = {
         "method": method,
         "host": host,

@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from proxy.hosts import normalize_host as normalize_host
+from proxy.hosts import normalize_host_pattern
 from proxy.payments.amounts import (
     BUDGET_DECIMALS,
     AmountError,
@@ -140,8 +142,8 @@ class Policy:
             allowed_assets=frozenset(a.strip().lower() for a in config.allowed_assets),
             pay_to_allow=frozenset(a.strip().lower() for a in config.pay_to_allow),
             pay_to_deny=frozenset(a.strip().lower() for a in config.pay_to_deny),
-            host_allow=tuple(p.strip().lower() for p in config.host_allow),
-            host_deny=tuple(p.strip().lower() for p in config.host_deny),
+            host_allow=tuple(normalize_host_pattern(p) for p in config.host_allow),
+            host_deny=tuple(normalize_host_pattern(p) for p in config.host_deny),
             max_per_payment=_budget_units(config.max_per_payment, "max_per_payment"),
             daily_budget=_budget_units(config.daily_budget, "daily_budget"),
             per_host_daily_budget=_budget_units(config.per_host_daily_budget, "per_host_daily_budget"),
@@ -212,19 +214,9 @@ class _Rejected:
     refusal: Refusal
 
 
-def normalize_host(host: str) -> str:
-    """Lower-case, no trailing dot, no port ("[::1]:8080" -> "::1", "API.x.com.:443" -> "api.x.com")."""
-    host = host.strip().lower()
-    if host.startswith("["):
-        end = host.find("]")
-        host = host[1:end] if end != -1 else host[1:]
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    return host.rstrip(".")
-
-
 def host_allowed(host: str, policy: Policy) -> bool:
-    """Deny globs win over allow globs; an empty allow list allows every host."""
+    """Deny globs win over allow globs; an empty allow list allows every host. Hosts and literal
+    entries are compared in canonical form (``proxy.hosts``), never as the text a client wrote."""
     name = normalize_host(host)
     if any(fnmatch.fnmatchcase(name, pattern) for pattern in policy.host_deny):
         return False

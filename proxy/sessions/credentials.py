@@ -32,8 +32,9 @@ from x402.extensions.sign_in_with_x import (
     extract_evm_chain_id,
 )
 
+from proxy.hosts import HostError, canonical_host
 from proxy.sessions.model import CREDENTIAL_KINDS, Session, SessionCredentials, StoredCookie, intern_siwx
-from proxy.sessions.scope import NormalizedURL, ScopeError, normalize_host, normalize_url, path_covers
+from proxy.sessions.scope import NormalizedURL, ScopeError, normalize_url, path_covers
 from proxy.tokens import session_token_headers
 
 SIWX_HEADER = "SIGN-IN-WITH-X"
@@ -113,8 +114,8 @@ def parse_set_cookie(header: str, request: NormalizedURL, now: float) -> StoredC
         key, attr_value = key.strip().lower(), attr_value.strip()
         if key == "domain" and attr_value:
             try:
-                domain = normalize_host(attr_value.lstrip("."))
-            except ScopeError:
+                domain = canonical_host(attr_value.lstrip("."))
+            except HostError:
                 return None
         elif key == "path":
             path = attr_value if attr_value.startswith("/") else None

@@ -9,11 +9,12 @@ Normal form (RFC 3986 section 6.2.2 syntax-based normalisation, plus a few stric
 
 - scheme lower-cased, ``http``/``https`` only; an authority is required;
 - userinfo (``user@host``) is rejected: a credential in the URL is never matched;
-- host lower-cased; non-ASCII hosts are mapped with UTS #46 and IDNA-encoded (punycode), so
-  ``bücher.example`` and ``xn--bcher-kva.example`` are one host; one trailing dot is removed;
-  ``%`` and ``\\`` in the host are rejected (no percent-decoding tricks such as ``%2e``);
-  IPv4 must be canonical dotted-quad (``127.1``/``0x7f.0.0.1`` are rejected rather than guessed);
-  IPv6 is bracketed and compressed (``[0:0::1]`` -> ``[::1]``), zone ids rejected;
+- host in the proxy's one canonical form (``proxy.hosts.canonical_host``): lower-cased; non-ASCII
+  hosts mapped with UTS #46 and IDNA-encoded (punycode), so ``bücher.example`` and
+  ``xn--bcher-kva.example`` are one host; one trailing dot removed; ``%`` and ``\\`` in the host
+  rejected (no percent-decoding tricks such as ``%2e``); IPv4 must be the canonical dotted quad
+  (``127.1``/``0x7f.0.0.1``/``[::ffff:127.0.0.1]`` are rejected rather than guessed); IPv6 is
+  bracketed and compressed (``[0:0::1]`` -> ``[::1]``), zone ids rejected;
 - the port is always explicit in the origin tuple (80/443 when absent);
 - path: ``%xx`` of unreserved characters decoded, other escapes upper-cased, characters not
   allowed in a path percent-encoded as UTF-8, then dot segments removed (RFC 3986 5.2.4), so
@@ -26,13 +27,11 @@ Normal form (RFC 3986 section 6.2.2 syntax-based normalisation, plus a few stric
 from __future__ import annotations
 
 import functools
-import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
-import idna
-
+from proxy.hosts import HostError, canonical_host
 from proxy.payments.amounts import AmountError, parse_decimal
 from proxy.sessions.model import SessionValueError, validate_ttl
 
@@ -43,8 +42,6 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # RFC 3986 appendix B, minus the optional parts we require.
 _URL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)([^?#]*)(?:\?([^#]*))?(?:#.*)?$", re.DOTALL)
 _BAD_CHARS_RE = re.compile(r"[\x00-\x20\x7f]")
-_HOST_ASCII_RE = re.compile(r"^[a-z0-9_-]+(?:\.[a-z0-9_-]+)*$")
-_NUMERIC_LABEL_RE = re.compile(r"^(?:0x[0-9a-f]*|[0-9]+)$")
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # pchar minus pct-encoded, plus "/": what may appear literally in a normalised path.
 _PATH_LITERAL = _UNRESERVED | frozenset("!$&'()*+,;=:@/")
@@ -121,7 +118,7 @@ def _split_authority(authority: str, scheme: str) -> tuple[str, int]:
         end = authority.find("]")
         if end < 0:
             raise ScopeError("unterminated IPv6 literal")
-        host = _normalize_ipv6(authority[1:end])
+        host = _host(authority[: end + 1])
         rest = authority[end + 1 :]
         if rest and not rest.startswith(":"):
             raise ScopeError("garbage after IPv6 literal")
@@ -130,7 +127,9 @@ def _split_authority(authority: str, scheme: str) -> tuple[str, int]:
         host_text, sep, port_text = authority.rpartition(":")
         if not sep:
             host_text, port_text = authority, ""
-        host = normalize_host(host_text)
+        if ":" in host_text:
+            raise ScopeError("an IPv6 host must be in brackets")
+        host = _host(host_text)
     return host, _parse_port(port_text, scheme)
 
 
@@ -145,42 +144,13 @@ def _parse_port(text: str, scheme: str) -> int:
     return port
 
 
-def _normalize_ipv6(text: str) -> str:
-    if "%" in text:
-        raise ScopeError("IPv6 zone ids are not supported")
+def _host(text: str) -> str:
+    """The canonical host (``proxy.hosts``), IPv6 in brackets as a URL writes it."""
     try:
-        return f"[{ipaddress.IPv6Address(text).compressed}]"
-    except ValueError:
-        raise ScopeError(f"bad IPv6 literal {text!r}") from None
-
-
-@functools.lru_cache(maxsize=4096)
-def normalize_host(text: str) -> str:
-    # Cached: hosts repeat constantly and IDNA/UTS46 mapping is the slowest step.
-    if not text:
-        raise ScopeError("empty host")
-    if text.isascii():
-        host = text.lower()
-    else:
-        try:
-            # UTS #46 maps case, width and the ideographic full stop ("。" -> "."), so the
-            # result is the name DNS would actually be asked for.
-            host = idna.encode(text, uts46=True, transitional=False).decode("ascii")
-        except (idna.IDNAError, UnicodeError) as exc:
-            raise ScopeError(f"bad internationalised host: {exc}") from None
-    if host.endswith("."):
-        host = host[:-1]
-    if not _HOST_ASCII_RE.match(host):
-        raise ScopeError(f"bad host {text!r}")
-    last = host.rsplit(".", 1)[-1]
-    if _NUMERIC_LABEL_RE.match(last):
-        # WHATWG parsers read such hosts as IPv4 in several notations; accept only the
-        # canonical dotted quad instead of guessing which one a client meant.
-        try:
-            return str(ipaddress.IPv4Address(host))
-        except ValueError:
-            raise ScopeError(f"non-canonical IPv4 host {text!r}") from None
-    return host
+        host = canonical_host(text)
+    except HostError as exc:
+        raise ScopeError(str(exc)) from None
+    return f"[{host}]" if ":" in host else host
 
 
 def normalize_path(raw: str) -> str:
