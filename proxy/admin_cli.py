@@ -71,13 +71,28 @@ def add_parsers(
     fetch.add_argument("--allow-renew", action="store_true", help="pay again if the session is rejected")
     _request_options(fetch)
 
-    payments = sub.add_parser("payments", parents=parents, help="list ledger rows (newest first)")
+    payments = sub.add_parser(
+        "payments", parents=parents, help="list ledger rows (newest first), or reconcile them from the chain"
+    )
+    payments.add_argument(
+        "action",
+        nargs="?",
+        choices=["list", "reconcile"],
+        default="list",
+        help="list (default) | reconcile: resolve now every payment whose money could have moved",
+    )
     payments.add_argument("--state", default=None)
     payments.add_argument("--host", default=None)
     payments.add_argument("--since", type=float, default=None, help="Unix seconds")
     payments.add_argument("--limit", type=int, default=None)
 
     sub.add_parser("budget", parents=parents, help="spending limits and what the last 24 h used")
+    audit = sub.add_parser(
+        "audit", parents=parents, help="compare the ledger with the chain (exit 1 on any discrepancy)"
+    )
+    audit.add_argument(
+        "--since", default="24h", help="window ending now: 90m, 24h, 7d or seconds (default 24h)"
+    )
 
 
 def _request_options(parser: argparse.ArgumentParser) -> None:
@@ -168,7 +183,11 @@ def run(
         if args.command == "sessions":
             return _sessions(args, client, as_json, out)
         if args.command == "payments":
+            if args.action == "reconcile":
+                return _reconcile(client, as_json, out)
             return _payments(args, client, as_json, out)
+        if args.command == "audit":
+            return _audit(args, client, as_json, out, err)
         return _budget(client, as_json, out)
     except ApiError as exc:
         if exc.status:
@@ -320,6 +339,55 @@ def _payments(args: argparse.Namespace, client: AdminClient, as_json: bool, out:
         ],
     )
     return EXIT_OK
+
+
+def _reconcile(client: AdminClient, as_json: bool, out: TextIO) -> int:
+    _, data = client.call("POST", "/payments/reconcile")
+    if as_json:
+        return _dump(data, out)
+    for name in ("settled", "undelivered", "never_moved", "in_doubt", "no_rpc", "errors"):
+        ids = ", ".join(f"#{i}" for i in data.get(name, [])) or "-"
+        print(f"{name + ':':<13}{ids}", file=out)
+    return EXIT_OK
+
+
+def parse_duration(text: str) -> float:
+    """'90m', '24h', '7d', '30s' or plain seconds."""
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    scale = units.get(text[-1:], 0)
+    number = text[:-1] if scale else text
+    if not number.isascii() or not number.replace(".", "", 1).isdigit():
+        raise ValueError(f"--since {text!r}: use e.g. 90m, 24h, 7d or a number of seconds")
+    return float(number) * (scale or 1)
+
+
+def _audit(args: argparse.Namespace, client: AdminClient, as_json: bool, out: TextIO, err: TextIO) -> int:
+    try:
+        since = parse_duration(args.since)
+    except ValueError as exc:
+        print(f"x402-proxy: {exc}", file=err)
+        return EXIT_USAGE
+    _, data = client.call("GET", f"/audit?since={since:g}")
+    if as_json:
+        _dump(data, out)
+    else:
+        for network in data["networks"]:
+            counts = {k: len(network[k]) for k in AUDIT_KINDS}
+            verdict = "ok" if network["ok"] else "DISCREPANCIES"
+            print(
+                f"{network['network']}: {verdict} " + " ".join(f"{k}={v}" for k, v in counts.items()),
+                file=out,
+            )
+            for kind in AUDIT_KINDS[1:5]:
+                for item in network[kind]:
+                    print(f"  {kind}: {json.dumps(item, sort_keys=True)}", file=out)
+        for skipped in data.get("skipped", []):
+            print(f"{skipped['network']}: not checked ({skipped['reason']})", file=out)
+    return EXIT_OK if data["ok"] else 1
+
+
+AUDIT_KINDS = ("matched", "ledger_only", "chain_only", "amount_mismatch", "state_mismatch", "open")
 
 
 def _budget(client: AdminClient, as_json: bool, out: TextIO) -> int:

@@ -112,7 +112,13 @@ def build_payer(
     wallet = load_wallet(config.wallet, os.environ if env is None else env)
     store = SqliteLedgerStore(home / "state.db")
     payer = Payer(
-        config.policy, assets, wallet, store, balance_lookup=balance_lookup(config, networks, wallet)
+        config.policy,
+        assets,
+        wallet,
+        store,
+        balance_lookup=balance_lookup(config, networks, wallet),
+        chain_checked=frozenset(rpc_urls(config, networks)),
+        recheck_after=config.reconcile.interval,
     )
     payer.recover()
     return payer, store
@@ -151,8 +157,8 @@ async def start(config: Config, home: Path) -> Runtime:
     await server.start()
     # Names may resolve to us (a compose service name): the pool checks where each connection landed.
     upstream.own_listeners = server.self_targets
-    # Unknown payments (left by a crash) are resolved from the chain in the background: the proxy
-    # listens at once, and until a row is resolved the in-doubt refusal protects it.
+    # Payments whose money may have moved are resolved from the chain in the background: the proxy
+    # listens at once, and until a row is resolved the in-doubt refusal protects its need.
     reconciler = Reconciler(
         store, rpc_urls(config, payer.assets.networks), interval=config.reconcile.interval
     )
@@ -162,6 +168,7 @@ async def start(config: Config, home: Path) -> Runtime:
     else:
         log.info("paying from wallet %s", payer.wallet.address)
     control = ControlPlane(payer, sessions, session_stage, forwarder.send_upstream)
+    control.reconciler = reconciler
     runtime = Runtime(
         config, home, ca, bundle, upstream, server, store, payer, sessions, background, control, session_stage
     )

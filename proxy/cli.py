@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sessions": _admin,
         "payments": _admin,
         "budget": _admin,
+        "audit": _admin,
         "health": _health,
     }[args.command]
     return handler(args, config, home)

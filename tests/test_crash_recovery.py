@@ -47,25 +47,26 @@ class CrashPoint:
     path: str  # the paid request in flight when the proxy is killed
     row_state: str  # its ledger row after the restart, once the reconciler has read the chain
     money_moved: bool  # whether its authorization settles on chain
-    retry: str  # what the same request does after the restart: in_doubt | session
+    retry: str  # what the same request does after the restart: in_doubt | undelivered | session
 
 
-# A row left pending by the crash is `unknown` at restart; the reconciler (proxy/payments/reconcile.py)
-# then settles it from the chain when its authorization was used, and the retry stays refused
-# (`payment_in_doubt`) while that authorization is valid: the answer it bought never reached the client.
+# A row left pending by the crash is `in_doubt` at restart; the reconciler (proxy/payments/reconcile.py)
+# then finds its authorization used on chain: `settled_undelivered` (the answer it bought never reached
+# the client), and the retry stays refused (`payment_undelivered`): never twice for one need.
 CRASH_POINTS = {
     # Row durable, nothing signed yet: the proxy cannot know that (the authorization is still valid on
-    # chain), so the row stays unknown and blocks a retry.
-    "a-pending-written": CrashPoint("payment.pending_written", "/paid/b", "unknown", False, "in_doubt"),
+    # chain), so the row stays in doubt and blocks a retry.
+    "a-pending-written": CrashPoint("payment.pending_written", "/paid/b", "in_doubt", False, "in_doubt"),
     # The paid request is at the server (handler sleeping): the server settles although its client died.
-    "b-at-upstream": CrashPoint(None, "/paid/slow?delay=4", "settled", True, "in_doubt"),
+    "b-at-upstream": CrashPoint(None, "/paid/slow?delay=4", "settled_undelivered", True, "undelivered"),
     # The server settled and answered; the proxy died before recording it.
-    "c-answered-unrecorded": CrashPoint("payment.answered", "/paid/b", "settled", True, "in_doubt"),
+    "c-answered-unrecorded": CrashPoint("payment.answered", "/paid/b", "settled_undelivered", True, "undelivered"),
     # What the payment bought (its session) is saved before the row says settled. So:
     # answered and settled, its session not yet saved: the row is in doubt, a retry is refused.
-    "d-session-unsaved": CrashPoint("session.before_save", "/paid/b", "settled", True, "in_doubt"),
-    # Session saved, the row not yet linked to it nor settled: the session is back and serves the retry.
-    "d-session-saved": CrashPoint("session.saved", "/paid/b", "settled", True, "session"),
+    "d-session-unsaved": CrashPoint("session.before_save", "/paid/b", "settled_undelivered", True, "undelivered"),
+    # Session saved, the row not yet linked to it nor settled: the session is back and serves the retry
+    # (the row says undelivered: the answer was lost, but what it bought rides on).
+    "d-session-saved": CrashPoint("session.saved", "/paid/b", "settled_undelivered", True, "session"),
     # Recorded settled with its session saved, the client never got the answer: the retry rides the session.
     "c-recorded-unanswered": CrashPoint("payment.recorded", "/paid/b", "settled", True, "session"),
 }
@@ -124,16 +125,18 @@ def test_sigkill_at_payment_step(
             "the in-flight payment to settle",
             interval=0.25,
         )
-    if point.row_state == "settled":
-        wait_for(lambda: ledger(proxy)[-1]["state"] == "settled", 30, "the row to be settled", interval=0.25)
+    if point.row_state != "in_doubt":
+        wait_for(
+            lambda: ledger(proxy)[-1]["state"] == point.row_state, 30, "the row to be resolved", interval=0.25
+        )
     rows = assert_ledger_matches_chain(x402_stack, proxy, pay_to_before)
     first, crashed = rows
     assert first["state"] == "settled" and first["session_id"] == session_a
     assert crashed["state"] == point.row_state, crashed
     if point.fault != "payment.recorded":  # the proxy had not recorded the outcome: the chain told it
-        assert (crashed["state"] == "settled") is (crashed["reason"] or "").startswith(RECONCILED_USED), (
-            crashed
-        )
+        assert (crashed["state"] == "settled_undelivered") is (crashed["reason"] or "").startswith(
+            RECONCILED_USED
+        ), crashed
         assert (crashed["tx_hash"] is not None) is point.money_moved, crashed
     assert crashed["nonce"] and crashed["valid_before"]
     assert (
@@ -153,8 +156,8 @@ def test_sigkill_at_payment_step(
     # The interrupted request again.
     paid_so_far = x402_stack.balance_of(x402_stack.pay_to) - pay_to_before
     retry = get(proxy, url)
-    if point.retry == "in_doubt":
-        assert retry.status_code == 402 and retry.headers[ERROR] == "payment_in_doubt"
+    if point.retry in ("in_doubt", "undelivered"):
+        assert retry.status_code == 402 and retry.headers[ERROR] == f"payment_{point.retry}"
         assert len(ledger(proxy)) == 2, "a second payment was prepared"
         assert x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == paid_so_far
     else:

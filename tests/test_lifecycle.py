@@ -157,7 +157,7 @@ def test_drain_deadline_records_the_paid_request_unknown(x402_stack: Stack, tmp_
     client.join(30)
     assert "status" not in outcome or outcome["status"] >= 500, outcome
     (row,) = ledger(proxy)
-    assert row["state"] == "unknown", row
+    assert row["state"] == "in_doubt", row
     assert "cancelled" in (row["reason"] or "")
     time.sleep(3.5)  # let the server finish: whatever it settled, at most one price left the payer
     assert payer_before - x402_stack.balance_of(x402_stack.payer_address) in (0, x402_stack.price)

@@ -38,7 +38,7 @@ from proxy.payments.reconcile import (
     ledger_reason,
     uncheckable,
 )
-from proxy.store.base import RECONCILED_USED, NewPayment, PaymentRecord, PaymentState, StoreError
+from proxy.store.base import RECONCILED_USED, ChainState, NewPayment, PaymentRecord, PaymentState, StoreError
 from proxy.store.sqlite import SqliteLedgerStore
 from tests.stack import PAYER, Stack
 from tests.stack._proc import free_port
@@ -123,12 +123,13 @@ def test_answered_payment_is_settled_from_chain_with_its_transaction(
     assert only_row(proxy)["state"] == "pending"
 
     proxy.start()
-    wait_for(lambda: only_row(proxy)["state"] != "unknown", 30, "the startup pass to resolve the row", 0.1)
+    wait_for(lambda: only_row(proxy)["state"] != "in_doubt", 30, "the startup pass to resolve the row", 0.1)
     row = only_row(proxy)
     assert f"payment #{row['id']} was pending at shutdown" in proxy.log_text()  # it was unknown first
-    assert row["state"] == "settled", row
+    assert row["state"] == "settled_undelivered", row  # the money moved, its answer never arrived
+    assert row["chain_state"] == "used"
     assert row["reason"].startswith("reconciled from chain: authorization used in tx ")
-    assert row["reason"].endswith("was unknown: the proxy stopped before the outcome was recorded")
+    assert row["reason"].endswith("was in_doubt: the proxy stopped before the outcome was recorded")
 
     # The hash is the transaction that used this authorization and moved this amount to payTo.
     tx = row["tx_hash"]
@@ -148,13 +149,16 @@ def test_answered_payment_is_settled_from_chain_with_its_transaction(
     assert f"payment #{row['id']}: reconciled from chain" in proxy.log_text()
 
     rows = assert_ledger_matches_chain(stack, proxy, before)
-    assert paid_to(stack, before) == sum(int(r["amount"]) for r in rows if r["state"] == "settled")
+    assert paid_to(stack, before) == sum(
+        int(r["amount"]) for r in rows if r["state"] in ("settled", "settled_undelivered")
+    )
+    assert f"payment #{row['id']} settled_undelivered:" in proxy.log_text() and tx in proxy.log_text()
 
-    # Settled, but the answer it bought never reached the client: a retry within the authorization's
-    # window is still refused, as it was while the row was unknown (never twice for one need).
+    # Settled, but the answer it bought never reached the client: a retry is refused, as it was while
+    # the row was in doubt (never twice for one need; [policy] repay_undelivered is off).
     retry = get(proxy, url)
-    assert retry.status_code == 402 and retry.headers[ERROR] == "payment_in_doubt", retry.headers
-    assert f"payment_in_doubt (payment #{row['id']} for this request" in proxy.log_text()
+    assert retry.status_code == 402 and retry.headers[ERROR] == "payment_undelivered", retry.headers
+    assert f"payment_undelivered (payment #{row['id']} for this request" in proxy.log_text()
     assert paid_to(stack, before) == stack.price and len(ledger(proxy)) == 1
     assert proxy.stop(signal.SIGTERM) == 0
 
@@ -173,9 +177,9 @@ def test_unsent_payment_never_moved_once_chain_time_passes_valid_before(
     proxy.config_path.write_text(config_with_rpc(stack, private_chain.rpc_url))
     proxy.start()
     row = only_row(proxy)
-    marker = f"payment #{row['id']} stays unknown: authorization unused at block"
+    marker = f"payment #{row['id']} stays in doubt: authorization unused at block"
     wait_for(lambda: marker in proxy.log_text(), 30, "the startup pass to find the row still valid")
-    assert only_row(proxy)["state"] == "unknown"
+    assert only_row(proxy)["state"] == "in_doubt"
     refused = get(proxy, url)  # still in doubt: the authorization could still settle
     assert refused.status_code == 402 and refused.headers[ERROR] == "payment_in_doubt"
 
@@ -185,7 +189,7 @@ def test_unsent_payment_never_moved_once_chain_time_passes_valid_before(
     private_chain.set_next_block_timestamp(valid_before)
     private_chain.mine()
     assert private_chain.latest_timestamp() == valid_before  # "at or before" the block time: expired
-    wait_for(lambda: only_row(proxy)["state"] != "unknown", 30, "a periodic pass to resolve the row", 0.1)
+    wait_for(lambda: only_row(proxy)["state"] != "in_doubt", 30, "a periodic pass to resolve the row", 0.1)
     row = only_row(proxy)
     assert row["state"] == "rejected" and row["tx_hash"] is None, row
     assert row["reason"].startswith("reconciled from chain: never moved; authorization unused at block")
@@ -222,12 +226,12 @@ def test_network_without_rpc_keeps_rows_unknown_and_in_doubt(
 
     proxy.start()
     row = only_row(proxy)
-    marker = f"payments #{row['id']} on {stack.network_v2} stay unknown: no [rpc] URL"
+    marker = f"payments #{row['id']} on {stack.network_v2} stay unresolved: no [rpc] URL"
     wait_for(lambda: marker in proxy.log_text(), 30, "the startup pass to skip the row")
     time.sleep(2.5)  # two or three more passes (interval 1 s)
     assert proxy.log_text().count("no [rpc] URL") == 1  # said once, not every pass
     row = only_row(proxy)
-    assert row["state"] == "unknown" and row["tx_hash"] is None, row
+    assert row["state"] == "in_doubt" and row["tx_hash"] is None, row
     assert stack.chain.authorization_state(stack.payer_address, row["nonce"])  # the chain would have said
 
     refused = get(proxy, url)
@@ -258,7 +262,7 @@ def unknown_row(store: SqliteLedgerStore, stack: Stack, **overrides: Any) -> Pay
         payer=stack.payer_address,
     )
     record = store.insert_pending(replace(new, **overrides), now=now)
-    return store.mark_unknown(record.id, reason="transport failure after sending payment: test")
+    return store.mark_in_doubt(record.id, reason="transport failure after sending payment: test")
 
 
 @pytest.fixture
@@ -278,7 +282,7 @@ async def test_unreachable_rpc_leaves_rows_untouched(
         report = await Reconciler(store, {x402_stack.network_v2: closed}).run_once()
     assert report.errors == [row.id] and not report.settled and not report.never_moved
     assert store.get(row.id) == row
-    assert f"cannot reconcile unknown payments on {x402_stack.network_v2} now" in caplog.text
+    assert f"cannot reconcile payments on {x402_stack.network_v2} now" in caplog.text
 
 
 async def test_rpc_of_another_chain_is_not_trusted(
@@ -322,9 +326,9 @@ async def test_used_nonce_without_log_is_settled_without_a_hash(
     cancel_authorization(private_chain, PAYER.key, str(row.nonce))
     assert private_chain.authorization_state(PAYER.address, str(row.nonce))
     report = await Reconciler(store, {x402_stack.network_v2: private_chain.rpc_url}).run_once()
-    assert report.settled == [row.id]
+    assert report.undelivered == [row.id]  # used, and its answer never reached the client
     after = store.get(row.id)
-    assert after is not None and after.state is PaymentState.SETTLED and after.tx_hash is None
+    assert after is not None and after.state is PaymentState.SETTLED_UNDELIVERED and after.tx_hash is None
     assert "no AuthorizationUsed log was found" in (after.reason or "")
     assert "transaction hash is unknown" in (after.reason or "")
 
@@ -341,7 +345,7 @@ async def test_rows_the_token_cannot_answer_for_stay_unknown(
     assert report.in_doubt == [permit2.id, no_payer.id]
     assert store.get(permit2.id) == permit2 and store.get(no_payer.id) == no_payer
     assert (
-        caplog.text.count(f"payment #{permit2.id} stays unknown: cannot check on chain: not an EIP-3009") == 1
+        caplog.text.count(f"payment #{permit2.id} stays in doubt: cannot check on chain: not an EIP-3009") == 1
     )
 
 
@@ -364,7 +368,7 @@ def record(**overrides: Any) -> PaymentRecord:
         id=7,
         created_at=1_800_000_000.0,
         updated_at=1_800_000_000.0,
-        state=PaymentState.UNKNOWN,
+        state=PaymentState.IN_DOUBT,
         amount=1000,
         decimals=6,
         asset=ASSET,
@@ -432,7 +436,9 @@ def test_the_local_clock_plays_no_part() -> None:
         ({"valid_before": None}, "no validBefore recorded"),
         ({"network": "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp"}, "not an EVM (eip155) network"),
         ({"asset": "USDC"}, "the asset is not an EVM address"),
-        ({"state": PaymentState.SETTLED}, "not unknown"),
+        ({"state": PaymentState.DRY_RUN}, "not a payment whose money may have moved"),
+        ({"state": PaymentState.PENDING}, "not a payment whose money may have moved"),
+        ({"chain_state": ChainState.UNUSED}, "the chain already answered"),
     ],
 )
 def test_rows_the_chain_cannot_answer_for_stay_in_doubt(overrides: dict[str, Any], problem: str) -> None:
@@ -447,7 +453,7 @@ def test_rows_the_chain_cannot_answer_for_stay_in_doubt(overrides: dict[str, Any
 def test_ledger_reason_keeps_why_the_row_was_unknown_and_is_bounded() -> None:
     verdict = decide(record(), ChainFacts(12, 1_800_000_100, used=True, tx_hash=TX))
     text = ledger_reason(record(), verdict)
-    assert text == f"{verdict.reason}; was unknown: the proxy stopped before the outcome was recorded"
+    assert text == f"{verdict.reason}; was in_doubt: the proxy stopped before the outcome was recorded"
     assert ledger_reason(record(reason=None), verdict) == verdict.reason
     assert len(ledger_reason(record(reason="x" * 2000), verdict)) == 500
 
@@ -469,10 +475,10 @@ def test_store_resolves_unknown_rows_and_the_in_doubt_refusal_follows(store: Sql
         valid_before=int(now) + 400,
     )
     a, b, c = (store.insert_pending(new, now=now) for _ in range(3))
-    assert store.list_unknown() == []
+    assert store.list_in_doubt() == []
     for row in (a, b, c):
-        store.mark_unknown(row.id, reason="transport failure")
-    assert [r.id for r in store.list_unknown()] == [a.id, b.id, c.id]  # oldest first
+        store.mark_in_doubt(row.id, reason="transport failure")
+    assert [r.id for r in store.list_in_doubt()] == [a.id, b.id, c.id]  # oldest first
 
     def in_doubt(at: float) -> int | None:
         found = store.find_in_doubt("GET", new.url, still_valid_at=at)
@@ -487,7 +493,7 @@ def test_store_resolves_unknown_rows_and_the_in_doubt_refusal_follows(store: Sql
     assert in_doubt(now + 400) is None  # until its authorization's window is over, like an unknown row
     store.mark_rejected(a.id, reason="reconciled from chain: never moved", now=now + 1)
     assert in_doubt(now) == b.id
-    assert store.list_unknown() == []
+    assert store.list_in_doubt() == []
     # A row settled by its server's receipt is a paid need, not one in doubt.
     d = store.insert_pending(replace(new, url="http://shop.test/other"), now=now)
     store.mark_settled(d.id, tx_hash=TX, now=now)

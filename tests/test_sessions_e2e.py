@@ -30,7 +30,7 @@ def fresh_proxy(x402_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def paid_rows(proxy: ProxyProcess) -> list[dict]:  # type: ignore[type-arg]
-    return [r for r in ledger(proxy) if r["state"] in ("settled", "pending", "unknown")]
+    return [r for r in ledger(proxy) if r["state"] in ("settled", "pending", "in_doubt")]
 
 
 async def _burst(proxy: ProxyProcess, url: str, count: int) -> list[tuple[int, str | None]]:

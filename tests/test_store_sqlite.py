@@ -13,6 +13,7 @@ import pytest
 from proxy.store.base import NewPayment, PaymentState, StoreError
 from proxy.store.sqlite import (
     LEDGER_COMPONENT,
+    LEDGER_MIGRATIONS,
     Migration,
     SqliteLedgerStore,
     apply_migrations,
@@ -116,7 +117,7 @@ def test_pending_row_survives_a_killed_process_and_recovers_as_unknown(tmp_path:
         recovered = store.recover_on_startup(now=NOW)
         assert [r.id for r in recovered] == [row_id]
         after = store.get(row_id)
-        assert after is not None and after.state is PaymentState.UNKNOWN
+        assert after is not None and after.state is PaymentState.IN_DOUBT
         assert after.reason and "stopped" in after.reason
         assert store.recover_on_startup(now=NOW) == []
     finally:
@@ -143,9 +144,9 @@ def test_state_transitions(store: SqliteLedgerStore) -> None:
     assert info.value.kind == "transition"
 
     b = store.insert_pending(new_payment(), now=NOW)
-    assert store.mark_unknown(b.id, reason="timeout").state is PaymentState.UNKNOWN
+    assert store.mark_in_doubt(b.id, reason="timeout").state is PaymentState.IN_DOUBT
     with pytest.raises(StoreError):
-        store.mark_unknown(b.id, reason="again")
+        store.mark_in_doubt(b.id, reason="again")
     # an unknown payment can be resolved as settled later (receipt, on-chain check)
     assert store.mark_settled(b.id, reason="found on chain").state is PaymentState.SETTLED
 
@@ -171,7 +172,7 @@ def test_spent_since_counts_money_that_may_move(store: SqliteLedgerStore) -> Non
     settled = store.insert_pending(new_payment(amount=10), now=NOW)
     store.mark_settled(settled.id)
     unknown = store.insert_pending(new_payment(amount=100), now=NOW)
-    store.mark_unknown(unknown.id, reason="timeout")
+    store.mark_in_doubt(unknown.id, reason="timeout")
     rejected = store.insert_pending(new_payment(amount=1_000), now=NOW)  # valid_before NOW + 360
     store.mark_rejected(rejected.id, reason="402")
     never_signed = store.insert_pending(new_payment(amount=100_000_000, valid_before=None), now=NOW)
@@ -208,7 +209,7 @@ def test_spent_since_keeps_assets_apart(store: SqliteLedgerStore) -> None:
 def test_find_in_doubt(store: SqliteLedgerStore) -> None:
     record = store.insert_pending(new_payment(valid_before=int(NOW) + 100), now=NOW)
     assert store.find_in_doubt("GET", "http://shop.test/paid", still_valid_at=NOW) is None  # pending is not
-    store.mark_unknown(record.id, reason="timeout")
+    store.mark_in_doubt(record.id, reason="timeout")
     found = store.find_in_doubt("get", "http://shop.test/paid", still_valid_at=NOW)
     assert found is not None and found.id == record.id
     assert store.find_in_doubt("POST", "http://shop.test/paid", still_valid_at=NOW) is None
@@ -239,7 +240,7 @@ def test_schema_version_is_per_component_and_migrations_extend(tmp_path: Path) -
     assert apply_migrations(conn, "sessions", sessions, path) == 2
     assert apply_migrations(conn, "sessions", sessions, path) == 2  # idempotent
     versions = dict(conn.execute("SELECT component, version FROM schema_version"))
-    assert versions == {LEDGER_COMPONENT: 1, "sessions": 2}
+    assert versions == {LEDGER_COMPONENT: LEDGER_MIGRATIONS[-1].version, "sessions": 2}
     with pytest.raises(StoreError) as info:
         apply_migrations(conn, "sessions", sessions[:1], path)  # an older program on a newer file
     assert info.value.kind == "schema"

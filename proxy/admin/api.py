@@ -206,6 +206,8 @@ class AdminServer:
             web.delete("/sessions/{id}", self._end_session),
             web.post("/sessions/{id}/fetch", self._fetch),
             web.get("/payments", self._payments, allow_head=False),
+            web.post("/payments/reconcile", self._reconcile),
+            web.get("/audit", self._audit, allow_head=False),
             web.get("/budget", self._budget, allow_head=False),
             web.get("/healthz", self._healthz, allow_head=False),
             web.get("/readyz", self._readyz, allow_head=False),
@@ -306,6 +308,14 @@ class AdminServer:
             limit=query.get("limit", 100),
         )
         return _json_response({"payments": payments})
+
+    async def _reconcile(self, request: web.Request) -> web.StreamResponse:
+        _query(request, {})
+        return _json_response(await self.control.reconcile())
+
+    async def _audit(self, request: web.Request) -> web.StreamResponse:
+        query = _query(request, {"since": {"type": "number", "minimum": 1, "maximum": 31_536_000}})
+        return _json_response(await self.control.audit(float(query.get("since", 86_400))))
 
     async def _budget(self, request: web.Request) -> web.StreamResponse:
         _query(request, {})

@@ -152,6 +152,30 @@ def build(server_url: str, version: str) -> dict[str, Any]:
                 },
             },
         },
+        "/payments/reconcile": {
+            "post": {
+                "operationId": "reconcilePayments",
+                "summary": "Resolve every payment whose money could have moved from the chain, now",
+                "responses": {
+                    "200": _json(schemas.RECONCILE_REPORT, "Payment ids by outcome"),
+                    **_problems(503),
+                },
+            }
+        },
+        "/audit": {
+            "get": {
+                "operationId": "audit",
+                "summary": "Compare the ledger with the chain for the wallet (networks with an [rpc] URL)",
+                "parameters": [
+                    _query(
+                        "since",
+                        {"type": "number", "minimum": 1, "maximum": 31536000, "default": 86400},
+                        "Window in seconds, ending now",
+                    )
+                ],
+                "responses": {"200": _json(schemas.AUDIT, "The audit"), **_problems(400, 409, 502)},
+            }
+        },
         "/budget": {
             "get": {
                 "operationId": "getBudget",

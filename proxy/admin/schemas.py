@@ -206,7 +206,15 @@ PAYMENT: Schema = {
         "id": {"type": "integer"},
         "state": {
             "type": "string",
-            "enum": ["pending", "settled", "rejected", "unsettled", "unknown", "dry_run"],
+            "enum": [
+                "pending",
+                "settled",
+                "in_doubt",
+                "settled_undelivered",
+                "rejected",
+                "unsettled",
+                "dry_run",
+            ],
         },
         "amount": {"type": "string", "description": "atomic units of `asset`"},
         "decimals": {"type": "integer"},
@@ -224,6 +232,35 @@ PAYMENT: Schema = {
         "session_id": _NULLABLE_STRING,
         "created_at": {"type": "number"},
         "updated_at": {"type": "number"},
+        "delivered": {"type": "boolean", "description": "the paid answer reached the client as a success"},
+        "chain_state": {
+            "type": ["string", "null"],
+            "enum": ["used", "unused", None],
+            "description": "the chain's final word on the authorization (null: not yet known)",
+        },
+        "presentations": {"type": "integer", "description": "times the signed payload was sent"},
+        "valid_before": {"type": ["integer", "null"]},
+        "evidence": {"description": "extension results the server or facilitator returned"},
+    },
+}
+
+RECONCILE_REPORT: Schema = {
+    "type": "object",
+    "required": ["settled", "undelivered", "never_moved", "in_doubt", "no_rpc", "errors"],
+    "properties": {
+        name: {"type": "array", "items": {"type": "integer"}}
+        for name in ("settled", "undelivered", "never_moved", "in_doubt", "no_rpc", "errors")
+    },
+}
+
+AUDIT: Schema = {
+    "type": "object",
+    "required": ["ok", "since", "networks"],
+    "properties": {
+        "ok": {"type": "boolean", "description": "no discrepancy on any network"},
+        "since": {"type": "number"},
+        "networks": {"type": "array", "items": {"type": "object"}},
+        "skipped": {"type": "array", "items": {"type": "object"}},
     },
 }
 

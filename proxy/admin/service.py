@@ -7,6 +7,7 @@ Routes and tools translate their inputs to these calls and their results to JSON
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 from collections.abc import Mapping
@@ -22,8 +23,10 @@ from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.upstream import UpstreamError
 from proxy.hosts import HostError, NonCanonicalHost, canonical_host
 from proxy.payments.amounts import AmountError, parse_decimal
+from proxy.payments.audit import AuditError, run_audit
 from proxy.payments.payer import BUDGET_WINDOW_SECONDS, Payer, spend_in_budget_units
 from proxy.payments.policy import normalize_host
+from proxy.payments.reconcile import RECONCILE_FIELDS, Reconciler
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.model import Session, SessionValueError, validate_label, validate_ttl
 from proxy.sessions.scope import ScopeError, normalize_url
@@ -94,6 +97,7 @@ class ControlPlane:
         self._inner = inner
         self._clock = clock
         self.draining = False
+        self.reconciler: Reconciler | None = None  # set by the app once the reconciler runs
 
     # -- sessions ----------------------------------------------------------------------------------
 
@@ -243,14 +247,14 @@ class ControlPlane:
         now = self._clock()
         since = now - BUDGET_WINDOW_SECONDS
         policy = self.payer.policy
-        spent = spend_in_budget_units(self.payer.store.spent_since(since, None, now=now))
-        counted = {PaymentState.PENDING, PaymentState.SETTLED, PaymentState.UNKNOWN}
-        names = {
-            normalize_host(r.host)
-            for r in self.payer.store.list(since=since, limit=10000)
-            if r.state in counted
+        store, checked = self.payer.store, self.payer.chain_checked
+        spent = spend_in_budget_units(store.spent_since(since, None, now=now, chain_checked=checked))
+        # Every host whose rows count, whatever their state (money the chain says moved included).
+        spent_by_host = {
+            h: spend_in_budget_units(store.spent_since(since, h, now=now, chain_checked=checked))
+            for h in store.hosts_since(since)
         }
-        hosts = {h: spend_in_budget_units(self.payer.store.spent_since(since, h, now=now)) for h in names}
+        hosts = {normalize_host(h): v for h, v in spent_by_host.items() if v > 0}
         scale = Decimal(10) ** 18
         return {
             "window_seconds": BUDGET_WINDOW_SECONDS,
@@ -270,6 +274,29 @@ class ControlPlane:
             "max_per_payment": str(Decimal(policy.max_per_payment) / scale),
             "dry_run": policy.dry_run,
         }
+
+    async def reconcile(self) -> dict[str, Any]:
+        """One reconciliation pass now (the same as the periodic one; never two at once)."""
+        if self.reconciler is None:
+            raise ControlError("not_ready", 503, "the reconciler is not running yet")
+        report = await self.reconciler.run_once()
+        return {name: list(getattr(report, name)) for name in RECONCILE_FIELDS}
+
+    async def audit(self, since_seconds: float) -> dict[str, Any]:
+        """Ledger against chain for the wallet on every network with an [rpc] URL (a reconcile first)."""
+        if self.payer.wallet is None:
+            raise ControlError("no_wallet", 409, "no wallet configured: there is nothing to audit")
+        if self.reconciler is not None:
+            await self.reconciler.run_once()
+        try:
+            return await run_audit(
+                self.payer.store,
+                self.reconciler.rpc_urls if self.reconciler else {},
+                self.payer.wallet.address,
+                self._clock() - since_seconds,
+            )
+        except AuditError as exc:
+            raise ControlError("chain_unavailable", 502, str(exc)) from None
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -393,4 +420,18 @@ def _payment_dict(record: PaymentRecord) -> dict[str, Any]:
         "session_id": record.session_id,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
+        "delivered": record.delivered,
+        "chain_state": None if record.chain_state is None else record.chain_state.value,
+        "presentations": record.presentations,
+        "valid_before": record.valid_before,
+        "evidence": _evidence(record.evidence),
     }
+
+
+def _evidence(text: str | None) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

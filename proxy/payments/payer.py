@@ -14,8 +14,11 @@ Order of operations for ``on_402`` (each step can end it):
 
 The engine sends the request again with the plan's header, then reports exactly one outcome:
 ``record_response`` or ``record_transport_failure``. A row is never signed twice: a retry needs a
-new 402 and goes through all of the above, and while an earlier payment for the same request is
-``unknown`` and could still settle, the new 402 is refused with ``payment_in_doubt``.
+new 402 and goes through all of the above. While an earlier payment for the same need is in doubt,
+no new authorization is signed: the plan re-presents the identical stored payload (``represented``,
+bounded, with backoff; see ``doubt.py``) or the 402 is refused with ``payment_in_doubt`` and a
+Retry-After. A payment that settled but never delivered its answer refuses its need with
+``payment_undelivered`` unless ``[policy] repay_undelivered``.
 
 ``StoreError`` propagates from ``on_402``: the ledger could not record the payment, so nothing was
 signed; the engine should return the server's 402 to the client unchanged.
@@ -27,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
 
 from x402.extensions.payment_identifier import generate_payment_id
@@ -37,6 +40,7 @@ from proxy.observability.context import PAYMENT_ID
 from proxy.payments.amounts import to_budget_units
 from proxy.payments.assets import AssetRegistry
 from proxy.payments.challenge import Challenge, MalformedChallenge, parse_challenge
+from proxy.payments.doubt import MAX_PRESENTATIONS, Blocked, Represent, judge, request_need
 from proxy.payments.headers import CLIENT_PAYMENT_HEADERS, has_any_header
 from proxy.payments.policy import (
     PaymentContext,
@@ -47,9 +51,10 @@ from proxy.payments.policy import (
     Selection,
     candidate_assets,
     choose_requirement,
+    host_allowed,
     normalize_host,
 )
-from proxy.payments.settlement import read_settlement, rejection_reason
+from proxy.payments.settlement import read_evidence, read_settlement, rejection_reason
 from proxy.payments.signer import (
     CLOCK_SKEW_ALLOWANCE,
     SigningError,
@@ -79,6 +84,12 @@ class PaymentRequestInfo:
     # The most this one request may pay, in the asset's units (e.g. Decimal("0.05")), on top of the
     # policy; converted with the chosen asset's decimals (None = policy only).
     max_amount: Decimal | None = None
+    # What the payment is for (doubt.scope_need for a session purchase); default: the request itself.
+    need: str | None = None
+
+    @property
+    def need_key(self) -> str:
+        return self.need or request_need(self.method, self.url)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,7 @@ class Refused:
     reason_code: ReasonCode
     detail: str
     ledger_id: int | None = None  # set for dry_run (the row recording what would have been paid)
+    retry_after: int | None = None  # seconds, for payment_in_doubt: when asking again may help
 
 
 @dataclass(frozen=True)
@@ -99,8 +111,10 @@ class PaymentPlan:
     header_name: str
     header_value: str
     record: PaymentRecord
-    selection: Selection
+    selection: Selection | None  # None when `represented`
     valid_before: int  # unix seconds; until then the signed authorization can settle
+    # The identical payload of an in-doubt row, sent again: it can settle at most once on chain.
+    represented: bool = False
 
 
 PayerDecision = PassThrough | Refused | PaymentPlan
@@ -117,6 +131,8 @@ class Payer:
         *,
         balance_lookup: BalanceLookup | None = None,
         balance_timeout: float = 2.0,
+        chain_checked: frozenset[str] = frozenset(),
+        recheck_after: float = 60.0,
     ) -> None:
         self.policy = policy if isinstance(policy, Policy) else Policy.compile(policy, assets.networks)
         self.assets = assets
@@ -125,16 +141,19 @@ class Payer:
         self.clock = clock
         self._balance_lookup = balance_lookup
         self._balance_timeout = balance_timeout
+        # Networks with an [rpc] URL: there the chain, not the clock, releases a payment in doubt.
+        self.chain_checked = chain_checked
+        self._recheck_after = recheck_after
         self._lock = asyncio.Lock()
         # Payments that left but whose outcome could not be written (ledger locked, disk full): their
-        # rows still say `pending`, so until a restart turns them `unknown` the in-doubt check asks here.
-        self._unrecorded: dict[tuple[str, str], tuple[int, int]] = {}
+        # rows still say `pending`, so until a restart makes them `in_doubt` the in-doubt check asks here.
+        self._unrecorded: dict[str, tuple[int, int]] = {}
 
     def recover(self) -> list[PaymentRecord]:
-        """Call once at startup: payments left pending by a crash become unknown."""
+        """Call once at startup: payments left pending by a crash are in doubt."""
         recovered = list(self.store.recover_on_startup(now=self.clock()))
         for record in recovered:
-            log.warning("payment #%s was pending at shutdown; its outcome is unknown", record.id)
+            log.warning("payment #%s was pending at shutdown; it is in doubt", record.id)
         return recovered
 
     async def on_402(
@@ -164,6 +183,12 @@ class Payer:
         balances = await self._balances(challenge)
         async with self._lock:
             now = self.clock()
+            doubt = self._doubt(request, challenge, now)
+            if isinstance(doubt, Represent):
+                return self._represent(request, doubt.record, now)
+            if isinstance(doubt, Blocked) and host_allowed(normalize_host(request.host), self.policy):
+                log.info("not paying %s %s: %s (%s)", request.method, request.url, doubt.code, doubt.detail)
+                return Refused(doubt.code, doubt.detail, retry_after=doubt.retry_after)
             decision = choose_requirement(
                 challenge, self.policy, self.assets, self._context(request, now, balances)
             )
@@ -198,6 +223,7 @@ class Payer:
                 valid_before=window.valid_before if window.nonce is not None else None,
                 payment_id=payment_id,
             )
+            new = replace(new, need=request.need_key)
             record = self.store.insert_pending(new, now=now)  # durable before anything is signed
             PAYMENT_ID.set(record.id)  # log lines of this request name its payment
 
@@ -214,8 +240,52 @@ class Payer:
             record = self.store.set_authorization(
                 record.id, nonce=header.nonce, valid_before=header.valid_before, now=self.clock()
             )
+        # Kept before it leaves: a payment in doubt is presented again exactly as it was, never re-signed.
+        record = self.store.record_presentation(
+            record.id, header_name=header.name, header_value=header.value, now=self.clock()
+        )
         log.info("paying #%s: %s for %s %s", record.id, decision.describe(), request.method, request.url)
         return PaymentPlan(record.id, header.name, header.value, record, decision, header.valid_before)
+
+    def _doubt(
+        self, request: PaymentRequestInfo, challenge: Challenge, now: float
+    ) -> Blocked | Represent | None:
+        rows = self.store.find_blocking(request.method, request.url, request.need_key)
+        newest_in_doubt = next(
+            (r for r in rows if r.state is PaymentState.IN_DOUBT and not r.delivered), None
+        )
+        has_payload = (
+            newest_in_doubt is not None and self.store.presented_header(newest_in_doubt.id) is not None
+        )
+        return judge(
+            rows,
+            challenge,
+            now,
+            chain_checked=self.chain_checked,
+            repay_undelivered=self.policy.repay_undelivered,
+            has_payload=has_payload,
+            recheck_after=self._recheck_after,
+            method=request.method,
+            url=request.url,
+        )
+
+    def _represent(self, request: PaymentRequestInfo, row: PaymentRecord, now: float) -> PaymentPlan:
+        """The in-doubt row's identical header, counted before it leaves again."""
+        stored = self.store.presented_header(row.id)
+        assert stored is not None and row.valid_before is not None
+        record = self.store.record_presentation(
+            row.id, header_name=stored[0], header_value=stored[1], now=now
+        )
+        PAYMENT_ID.set(record.id)
+        log.info(
+            "presenting payment #%s again (%s of at most %s) for %s %s: it is in doubt, never re-signed",
+            record.id,
+            record.presentations,
+            MAX_PRESENTATIONS,
+            request.method,
+            request.url,
+        )
+        return PaymentPlan(record.id, stored[0], stored[1], record, None, row.valid_before, represented=True)
 
     def record_response(
         self, plan: PaymentPlan, status: int, resp_headers: Mapping[str, str], body: bytes | None = None
@@ -233,14 +303,22 @@ class Payer:
 
     def _remember_unrecorded(self, plan: PaymentPlan) -> None:
         log.error("payment #%s left but its outcome is not recorded; it stays in doubt", plan.ledger_id)
-        key = (plan.record.method.upper(), plan.record.url)
-        self._unrecorded[key] = (plan.ledger_id, plan.valid_before)
+        self._unrecorded[plan.record.need or request_need(plan.record.method, plan.record.url)] = (
+            plan.ledger_id,
+            plan.valid_before,
+        )
 
     def _write_verdict(self, plan: PaymentPlan, verdict: Verdict) -> PaymentRecord:
         now = self.clock()
         store = self.store
+        state, reason = verdict.state, verdict.reason or ""
+        if plan.represented and state in (PaymentState.REJECTED, PaymentState.UNSETTLED):
+            # A refusal of a payload sent before proves nothing: the first send may have settled it.
+            state, reason = PaymentState.IN_DOUBT, f"presented again, refused: {reason}"
         try:
-            if verdict.state is PaymentState.SETTLED:
+            if verdict.evidence:
+                store.add_evidence(plan.ledger_id, verdict.evidence)
+            if state is PaymentState.SETTLED:
                 return store.mark_settled(
                     plan.ledger_id,
                     tx_hash=verdict.tx_hash,
@@ -248,9 +326,31 @@ class Payer:
                     reason=verdict.reason,
                     now=now,
                 )
-            if verdict.state is PaymentState.REJECTED:
-                return store.mark_rejected(plan.ledger_id, reason=verdict.reason or "", now=now)
-            return store.mark_unsettled(plan.ledger_id, reason=verdict.reason or "", now=now)
+            if state is PaymentState.SETTLED_UNDELIVERED:
+                record = store.mark_settled_undelivered(
+                    plan.ledger_id, reason=reason, tx_hash=verdict.tx_hash, now=now
+                )
+                log_undelivered(record)
+                return record
+            if state is PaymentState.IN_DOUBT and plan.represented:
+                record = store.note_in_doubt(
+                    plan.ledger_id, reason=_clip(reason), tx_hash=verdict.tx_hash, now=now
+                )
+                log.warning("payment #%s is still in doubt: %s", record.id, reason)
+                return record
+            if state is PaymentState.IN_DOUBT:
+                record = store.mark_in_doubt(
+                    plan.ledger_id,
+                    reason=_clip(reason),
+                    tx_hash=verdict.tx_hash,
+                    delivered=verdict.delivered,
+                    now=now,
+                )
+                log.warning("payment #%s is in doubt: %s", record.id, reason)
+                return record
+            if state is PaymentState.REJECTED:
+                return store.mark_rejected(plan.ledger_id, reason=reason, now=now)
+            return store.mark_unsettled(plan.ledger_id, reason=reason, now=now)
         except StoreError as exc:
             if exc.kind != "transition":
                 raise
@@ -263,7 +363,7 @@ class Payer:
         """The paid request failed in transit: the payment may or may not settle. Never re-sign it."""
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         try:
-            return self.store.mark_unknown(
+            return self.store.mark_in_doubt(
                 plan.ledger_id,
                 reason=_clip(f"transport failure after sending payment: {text}"),
                 now=self.clock(),
@@ -282,10 +382,7 @@ class Payer:
         self, request: PaymentRequestInfo, now: float, balances: Mapping[tuple[str, str], int] | None
     ) -> PaymentContext:
         host = normalize_host(request.host)
-        still_valid_at = now - CLOCK_SKEW_ALLOWANCE
-        method = request.method.upper()
-        in_doubt = self.store.find_in_doubt(method, request.url, still_valid_at=still_valid_at)
-        in_doubt_id = in_doubt.id if in_doubt else self._unrecorded_in_doubt(request, still_valid_at)
+        in_doubt_id = self._unrecorded_in_doubt(request, now - CLOCK_SKEW_ALLOWANCE)
         return PaymentContext(
             host=host,
             url=request.url,
@@ -297,7 +394,7 @@ class Payer:
         )
 
     def _unrecorded_in_doubt(self, request: PaymentRequestInfo, still_valid_at: float) -> int | None:
-        key = (request.method.upper(), request.url)
+        key = request.need_key
         entry = self._unrecorded.get(key)
         if entry is None:
             return None
@@ -308,7 +405,9 @@ class Payer:
 
     def _spent(self, now: float, host: str | None) -> int:
         since = now - BUDGET_WINDOW_SECONDS
-        units = spend_in_budget_units(self.store.spent_since(since, host, now=now))
+        units = spend_in_budget_units(
+            self.store.spent_since(since, host, now=now, chain_checked=self.chain_checked)
+        )
         if self.policy.dry_run:
             # A dry run counts its own simulated payments, so it shows when the budget would run out.
             dry = self.store.list(state=PaymentState.DRY_RUN, host=host, since=since, limit=10_000)
@@ -368,29 +467,75 @@ class Payer:
 class Verdict:
     """What the paid answer says became of the payment: the ledger state to record, and its details."""
 
-    state: PaymentState  # SETTLED, REJECTED or UNSETTLED
+    state: PaymentState  # SETTLED, SETTLED_UNDELIVERED, IN_DOUBT, REJECTED or UNSETTLED
     tx_hash: str | None = None
     payer: str | None = None
     reason: str | None = None
+    delivered: bool = False  # the answer is a success (< 400): the client gets what was paid for
+    evidence: str | None = None  # extension results (offer-receipt, EXTENSION-RESPONSES) as JSON
 
 
 def settlement_verdict(status: int, resp_headers: Mapping[str, str], body: bytes | None) -> Verdict:
-    """Read the paid answer (status, settlement receipt, 402 reason) into a verdict. Pure."""
+    """Read the paid answer (status, settlement receipt, 402 reason) into a verdict. Pure.
+
+    `settled` needs a success answer naming a transaction. Whatever names a transaction without
+    success, claims success without one, or serves the resource without a receipt is in doubt: the
+    chain decides (reconcile.py). A refusal naming no transaction is the server's word that nothing
+    moved (rejected/unsettled; budgets keep counting it until the chain agrees or it expires).
+    """
     receipt = read_settlement(resp_headers)
-    if receipt is not None and (receipt.success is True or (receipt.success is None and receipt.transaction)):
-        return Verdict(PaymentState.SETTLED, tx_hash=receipt.transaction, payer=receipt.payer)
+    delivered = status < 400
+    evidence = read_evidence(resp_headers, receipt)
+    tx = receipt.transaction if receipt is not None else None
+    if receipt is not None and receipt.success is True and tx:
+        if delivered:
+            return Verdict(PaymentState.SETTLED, tx, receipt.payer, delivered=True, evidence=evidence)
+        reason = f"HTTP {status} although the receipt says settled in tx {tx}"
+        return Verdict(PaymentState.SETTLED_UNDELIVERED, tx, receipt.payer, _clip(reason), evidence=evidence)
+    if tx:
+        why = receipt.error_reason if receipt is not None and receipt.error_reason else "no success"
+        reason = f"HTTP {status}; transaction {tx} named without success ({why})"
+        return Verdict(
+            PaymentState.IN_DOUBT, tx, receipt.payer if receipt else None, _clip(reason), delivered, evidence
+        )
+    if receipt is not None and receipt.success is True:
+        reason = f"HTTP {status}; the receipt claims success but names no transaction"
+        return Verdict(PaymentState.IN_DOUBT, None, receipt.payer, reason, delivered, evidence)
+    if delivered:
+        # Served: the need was met; whether money moved only the chain can say.
+        failed = receipt is not None and receipt.success is False
+        what = (
+            f"settlement failed: {receipt.error_reason or 'no reason given'}"
+            if failed and receipt
+            else "without a settlement receipt"
+        )
+        return Verdict(
+            PaymentState.IN_DOUBT, reason=_clip(f"HTTP {status} {what}"), delivered=True, evidence=evidence
+        )
     if status == 402:
         reason = (
             receipt.error_reason if receipt and receipt.error_reason else rejection_reason(resp_headers, body)
         )
-        return Verdict(PaymentState.REJECTED, reason=_clip(reason))
+        return Verdict(PaymentState.REJECTED, reason=_clip(reason), evidence=evidence)
     if receipt is not None and receipt.success is False:
         reason = f"HTTP {status}; settlement failed: {receipt.error_reason or 'no reason given'}"
-        return Verdict(PaymentState.UNSETTLED, reason=_clip(reason))
-    if status >= 400:
-        return Verdict(PaymentState.UNSETTLED, reason=f"HTTP {status} without a settlement receipt")
-    # Served without a receipt: the need was met, so treat the payment as spent.
-    return Verdict(PaymentState.SETTLED, reason=f"HTTP {status} without a settlement receipt")
+        return Verdict(PaymentState.UNSETTLED, reason=_clip(reason), evidence=evidence)
+    return Verdict(
+        PaymentState.UNSETTLED, reason=f"HTTP {status} without a settlement receipt", evidence=evidence
+    )
+
+
+def log_undelivered(record: PaymentRecord) -> None:
+    """The one log line a person needs to claim delivery from the seller (or allow the repay)."""
+    log.warning(
+        "payment #%s settled_undelivered: %s %s moved to %s in tx %s, but the answer never reached the "
+        "client; not repaid automatically ([policy] repay_undelivered)",
+        record.id,
+        record.amount,
+        record.asset,
+        record.pay_to,
+        record.tx_hash or "(unknown)",
+    )
 
 
 def spend_in_budget_units(totals: SpendTotals) -> int:

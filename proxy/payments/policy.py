@@ -53,6 +53,8 @@ class ReasonCode(StrEnum):
     DRY_RUN = "dry_run"
     NO_WALLET = "no_wallet"
     PAYMENT_IN_DOUBT = "payment_in_doubt"
+    # The money for this need moved but its answer never reached the client ([policy] repay_undelivered).
+    PAYMENT_UNDELIVERED = "payment_undelivered"
     # A per-request ceiling below the policy's (a session's cap, or an admin start's max_payment).
     OVER_REQUEST_CAP = "over_request_cap"
     # A price of 0: under every cap, but a zero-value authorization buys nothing and costs the
@@ -80,6 +82,8 @@ class PolicyConfig:
     dry_run: bool = False
     enable_upto: bool = False
     allow_permit2: bool = True
+    # A payment that settled on chain but whose answer never reached the client: pay that need again?
+    repay_undelivered: bool = False
 
     def validate(self) -> None:
         """Checks that need no network table (the config loader calls this)."""
@@ -121,6 +125,7 @@ class Policy:
     dry_run: bool
     enable_upto: bool
     allow_permit2: bool
+    repay_undelivered: bool = False
 
     @classmethod
     def compile(cls, config: PolicyConfig, networks: NetworkRegistry) -> Policy:
@@ -150,6 +155,7 @@ class Policy:
             dry_run=config.dry_run,
             enable_upto=config.enable_upto,
             allow_permit2=config.allow_permit2,
+            repay_undelivered=bool(config.repay_undelivered),
         )
 
 

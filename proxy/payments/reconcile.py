@@ -1,28 +1,26 @@
-"""Resolve `unknown` ledger rows from the chain: settled (with the transaction) or never moved.
+"""The chain decides: resolve every ledger row whose money could have moved from the chain.
 
-A row is `unknown` when its EIP-3009 authorization may have left the process but the outcome was
-never learnt (a crash, a transport failure after sending). The token contract can answer:
+Candidates (``LedgerStore.list_unresolved``): rows in doubt (a crash, a transport failure, a
+``settlement_pending`` answer, a receipt without success or without a transaction), and also rows the
+*server* called settled, rejected or unsettled: a server's word about settlement is not proof (one
+that settles and answers 402 would otherwise be paid again once its rows left the budget). The EIP-3009
+token contract answers:
 
 - ``authorizationState(payer, nonce)`` true: the authorization was used, the money moved. The
-  ``AuthorizationUsed(authorizer, nonce)`` event names the transaction.
+  ``AuthorizationUsed(authorizer, nonce)`` event names the transaction (when the server named one, its
+  receipt is read first: one call instead of a log search).
 - false, and ``validBefore`` at or before the timestamp of the block we read it at: it can never
   be used any more (the token requires ``block.timestamp < validBefore`` and block timestamps
   never decrease), so no money moved, ever.
-- false and still valid: still in doubt; asked again on the next pass.
+- false and still valid: still open; asked again on the next pass.
 
-Expiry is judged by the chain's block time, never the local clock: only the chain decides whether a
-transfer can still be included. Both reads are pinned to one block, so "unused" and "expired" are
-facts about the same chain state (reading them at two different blocks could miss a transfer
-mined in between).
-
-A "never moved" row becomes ``rejected`` (the ledger's state for a payment that did not move money:
-a server's 402, or a signature never made), with a reason that says the chain proved it. The decision
-(``decide``) is pure; ``Reconciler`` does the reads and writes.
-
-The ``payment_in_doubt`` refusal of a retry follows the verdict: a never-moved row no longer blocks
-it (nothing was paid, so paying once is right), while a row settled here keeps blocking it for as long
-as the unknown row would have (``store.find_in_doubt``): the money moved, but the answer it bought never
-reached the client, and paying again would pay twice for one need.
+Expiry is judged by the chain's block time, never the local clock. Both reads are pinned to one block.
+The chain's answer is recorded once, for good (``chain_state``), with the state it implies
+(``store.base.CHAIN_TRANSITIONS``): used + delivered -> ``settled``; used + the answer never reached
+the client -> ``settled_undelivered`` (never repaid automatically); unused and expired -> ``rejected``
+(a row the server called settled included: the chain has the last word). The decision (``decide``)
+is pure; ``Reconciler`` does the reads and writes. A pass runs at start, every ``[reconcile]
+interval``, and on demand (``POST /payments/reconcile``, ``x402-proxy payments reconcile``).
 """
 
 from __future__ import annotations
@@ -37,7 +35,16 @@ from typing import Any, Protocol
 
 from proxy.payments.errors import ConfigValueError
 from proxy.payments.networks import EIP155_PATTERN
-from proxy.store.base import RECONCILED_USED, LedgerStore, PaymentRecord, PaymentState, StoreError
+from proxy.payments.payer import log_undelivered
+from proxy.store.base import (
+    CHAIN_CHECKED_STATES,
+    RECONCILED_USED,
+    ChainState,
+    LedgerStore,
+    PaymentRecord,
+    PaymentState,
+    StoreError,
+)
 
 log = logging.getLogger("x402_proxy.reconcile")
 
@@ -109,8 +116,10 @@ class Verdict:
 
 def uncheckable(row: PaymentRecord) -> str | None:
     """Why the chain cannot answer for this row (None: it can)."""
-    if row.state is not PaymentState.UNKNOWN:
-        return f"the row is {row.state}, not unknown"
+    if row.state not in CHAIN_CHECKED_STATES:
+        return f"the row is {row.state}, not a payment whose money may have moved"
+    if row.chain_state is not None:
+        return f"the chain already answered ({row.chain_state})"
     if EIP155_PATTERN.match(row.network) is None:
         return f"{row.network} is not an EVM (eip155) network"
     if row.scheme != "exact" or row.nonce is None or EIP3009_NONCE.match(row.nonce) is None:
@@ -160,9 +169,27 @@ def decide(row: PaymentRecord, facts: ChainFacts) -> Verdict:
 
 
 def ledger_reason(row: PaymentRecord, verdict: Verdict) -> str:
-    """The reason written to the row: the verdict, and what made the row unknown (kept for audit)."""
-    text = verdict.reason if not row.reason else f"{verdict.reason}; was unknown: {row.reason}"
+    """The reason written to the row: the verdict, and what the row said before (kept for audit)."""
+    text = verdict.reason
+    if row.tx_hash and verdict.tx_hash and row.tx_hash.lower() != verdict.tx_hash.lower():
+        text += f"; the server named tx {row.tx_hash}, which did not use this authorization"
+    elif row.tx_hash and verdict.outcome is Outcome.NEVER_MOVED:
+        text += f"; the server named tx {row.tx_hash}"
+    if row.reason:
+        text += f"; was {row.state}: {row.reason}"
     return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
+
+def chain_state_change(row: PaymentRecord, verdict: Verdict) -> tuple[ChainState, PaymentState] | None:
+    """The chain's final word for `row` and the ledger state it implies (None: not final yet)."""
+    if verdict.outcome is Outcome.IN_DOUBT:
+        return None
+    if verdict.outcome is Outcome.NEVER_MOVED:
+        keeps = row.state in (PaymentState.REJECTED, PaymentState.UNSETTLED)
+        return ChainState.UNUSED, row.state if keeps else PaymentState.REJECTED
+    if row.state is PaymentState.SETTLED or (row.state is PaymentState.IN_DOUBT and row.delivered):
+        return ChainState.USED, PaymentState.SETTLED
+    return ChainState.USED, PaymentState.SETTLED_UNDELIVERED
 
 
 # -- reading the chain --------------------------------------------------------------------------
@@ -185,6 +212,11 @@ class ChainReader(Protocol):
         self, asset: str, authorizer: str, nonce: str, *, after: int, before: int, upto_block: int
     ) -> str | None:
         """Tx hash of AuthorizationUsed(authorizer, nonce) in blocks with after <= timestamp < before."""
+        ...
+
+    async def receipt_uses_authorization(self, tx_hash: str, asset: str, authorizer: str, nonce: str) -> bool:
+        """Does the mined transaction `tx_hash` carry AuthorizationUsed(authorizer, nonce) from `asset`?
+        False also when there is no such (mined) transaction."""
         ...
 
     async def close(self) -> None: ...
@@ -237,6 +269,26 @@ class Web3ChainReader:
             raise ChainReadError(f"authorizationState returned {used!r}")
         return used
 
+    async def first_block_at_or_after(self, timestamp: int, last: int) -> int:
+        return await self._first_block_at_or_after(timestamp, last)
+
+    async def logs(self, topics: list[str], first: int, last: int, address: str | None = None) -> list[Any]:
+        """Every log matching `topics` in blocks first..last, in chunks of LOG_CHUNK_BLOCKS."""
+        from web3 import AsyncWeb3
+        from web3.types import FilterParams
+
+        found: list[Any] = []
+        start = first
+        while start <= last:
+            end = min(last, start + LOG_CHUNK_BLOCKS - 1)
+            query: FilterParams = {"fromBlock": start, "toBlock": end, "topics": list(topics)}
+            if address is not None:
+                query["address"] = AsyncWeb3.to_checksum_address(address)
+            batch = await self._call(f"eth_getLogs({start}..{end})", self._w3.eth.get_logs(query))
+            found.extend(entry for entry in batch if not entry.get("removed", False))
+            start = end + 1
+        return found
+
     async def _first_block_at_or_after(self, timestamp: int, last: int) -> int:
         """Smallest block number in 0..last whose timestamp is >= `timestamp` (last + 1 if none)."""
         low, high = 0, last + 1
@@ -269,8 +321,36 @@ class Web3ChainReader:
             start = end + 1
         return None
 
+    async def receipt_uses_authorization(self, tx_hash: str, asset: str, authorizer: str, nonce: str) -> bool:
+        if re.fullmatch(r"0x[0-9a-fA-F]{64}", tx_hash) is None:
+            return False  # not even a hash: a server's invention
+        try:
+            receipt = await self._w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if type(exc).__name__ == "TransactionNotFound":
+                return False
+            raise ChainReadError(
+                f"eth_getTransactionReceipt({tx_hash}) via {self.rpc_url} failed: {exc}"
+            ) from None
+        topics = [AUTHORIZATION_USED_TOPIC, "0x" + "00" * 12 + authorizer[2:].lower(), nonce.lower()]
+        for entry in receipt.get("logs", []):
+            if str(entry["address"]).lower() != asset.lower():
+                continue
+            if [_hex(t).lower() for t in entry["topics"]] == topics:
+                return True
+        return False
+
     async def close(self) -> None:
         await self._provider.disconnect()
+
+
+def _hex(value: Any) -> str:
+    if isinstance(value, bytes | bytearray):
+        return "0x" + bytes(value).hex()
+    text = str(value)
+    return text if text.startswith("0x") else "0x" + text
 
 
 ReaderFactory = Callable[[str], ChainReader]
@@ -279,11 +359,15 @@ ReaderFactory = Callable[[str], ChainReader]
 # -- the reconciler (I/O) -----------------------------------------------------------------------
 
 
+RECONCILE_FIELDS = ("settled", "undelivered", "never_moved", "in_doubt", "no_rpc", "errors")
+
+
 @dataclass
 class PassReport:
     """What one pass did (ids per outcome); rows left out for lack of an RPC URL are `no_rpc`."""
 
-    settled: list[int] = field(default_factory=list)
+    settled: list[int] = field(default_factory=list)  # the chain showed the authorization used
+    undelivered: list[int] = field(default_factory=list)  # ... and the answer never reached the client
     never_moved: list[int] = field(default_factory=list)
     in_doubt: list[int] = field(default_factory=list)
     no_rpc: list[int] = field(default_factory=list)
@@ -291,7 +375,7 @@ class PassReport:
 
 
 class Reconciler:
-    """Runs passes over the ledger's `unknown` rows; never raises out of a pass (logs instead)."""
+    """Runs passes over the ledger's unresolved rows; never raises out of a pass (logs instead)."""
 
     def __init__(
         self,
@@ -307,12 +391,13 @@ class Reconciler:
         self._reader_factory: ReaderFactory = reader_factory or Web3ChainReader
         self._told_no_rpc: set[str] = set()
         self._told_in_doubt: set[int] = set()
+        self._pass_lock = asyncio.Lock()  # the loop and an on-demand pass never run at once
 
     async def run_forever(self) -> None:
         """A pass now, then one every `interval` seconds.
 
-        A pass with no `unknown` row reads only the local ledger (no RPC), so the loop also picks up
-        rows that become unknown while the proxy runs (a connection cut after paying).
+        A pass with no unresolved row reads only the local ledger (no RPC), so the loop also picks up
+        rows that appear while the proxy runs (a connection cut after paying, a settled answer).
         """
         while True:
             try:
@@ -320,15 +405,19 @@ class Reconciler:
             except asyncio.CancelledError:
                 raise
             except Exception:  # a bug here must not take the proxy down; the next pass retries
-                log.exception("reconciling unknown payments failed")
+                log.exception("reconciling payments from the chain failed")
             await asyncio.sleep(self.interval)
 
     async def run_once(self) -> PassReport:
+        async with self._pass_lock:
+            return await self._pass()
+
+    async def _pass(self) -> PassReport:
         report = PassReport()
         try:
-            rows = self.store.list_unknown()
+            rows = list(reversed(self.store.list_unresolved()))  # oldest first
         except StoreError as exc:
-            log.error("cannot read unknown payments from the ledger: %s", exc)
+            log.error("cannot read unresolved payments from the ledger: %s", exc)
             return report
         by_network: dict[str, list[PaymentRecord]] = {}
         for row in rows:
@@ -340,7 +429,7 @@ class Reconciler:
                 if network not in self._told_no_rpc:
                     self._told_no_rpc.add(network)
                     log.warning(
-                        "payments %s on %s stay unknown: no [rpc] URL to check them on chain",
+                        "payments %s on %s stay unresolved: no [rpc] URL to check them on chain",
                         ", ".join(f"#{r.id}" for r in group),
                         network,
                     )
@@ -368,7 +457,7 @@ class Reconciler:
                 block, timestamp = await reader.latest_block()
             except ChainReadError as exc:
                 report.errors.extend(r.id for r in checkable)
-                log.warning("cannot reconcile unknown payments on %s now: %s", network, exc)
+                log.warning("cannot reconcile payments on %s now: %s", network, exc)
                 return
             for row in checkable:
                 try:
@@ -395,6 +484,10 @@ class Reconciler:
 
     async def _facts(self, reader: ChainReader, row: PaymentRecord, block: int, timestamp: int) -> ChainFacts:
         assert row.nonce is not None and row.payer is not None and row.valid_before is not None
+        if row.tx_hash and await reader.receipt_uses_authorization(
+            row.tx_hash, row.asset, row.payer, row.nonce
+        ):
+            return ChainFacts(block, timestamp, True, row.tx_hash)  # the named transaction is the one
         used = await reader.authorization_used(row.asset, row.payer, row.nonce, block)
         tx_hash = None
         if used:
@@ -409,18 +502,18 @@ class Reconciler:
         return ChainFacts(block, timestamp, used, tx_hash)
 
     def _apply(self, row: PaymentRecord, verdict: Verdict, report: PassReport) -> None:
-        if verdict.outcome is Outcome.IN_DOUBT:
+        change = chain_state_change(row, verdict)
+        if change is None:
             report.in_doubt.append(row.id)
             self._tell_in_doubt(row, verdict.reason)
             return
-        reason = ledger_reason(row, verdict)
+        chain_state, state = change
+        confirmed = chain_state is ChainState.USED and state is row.state and _same_tx(row, verdict)
+        reason = (row.reason or "") if confirmed else ledger_reason(row, verdict)
         try:
-            if verdict.outcome is Outcome.SETTLED:
-                self.store.mark_settled(row.id, tx_hash=verdict.tx_hash, reason=reason)
-                report.settled.append(row.id)
-            else:
-                self.store.mark_rejected(row.id, reason=reason)
-                report.never_moved.append(row.id)
+            record = self.store.record_chain_verdict(
+                row.id, chain_state=chain_state, state=state, reason=reason, tx_hash=verdict.tx_hash
+            )
         except StoreError as exc:
             report.errors.append(row.id)
             if exc.kind == "transition":  # recorded meanwhile (a late receipt): that record stands
@@ -429,9 +522,24 @@ class Reconciler:
                 log.error("payment #%s: cannot record %s: %s", row.id, verdict.outcome, exc)
             return
         self._told_in_doubt.discard(row.id)
+        if chain_state is ChainState.UNUSED:
+            report.never_moved.append(row.id)
+        elif state is PaymentState.SETTLED_UNDELIVERED:
+            report.undelivered.append(row.id)
+        else:
+            report.settled.append(row.id)
+        if confirmed:
+            log.debug("payment #%s: the chain confirms tx %s", row.id, verdict.tx_hash)
+            return
         log.info("payment #%s: %s", row.id, verdict.reason)
+        if state is PaymentState.SETTLED_UNDELIVERED and row.state is not PaymentState.SETTLED_UNDELIVERED:
+            log_undelivered(record)
 
     def _tell_in_doubt(self, row: PaymentRecord, reason: str) -> None:
         if row.id not in self._told_in_doubt:  # once per row, not every pass
             self._told_in_doubt.add(row.id)
-            log.info("payment #%s stays unknown: %s", row.id, reason)
+            log.info("payment #%s stays in doubt: %s", row.id, reason)
+
+
+def _same_tx(row: PaymentRecord, verdict: Verdict) -> bool:
+    return bool(row.tx_hash and verdict.tx_hash and row.tx_hash.lower() == verdict.tx_hash.lower())

@@ -54,6 +54,26 @@ def read_settlement(headers: Mapping[str, str]) -> SettlementReceipt | None:
     )
 
 
+EXTENSION_RESPONSES = "EXTENSION-RESPONSES"
+MAX_EVIDENCE_CHARS = 16 * 1024
+
+
+def read_evidence(headers: Mapping[str, str], receipt: SettlementReceipt | None) -> str | None:
+    """Extension results kept with the ledger row as evidence, parsed leniently: the receipt's
+    `extensions` (e.g. a signed `offer-receipt`) and the `EXTENSION-RESPONSES` header (base64 JSON, or
+    kept as text when it is not). None when there are none, or when they are too large to keep."""
+    evidence: dict[str, Any] = {}
+    if receipt is not None and isinstance(receipt.raw.get("extensions"), dict) and receipt.raw["extensions"]:
+        evidence["receipt_extensions"] = receipt.raw["extensions"]
+    header = get_header(headers, EXTENSION_RESPONSES)
+    if header:
+        evidence["extension_responses"] = _decode(header) or header.strip()[:MAX_EVIDENCE_CHARS]
+    if not evidence:
+        return None
+    text = json.dumps(evidence, separators=(",", ":"), sort_keys=True)
+    return text if len(text) <= MAX_EVIDENCE_CHARS else None
+
+
 def rejection_reason(headers: Mapping[str, str], body: bytes | None) -> str:
     """Why a server answered our paid request with another 402: its `error` field, if readable."""
     header = get_header(headers, PAYMENT_REQUIRED)

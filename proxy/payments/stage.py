@@ -21,12 +21,20 @@ from proxy.engine.responses import ERROR_HEADER
 from proxy.engine.upstream import UpstreamError
 from proxy.faults import checkpoint
 from proxy.payments.challenge import challenge_refetch_headers, needs_challenge_refetch
+from proxy.payments.doubt import MAX_PRESENTATIONS, backoff
 from proxy.payments.payer import Payer, PaymentPlan, PaymentRequestInfo, Refused, settlement_verdict
 from proxy.store.base import PaymentRecord, PaymentState, StoreError
 
 log = logging.getLogger("x402_proxy.payments")
 
 PAYMENT_HEADER = "X-402-Proxy-Payment"
+RETRY_AFTER = "Retry-After"
+# What the client is told when the paid answer did not deliver (the server's answer goes along).
+_OUTCOME_ERRORS = {
+    PaymentState.REJECTED: "payment_rejected",
+    PaymentState.IN_DOUBT: "payment_in_doubt",
+    PaymentState.SETTLED_UNDELIVERED: "payment_undelivered",
+}
 # A 402 body is read whole to find a V1 challenge; a bigger one is not a challenge we will honour.
 MAX_CHALLENGE_BODY = 1024 * 1024
 
@@ -96,11 +104,13 @@ class PaymentStage:
         max_amount: Decimal | None = None,
         session_id: str | None = None,
         on_settled: SettledHook | None = None,
+        need: str | None = None,
     ) -> PaymentAttempt:
         """Given a 402 for `request`, pay at most once and replay; never raises for a refusal.
 
-        `on_settled` runs when the paid answer is a success (2xx/3xx) that settled the payment, *before*
-        the ledger row says so (see `_pay`); its `record` is the row as it is about to be written.
+        `on_settled` runs when the paid answer is a success (2xx/3xx) that delivered what was paid for
+        (settled, or in doubt with the resource served), *before* the ledger row says so (see `_pay`);
+        its `record` is the row as it is about to be written. `need`: what is bought (doubt.py).
         """
         started = time.perf_counter()
         challenge_source = outcome
@@ -132,6 +142,7 @@ class PaymentStage:
             headers=request.client_headers,
             session_id=session_id,
             max_amount=max_amount,
+            need=need,
         )
         try:
             decision = await self.payer.on_402(
@@ -149,6 +160,8 @@ class PaymentStage:
             outcome.extra_headers.append((ERROR_HEADER, decision.reason_code.value))
             if decision.ledger_id is not None:
                 outcome.extra_headers.append((PAYMENT_HEADER, str(decision.ledger_id)))
+            if decision.retry_after is not None:
+                outcome.extra_headers.append((RETRY_AFTER, str(decision.retry_after)))
             return PaymentAttempt(outcome, refusal=decision.reason_code.value)
         if not isinstance(decision, PaymentPlan):
             return PaymentAttempt(outcome)
@@ -191,13 +204,13 @@ class PaymentStage:
         paid.extra_headers.append((PAYMENT_HEADER, str(plan.ledger_id)))
         status = paid.response.status
         verdict = settlement_verdict(status, paid.response.headers, rejection_body)
-        if on_settled is not None and verdict.state is PaymentState.SETTLED and 200 <= status < 400:
+        if on_settled is not None and verdict.delivered and 200 <= status < 400:
             # What was paid for (a session) is saved before the row says `settled`: killed in between,
-            # the row is `unknown` at restart (a retry is refused, in doubt) and the session is back,
-            # never a settled row without its session (a retry would pay again).
+            # the row is in doubt at restart (a retry is refused) and the session is back, never a
+            # settled row without its session (a retry would pay again).
             settled = replace(
                 plan.record,
-                state=PaymentState.SETTLED,
+                state=verdict.state,
                 tx_hash=verdict.tx_hash or plan.record.tx_hash,
                 payer=verdict.payer or plan.record.payer,
             )
@@ -214,8 +227,12 @@ class PaymentStage:
             paid.extra_headers.append((ERROR_HEADER, "ledger_unavailable"))
             return paid, None
         checkpoint("payment.recorded")
-        if record.state.value == "rejected":
-            paid.extra_headers.append((ERROR_HEADER, "payment_rejected"))
+        code = _OUTCOME_ERRORS.get(record.state)
+        if code is not None and not record.delivered:
+            paid.extra_headers.append((ERROR_HEADER, code))
+            if record.state is PaymentState.IN_DOUBT and record.valid_before is not None:
+                wait = backoff(record.presentations) if record.presentations < MAX_PRESENTATIONS else 60
+                paid.extra_headers.append((RETRY_AFTER, str(max(1, int(wait)))))
         return paid, record
 
     def _record_failure(self, plan: PaymentPlan, reason: str) -> None:

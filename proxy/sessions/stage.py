@@ -21,6 +21,7 @@ from proxy.faults import checkpoint
 from proxy.observability.context import SESSION_ID
 from proxy.payments.amounts import parse_decimal
 from proxy.payments.challenge import MalformedChallenge, parse_challenge
+from proxy.payments.doubt import scope_need
 from proxy.payments.stage import PaymentAttempt, PaymentStage
 from proxy.payments.wallet import Wallet
 from proxy.sessions.credentials import (
@@ -285,6 +286,7 @@ class SessionStage:
                 max_amount=_remaining(session, rule),
                 session_id=session.id if session else None,
                 on_settled=save_session,
+                need=scope_need(scope.key),
             )
             if not paid_for:
                 return attempt.outcome
@@ -365,7 +367,12 @@ class SessionStage:
                 )
 
             attempt = await self._payments.attempt(
-                request, outcome, inner, max_amount=max_amount, on_settled=save_session
+                request,
+                outcome,
+                inner,
+                max_amount=max_amount,
+                on_settled=save_session,
+                need=scope_need(scope.key),
             )
             if not opened:
                 return StartResult(

@@ -3,19 +3,25 @@
 A row is written (and durable) *before* anything is signed, so after any crash every signature
 that may have left the process has a row. States:
 
-    pending   -> signed or about to be; outcome not yet known
-    settled   -> the server returned a settlement receipt (or served the resource after payment), or
-                 an unknown row's authorization was found used on chain (reason: RECONCILED_USED)
-    rejected  -> the server answered 402 again: it says it did not accept the payment; also a
-                 payment that never moved money: never signed, or an unknown one the chain proved
-                 unused and expired (proxy/payments/reconcile.py; the reason says which)
-    unsettled -> the server answered >= 400 without a receipt (handler failed; servers do not settle)
-    unknown   -> the outcome cannot be known (transport failure, crash): may or may not settle
-    dry_run   -> policy would have paid; nothing was signed
+    pending              -> signed or about to be; outcome not yet known
+    settled              -> a success answer naming a transaction, and the answer reached the client
+                            (or the chain showed the authorization used for a row delivered in doubt)
+    in_doubt             -> money may have moved and nobody has proved which way: a transaction named
+                            without success (``settlement_pending``), success without a transaction,
+                            a served answer without a receipt (``delivered``), a transport failure or a
+                            crash after the header left. Never re-signed; the identical payload may be
+                            presented again (``presented``) until ``valid_before``.
+    settled_undelivered  -> the money moved (the chain or the server's receipt says so) but the answer
+                            it bought never reached the client: never repaid automatically
+    rejected             -> the server refused and named no transaction: it says nothing moved; also a
+                            payment never signed, or one the chain proved unused and expired
+    unsettled            -> the server answered >= 400 (not 402) without naming a transaction
+    dry_run              -> policy would have paid; nothing was signed
 
-Money may still move for a signed authorization until its ``valid_before``: budgets therefore
-count pending, settled and unknown rows, and unsettled or rejected rows whose authorization has
-not expired (a server's 402 does not prove that it did not, or will not, settle what it was sent).
+The chain has the last word (proxy/payments/reconcile.py): ``chain_state`` is ``used`` or ``unused``
+once the chain has answered for good. Budgets count pending, settled, in_doubt and
+settled_undelivered rows for their whole window, and rejected or unsettled rows until the chain
+proved them unused or their authorization expired (a server's 402 is its word, not the chain's).
 """
 
 from __future__ import annotations
@@ -31,25 +37,66 @@ class PaymentState(StrEnum):
     SETTLED = "settled"
     REJECTED = "rejected"
     UNSETTLED = "unsettled"
-    UNKNOWN = "unknown"
+    IN_DOUBT = "in_doubt"
+    SETTLED_UNDELIVERED = "settled_undelivered"
     DRY_RUN = "dry_run"
 
 
+# States whose money may have moved and that the chain can still correct (proxy/payments/reconcile.py).
+CHAIN_CHECKED_STATES = frozenset(
+    {
+        PaymentState.SETTLED,
+        PaymentState.IN_DOUBT,
+        PaymentState.SETTLED_UNDELIVERED,
+        PaymentState.REJECTED,
+        PaymentState.UNSETTLED,
+    }
+)
+
 # Which states each transition may start from. Nothing ever goes back to pending.
 ALLOWED_TRANSITIONS: Mapping[PaymentState, frozenset[PaymentState]] = {
-    # A late receipt or an on-chain check may resolve unknown/unsettled rows as settled.
-    PaymentState.SETTLED: frozenset({PaymentState.PENDING, PaymentState.UNKNOWN, PaymentState.UNSETTLED}),
-    # unknown -> rejected only when the chain proves the authorization unused and expired (reconcile.py).
-    PaymentState.REJECTED: frozenset({PaymentState.PENDING, PaymentState.UNKNOWN}),
+    # A success receipt (first answer or a re-presentation), or the chain for a delivered in-doubt row.
+    PaymentState.SETTLED: frozenset({PaymentState.PENDING, PaymentState.IN_DOUBT, PaymentState.UNSETTLED}),
+    # Money moved, the answer did not arrive: the server's receipt on a failed answer, or the chain.
+    PaymentState.SETTLED_UNDELIVERED: frozenset(
+        {PaymentState.PENDING, PaymentState.IN_DOUBT, PaymentState.REJECTED, PaymentState.UNSETTLED}
+    ),
+    # The server's refusal (the chain's word goes through CHAIN_TRANSITIONS instead).
+    PaymentState.REJECTED: frozenset({PaymentState.PENDING, PaymentState.IN_DOUBT}),
     PaymentState.UNSETTLED: frozenset({PaymentState.PENDING}),
-    PaymentState.UNKNOWN: frozenset({PaymentState.PENDING}),
+    # (An answer to a re-presentation that proves nothing goes through `note_in_doubt`.)
+    PaymentState.IN_DOUBT: frozenset({PaymentState.PENDING}),
 }
 
 
-# Start of the reason of a row that was `unknown` until the chain showed its authorization used
-# (proxy/payments/reconcile.py). `find_in_doubt` keeps such a row blocking a retry as long as the
-# unknown row did: reconciliation lifts the refusal early only when it proves that no money moved.
+# Start of the reason of a row whose authorization the chain showed used (proxy/payments/reconcile.py).
 RECONCILED_USED = "reconciled from chain: authorization used"
+
+
+class ChainState(StrEnum):
+    """The chain's final word on a row's authorization (None on the row: not (yet) known)."""
+
+    USED = "used"
+    UNUSED = "unused"  # unused at a block whose time is past validBefore: can never move money
+
+
+# What the chain's word may turn a row into (record_chain_verdict), by the row's current state.
+CHAIN_TRANSITIONS: Mapping[tuple[PaymentState, ChainState], frozenset[PaymentState]] = {
+    # used: delivered rows are settled; rows whose answer failed are settled but undelivered.
+    (PaymentState.IN_DOUBT, ChainState.USED): frozenset(
+        {PaymentState.SETTLED, PaymentState.SETTLED_UNDELIVERED}
+    ),
+    (PaymentState.REJECTED, ChainState.USED): frozenset({PaymentState.SETTLED_UNDELIVERED}),
+    (PaymentState.UNSETTLED, ChainState.USED): frozenset({PaymentState.SETTLED_UNDELIVERED}),
+    (PaymentState.SETTLED, ChainState.USED): frozenset({PaymentState.SETTLED}),
+    (PaymentState.SETTLED_UNDELIVERED, ChainState.USED): frozenset({PaymentState.SETTLED_UNDELIVERED}),
+    # unused and expired: nothing moved, whatever the server said.
+    (PaymentState.IN_DOUBT, ChainState.UNUSED): frozenset({PaymentState.REJECTED}),
+    (PaymentState.REJECTED, ChainState.UNUSED): frozenset({PaymentState.REJECTED}),
+    (PaymentState.UNSETTLED, ChainState.UNUSED): frozenset({PaymentState.UNSETTLED}),
+    (PaymentState.SETTLED, ChainState.UNUSED): frozenset({PaymentState.REJECTED}),
+    (PaymentState.SETTLED_UNDELIVERED, ChainState.UNUSED): frozenset({PaymentState.REJECTED}),
+}
 
 
 class StoreError(Exception):
@@ -79,6 +126,9 @@ class NewPayment:
     payer: str | None = None  # our wallet address
     session_id: str | None = None
     reason: str | None = None
+    # What this payment is for (see docs/payments.md, "One need, one authorization"): while a payment
+    # for a need is in doubt, no new authorization is signed for it.
+    need: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +155,17 @@ class PaymentRecord:
     tx_hash: str | None
     reason: str | None
     session_id: str | None
+    need: str | None = None
+    delivered: bool = False  # the answer to the paid request reached the client as a success (< 400)
+    chain_state: ChainState | None = None
+    presentations: int = 0  # how often the signed payload was sent (1 = once, no re-presentation)
+    last_presented_at: float | None = None
+    # Extension results the server or facilitator returned (offer-receipt, EXTENSION-RESPONSES), as JSON text.
+    evidence: str | None = None
+
+    @property
+    def in_doubt(self) -> bool:
+        return self.state is PaymentState.IN_DOUBT
 
 
 @dataclass(frozen=True)
@@ -146,7 +207,54 @@ class LedgerStore(Protocol):
 
     def mark_unsettled(self, payment_id: int, *, reason: str, now: float | None = None) -> PaymentRecord: ...
 
-    def mark_unknown(self, payment_id: int, *, reason: str, now: float | None = None) -> PaymentRecord: ...
+    def mark_in_doubt(
+        self,
+        payment_id: int,
+        *,
+        reason: str,
+        tx_hash: str | None = None,
+        delivered: bool = False,
+        now: float | None = None,
+    ) -> PaymentRecord:
+        """Money may have moved: keep the transaction the server named, if any. Never re-signed."""
+        ...
+
+    def note_in_doubt(
+        self, payment_id: int, *, reason: str, tx_hash: str | None = None, now: float | None = None
+    ) -> PaymentRecord:
+        """A row already in doubt stays so (a re-presentation answered without proof): new reason/hash."""
+        ...
+
+    def mark_settled_undelivered(
+        self, payment_id: int, *, reason: str, tx_hash: str | None = None, now: float | None = None
+    ) -> PaymentRecord: ...
+
+    def record_presentation(
+        self, payment_id: int, *, header_name: str, header_value: str, now: float | None = None
+    ) -> PaymentRecord:
+        """Before the signed header leaves (first time or again): keep it, count it. Durable on return."""
+        ...
+
+    def presented_header(self, payment_id: int) -> tuple[str, str] | None:
+        """The signed header last sent for this row (secret-ish: never returned by the admin API)."""
+        ...
+
+    def record_chain_verdict(
+        self,
+        payment_id: int,
+        *,
+        chain_state: ChainState,
+        state: PaymentState,
+        reason: str,
+        tx_hash: str | None = None,
+        now: float | None = None,
+    ) -> PaymentRecord:
+        """The chain's final word; `state` per CHAIN_TRANSITIONS. A row with a chain_state is final."""
+        ...
+
+    def add_evidence(self, payment_id: int, evidence: str) -> None:
+        """Keep the extension results the server or facilitator returned (JSON text)."""
+        ...
 
     def get(self, payment_id: int) -> PaymentRecord | None: ...
 
@@ -160,22 +268,45 @@ class LedgerStore(Protocol):
         """Newest first."""
         ...
 
-    def spent_since(self, since: float, host: str | None = None, *, now: float | None = None) -> SpendTotals:
-        """Rows created at or after `since` that may move money (see module docstring)."""
+    def spent_since(
+        self,
+        since: float,
+        host: str | None = None,
+        *,
+        now: float | None = None,
+        chain_checked: frozenset[str] = frozenset(),
+    ) -> SpendTotals:
+        """Rows created at or after `since` that may move money (see module docstring). On the networks
+        in `chain_checked` (an RPC URL is configured), a rejected/unsettled row counts until the chain
+        has answered for it, even past its validBefore."""
+        ...
+
+    def find_blocking(self, method: str, url: str, need: str | None) -> Sequence[PaymentRecord]:
+        """Rows that may forbid a new authorization for this need, newest first: in doubt and not
+        delivered, settled but undelivered, or settled by reconciliation (RECONCILED_USED)."""
+        ...
+
+    def hosts_since(self, since: float) -> Sequence[str]:
+        """Every host with a row created at or after `since` (for the budget report)."""
         ...
 
     def find_in_doubt(self, method: str, url: str, *, still_valid_at: float) -> PaymentRecord | None:
         """Newest row for this request that must not be paid again yet, while its authorization is valid:
-        `unknown` (it may still settle), or settled by reconciliation (RECONCILED_USED: the money moved,
+        `in_doubt` (it may still settle), or settled by reconciliation (RECONCILED_USED: the money moved,
         but the answer it bought never reached the client, so paying again would pay twice)."""
         ...
 
     def recover_on_startup(self, *, now: float | None = None) -> Sequence[PaymentRecord]:
-        """Turn rows left `pending` by a crash into `unknown`; return them."""
+        """Turn rows left `pending` by a crash into `in_doubt`; return them."""
         ...
 
-    def list_unknown(self) -> Sequence[PaymentRecord]:
-        """Every `unknown` row, oldest first (for reconciliation from the chain)."""
+    def list_in_doubt(self) -> Sequence[PaymentRecord]:
+        """Every `in_doubt` row, oldest first."""
+        ...
+
+    def list_unresolved(self, limit: int = 500) -> Sequence[PaymentRecord]:
+        """Rows whose money could have moved and on which the chain has not answered yet (chain_state
+        NULL, a nonce, sent at least once), newest first: what the reconciler checks."""
         ...
 
     def close(self) -> None: ...

@@ -22,7 +22,9 @@ from typing import Any
 
 from proxy.store.base import (
     ALLOWED_TRANSITIONS,
+    CHAIN_TRANSITIONS,
     RECONCILED_USED,
+    ChainState,
     NewPayment,
     PaymentRecord,
     PaymentState,
@@ -87,6 +89,88 @@ LEDGER_MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX payments_request ON payments (url, method, state)",
         ),
     ),
+    # Money truth (docs/payments.md): `unknown` becomes `in_doubt`, a new `settled_undelivered` state, and
+    # what the chain said, what was presented and what the payment was for. SQLite cannot alter a CHECK
+    # constraint, so the table is rebuilt (ids kept).
+    Migration(
+        2,
+        (
+            """
+            CREATE TABLE payments_v2 (
+                id            INTEGER PRIMARY KEY AUTOINCREMENT,
+                created_at    REAL    NOT NULL,
+                updated_at    REAL    NOT NULL,
+                state         TEXT    NOT NULL CHECK (state IN ('pending','settled','rejected','unsettled',
+                                'in_doubt','settled_undelivered','dry_run')),
+                amount        TEXT    NOT NULL,
+                decimals      INTEGER NOT NULL,
+                asset         TEXT    NOT NULL,
+                network       TEXT    NOT NULL,
+                pay_to        TEXT    NOT NULL,
+                host          TEXT    NOT NULL,
+                method        TEXT    NOT NULL,
+                url           TEXT    NOT NULL,
+                x402_version  INTEGER NOT NULL,
+                scheme        TEXT    NOT NULL,
+                resource      TEXT,
+                nonce         TEXT,
+                valid_before  INTEGER,
+                payment_id    TEXT,
+                payer         TEXT,
+                tx_hash       TEXT,
+                reason        TEXT,
+                session_id    TEXT,
+                need          TEXT,
+                delivered     INTEGER NOT NULL DEFAULT 0,
+                chain_state   TEXT CHECK (chain_state IS NULL OR chain_state IN ('used','unused')),
+                presentations INTEGER NOT NULL DEFAULT 0,
+                last_presented_at REAL,
+                presented     TEXT,
+                evidence      TEXT
+            )
+            """,
+            """
+            INSERT INTO payments_v2 (id, created_at, updated_at, state, amount, decimals, asset, network,
+                pay_to, host, method, url, x402_version, scheme, resource, nonce, valid_before, payment_id,
+                payer, tx_hash, reason, session_id, need, delivered, chain_state, presentations)
+            SELECT id, created_at, updated_at,
+                CASE
+                    WHEN state = 'unknown' THEN 'in_doubt'
+                    WHEN state = 'settled' AND substr(COALESCE(reason, ''), 1, 41)
+                        = 'reconciled from chain: authorization used' THEN 'settled_undelivered'
+                    ELSE state
+                END,
+                amount, decimals, asset, network, pay_to, host, method, url, x402_version, scheme, resource,
+                nonce, valid_before, payment_id, payer, tx_hash, reason, session_id,
+                'request ' || method || ' ' || url,
+                CASE WHEN state = 'settled' AND substr(COALESCE(reason, ''), 1, 41)
+                    != 'reconciled from chain: authorization used' THEN 1 ELSE 0 END,
+                CASE
+                    WHEN substr(COALESCE(reason, ''), 1, 41) = 'reconciled from chain: authorization used'
+                        THEN 'used'
+                    WHEN substr(COALESCE(reason, ''), 1, 34) = 'reconciled from chain: never moved'
+                        THEN 'unused'
+                END,
+                CASE WHEN state = 'dry_run' OR substr(COALESCE(reason, ''), 1, 11) = 'not signed:' THEN 0
+                    ELSE 1 END
+            FROM payments
+            """,
+            "DROP TABLE payments",
+            "ALTER TABLE payments_v2 RENAME TO payments",
+            "CREATE INDEX payments_created ON payments (created_at)",
+            "CREATE INDEX payments_host_created ON payments (host, created_at)",
+            "CREATE INDEX payments_state ON payments (state)",
+            "CREATE INDEX payments_request ON payments (url, method, state)",
+            "CREATE INDEX payments_need ON payments (need, state)",
+        ),
+    ),
+)
+
+# Rows that may forbid a new authorization for their need (find_blocking).
+_BLOCKING = (
+    "((state = 'in_doubt' AND delivered = 0) OR state = 'settled_undelivered' "
+    "OR (state = 'settled' AND substr(COALESCE(reason, ''), 1, "
+    f"{len(RECONCILED_USED)}) = '{RECONCILED_USED}'))"
 )
 
 
@@ -288,8 +372,8 @@ class SqliteLedgerStore:
             cursor = conn.execute(
                 "INSERT INTO payments (created_at, updated_at, state, amount, decimals, asset, network, "
                 "pay_to, host, method, url, x402_version, scheme, resource, nonce, valid_before, payment_id, "
-                "payer, reason, session_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "payer, reason, session_id, need) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     now,
                     now,
@@ -311,6 +395,7 @@ class SqliteLedgerStore:
                     new.payer,
                     new.reason,
                     new.session_id,
+                    new.need or f"request {new.method.upper()} {new.url}",
                 ),
             )
             row_id = cursor.lastrowid
@@ -349,8 +434,93 @@ class SqliteLedgerStore:
     def mark_unsettled(self, payment_id: int, *, reason: str, now: float | None = None) -> PaymentRecord:
         return self._transition(payment_id, PaymentState.UNSETTLED, now, reason=reason)
 
-    def mark_unknown(self, payment_id: int, *, reason: str, now: float | None = None) -> PaymentRecord:
-        return self._transition(payment_id, PaymentState.UNKNOWN, now, reason=reason)
+    def mark_in_doubt(
+        self,
+        payment_id: int,
+        *,
+        reason: str,
+        tx_hash: str | None = None,
+        delivered: bool = False,
+        now: float | None = None,
+    ) -> PaymentRecord:
+        return self._transition(
+            payment_id, PaymentState.IN_DOUBT, now, reason=reason, tx_hash=tx_hash, delivered=delivered
+        )
+
+    def note_in_doubt(
+        self, payment_id: int, *, reason: str, tx_hash: str | None = None, now: float | None = None
+    ) -> PaymentRecord:
+        with self._transaction() as conn:
+            record = self._fetch(conn, payment_id)
+            if record.state is not PaymentState.IN_DOUBT:
+                raise StoreError(f"payment #{payment_id} is {record.state}, not in doubt", "transition")
+            conn.execute(
+                "UPDATE payments SET reason = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? WHERE id = ?",
+                (reason, tx_hash, self._now(now), payment_id),
+            )
+            return self._fetch(conn, payment_id)
+
+    def mark_settled_undelivered(
+        self, payment_id: int, *, reason: str, tx_hash: str | None = None, now: float | None = None
+    ) -> PaymentRecord:
+        return self._transition(
+            payment_id, PaymentState.SETTLED_UNDELIVERED, now, reason=reason, tx_hash=tx_hash
+        )
+
+    def record_presentation(
+        self, payment_id: int, *, header_name: str, header_value: str, now: float | None = None
+    ) -> PaymentRecord:
+        with self._transaction() as conn:
+            record = self._fetch(conn, payment_id)
+            if record.state not in (PaymentState.PENDING, PaymentState.IN_DOUBT):
+                raise StoreError(
+                    f"payment #{payment_id} is {record.state}; it is not presented", "transition"
+                )
+            conn.execute(
+                "UPDATE payments SET presented = ?, presentations = presentations + 1, "
+                "last_presented_at = ?, updated_at = ? WHERE id = ?",
+                (f"{header_name}\n{header_value}", self._now(now), self._now(now), payment_id),
+            )
+            return self._fetch(conn, payment_id)
+
+    def presented_header(self, payment_id: int) -> tuple[str, str] | None:
+        with self._reading() as conn:
+            row = conn.execute("SELECT presented FROM payments WHERE id = ?", (payment_id,)).fetchone()
+        if row is None or not row[0]:
+            return None
+        name, _, value = str(row[0]).partition("\n")
+        return name, value
+
+    def record_chain_verdict(
+        self,
+        payment_id: int,
+        *,
+        chain_state: ChainState,
+        state: PaymentState,
+        reason: str,
+        tx_hash: str | None = None,
+        now: float | None = None,
+    ) -> PaymentRecord:
+        with self._transaction() as conn:
+            record = self._fetch(conn, payment_id)
+            allowed = CHAIN_TRANSITIONS.get((record.state, chain_state), frozenset())
+            if record.chain_state is not None or state not in allowed:
+                raise StoreError(
+                    f"payment #{payment_id} is {record.state} "
+                    f"(chain: {record.chain_state or 'not checked'}); "
+                    f"the chain's {chain_state} cannot make it {state}",
+                    "transition",
+                )
+            conn.execute(
+                "UPDATE payments SET state = ?, chain_state = ?, reason = ?, tx_hash = COALESCE(?, tx_hash), "
+                "updated_at = ? WHERE id = ?",
+                (state.value, chain_state.value, reason, tx_hash, self._now(now), payment_id),
+            )
+            return self._fetch(conn, payment_id)
+
+    def add_evidence(self, payment_id: int, evidence: str) -> None:
+        with self._transaction() as conn:
+            conn.execute("UPDATE payments SET evidence = ? WHERE id = ?", (evidence, payment_id))
 
     def _transition(
         self,
@@ -361,6 +531,7 @@ class SqliteLedgerStore:
         reason: str | None,
         tx_hash: str | None = None,
         payer: str | None = None,
+        delivered: bool | None = None,
     ) -> PaymentRecord:
         with self._transaction() as conn:
             record = self._fetch(conn, payment_id)
@@ -368,10 +539,12 @@ class SqliteLedgerStore:
                 raise StoreError(
                     f"payment #{payment_id} is {record.state}; cannot mark it {target}", "transition"
                 )
+            if delivered is None:
+                delivered = target is PaymentState.SETTLED or record.delivered
             conn.execute(
                 "UPDATE payments SET state = ?, updated_at = ?, reason = COALESCE(?, reason), "
-                "tx_hash = COALESCE(?, tx_hash), payer = COALESCE(?, payer) WHERE id = ?",
-                (target.value, self._now(now), reason, tx_hash, payer, payment_id),
+                "tx_hash = COALESCE(?, tx_hash), payer = COALESCE(?, payer), delivered = ? WHERE id = ?",
+                (target.value, self._now(now), reason, tx_hash, payer, int(delivered), payment_id),
             )
             return self._fetch(conn, payment_id)
 
@@ -384,7 +557,7 @@ class SqliteLedgerStore:
         with self._transaction() as conn:
             ids = [row["id"] for row in conn.execute("SELECT id FROM payments WHERE state = 'pending'")]
             conn.execute(
-                "UPDATE payments SET state = 'unknown', updated_at = ?, "
+                "UPDATE payments SET state = 'in_doubt', updated_at = ?, "
                 "reason = 'the proxy stopped before the outcome was recorded' WHERE state = 'pending'",
                 (self._now(now),),
             )
@@ -423,18 +596,30 @@ class SqliteLedgerStore:
             rows = conn.execute(query, params)
             return [_record(row) for row in rows]
 
-    def spent_since(self, since: float, host: str | None = None, *, now: float | None = None) -> SpendTotals:
+    def spent_since(
+        self,
+        since: float,
+        host: str | None = None,
+        *,
+        now: float | None = None,
+        chain_checked: frozenset[str] = frozenset(),
+    ) -> SpendTotals:
         still_valid_at = self._now(now)
+        networks = sorted(chain_checked)
+        marks = ", ".join("?" for _ in networks) or "NULL"
+        # `marks` is a run of "?" placeholders: every value is a bound parameter.
         sql = (
-            "SELECT network, asset, decimals, amount FROM payments WHERE created_at >= ? AND ("
-            "state IN ('pending', 'settled', 'unknown') "
-            "OR (state = 'unsettled' AND (valid_before IS NULL OR valid_before > ?)) "
-            # A 402 after payment is the server's word, not the chain's: the signed authorization
-            # may still settle (a dishonest server can settle it and answer 402 to be paid again).
-            # A NULL valid_before means nothing was ever signed (Permit2 signing failed).
-            "OR (state = 'rejected' AND valid_before > ?))"
+            "SELECT network, asset, decimals, amount FROM payments WHERE created_at >= ? AND ("  # noqa: S608
+            # Money that moved or may have: counted for its whole window, whatever the server answered.
+            "state IN ('pending', 'settled', 'in_doubt', 'settled_undelivered') "
+            # A refusal is the server's word, not the chain's: a signed authorization sent at least once
+            # may still settle (a dishonest server settles it and answers 402 to be paid again). It counts
+            # until the chain proved it unused, or, where the chain cannot be asked, until it expires.
+            "OR (state IN ('rejected', 'unsettled') AND COALESCE(chain_state, '') != 'unused' AND ("
+            "(state = 'unsettled' AND valid_before IS NULL) OR valid_before > ? "
+            f"OR (chain_state IS NULL AND presentations > 0 AND network IN ({marks})))))"
         )
-        params: list[Any] = [since, still_valid_at, still_valid_at]
+        params: list[Any] = [since, still_valid_at, *networks]
         if host is not None:
             sql += " AND host = ?"
             params.append(host)
@@ -447,20 +632,47 @@ class SqliteLedgerStore:
                 count += 1
         return SpendTotals(totals, count)
 
+    def hosts_since(self, since: float) -> Sequence[str]:
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT host FROM payments WHERE created_at >= ? ORDER BY host", (since,)
+            )
+            return [str(row[0]) for row in rows]
+
     def find_in_doubt(self, method: str, url: str, *, still_valid_at: float) -> PaymentRecord | None:
         with self._reading() as conn:
             row = conn.execute(
                 "SELECT * FROM payments WHERE url = ? AND method = ? "
-                "AND (state = 'unknown' OR (state = 'settled' AND substr(reason, 1, ?) = ?)) "
+                "AND ((state = 'in_doubt' AND delivered = 0) "
+                "OR (state = 'settled' AND substr(reason, 1, ?) = ?)) "
                 "AND valid_before IS NOT NULL AND valid_before > ? ORDER BY id DESC LIMIT 1",
                 (url, method.upper(), len(RECONCILED_USED), RECONCILED_USED, still_valid_at),
             ).fetchone()
             return _record(row) if row else None
 
-    def list_unknown(self) -> Sequence[PaymentRecord]:
-        # Not `list()`: that is newest first and capped; reconciliation must see every unknown row.
+    def find_blocking(self, method: str, url: str, need: str | None) -> Sequence[PaymentRecord]:
         with self._reading() as conn:
-            rows = conn.execute("SELECT * FROM payments WHERE state = 'unknown' ORDER BY id")
+            rows = conn.execute(
+                f"SELECT * FROM payments WHERE {_BLOCKING} AND ((url = ? AND method = ?) OR need = ?) "  # noqa: S608
+                "ORDER BY id DESC LIMIT 20",
+                (url, method.upper(), need or ""),
+            )
+            return [_record(row) for row in rows]
+
+    def list_in_doubt(self) -> Sequence[PaymentRecord]:
+        # Not `list()`: that is newest first and capped.
+        with self._reading() as conn:
+            rows = conn.execute("SELECT * FROM payments WHERE state = 'in_doubt' ORDER BY id")
+            return [_record(row) for row in rows]
+
+    def list_unresolved(self, limit: int = 500) -> Sequence[PaymentRecord]:
+        with self._reading() as conn:
+            rows = conn.execute(
+                "SELECT * FROM payments WHERE chain_state IS NULL AND nonce IS NOT NULL "
+                "AND state IN ('settled', 'in_doubt', 'settled_undelivered', 'rejected', 'unsettled') "
+                "AND (presentations > 0 OR state = 'in_doubt') ORDER BY id DESC LIMIT ?",
+                (max(1, int(limit)),),
+            )
             return [_record(row) for row in rows]
 
     def _fetch(self, conn: sqlite3.Connection, payment_id: int) -> PaymentRecord:
@@ -504,4 +716,10 @@ def _record(row: sqlite3.Row) -> PaymentRecord:
         tx_hash=row["tx_hash"],
         reason=row["reason"],
         session_id=row["session_id"],
+        need=row["need"],
+        delivered=bool(row["delivered"]),
+        chain_state=None if row["chain_state"] is None else ChainState(row["chain_state"]),
+        presentations=int(row["presentations"]),
+        last_presented_at=None if row["last_presented_at"] is None else float(row["last_presented_at"]),
+        evidence=row["evidence"],
     )

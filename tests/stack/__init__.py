@@ -300,6 +300,7 @@ def start_stack(
     pay_to: DevAccount = PAY_TO,
     payer_funds: int = DEFAULT_PAYER_FUNDS,
     timeout: float = STARTUP_TIMEOUT,
+    confirmation_timeout: float = 30,
 ) -> Stack:
     """Bring up anvil -> TestUSDC -> facilitator -> the three reference servers; wait for each.
 
@@ -329,6 +330,8 @@ def start_stack(
                 chain.rpc_url,
                 "--key",
                 FACILITATOR.key,
+                "--confirmation-timeout",
+                str(confirmation_timeout),
             ],
             workdir / "facilitator.log",
         )

@@ -42,6 +42,8 @@ class _State:
         self.lock = threading.Lock()
         self.counts: dict[str, int] = {"verify": 0, "settle": 0, "verify_invalid": 0, "settle_failed": 0}
         self.settlements: list[dict[str, Any]] = []
+        # Distinct EIP-3009 nonces /verify was asked about: one per authorization, however often presented.
+        self.verified_nonces: set[str] = set()
         self.settle_delay_s = 0.0
         self.settle_fail_reason: str | None = None
 
@@ -50,8 +52,14 @@ class _State:
             self.counts[key] = self.counts.get(key, 0) + 1
 
 
-def build_facilitator(rpc_url: str, private_key: str) -> x402FacilitatorSync:
-    signer = FacilitatorWeb3Signer(private_key=private_key, rpc_url=rpc_url, confirmation_timeout_seconds=30)
+def build_facilitator(
+    rpc_url: str, private_key: str, confirmation_timeout: float = 30
+) -> x402FacilitatorSync:
+    # A short confirmation timeout with mining paused (anvil evm_setAutomine false) makes settle answer
+    # `settlement_pending` with the broadcast hash, as a slow real chain does.
+    signer = FacilitatorWeb3Signer(
+        private_key=private_key, rpc_url=rpc_url, confirmation_timeout_seconds=confirmation_timeout
+    )
     facilitator = x402FacilitatorSync()
     # Registered explicitly rather than via register_exact_evm_facilitator, which would also
     # advertise ~20 other V1 network names that all point at this one local chain.
@@ -73,8 +81,8 @@ def _dump(model: VerifyResponse | SettleResponse) -> dict[str, Any]:
     return data
 
 
-def create_app(rpc_url: str, private_key: str) -> FastAPI:
-    facilitator = build_facilitator(rpc_url, private_key)
+def create_app(rpc_url: str, private_key: str, confirmation_timeout: float = 30) -> FastAPI:
+    facilitator = build_facilitator(rpc_url, private_key, confirmation_timeout)
     state = _State()
     app = FastAPI(title="x402 local facilitator")
 
@@ -89,6 +97,12 @@ def create_app(rpc_url: str, private_key: str) -> FastAPI:
     @app.post("/verify")
     def verify(body: dict[str, Any]) -> JSONResponse:
         state.bump("verify")
+        nonce = (((body.get("paymentPayload") or {}).get("payload") or {}).get("authorization") or {}).get(
+            "nonce"
+        )
+        if isinstance(nonce, str):
+            with state.lock:
+                state.verified_nonces.add(nonce.lower())
         try:
             payload, requirements = _parse(body)
         except Exception as exc:
@@ -157,7 +171,11 @@ def create_app(rpc_url: str, private_key: str) -> FastAPI:
     @app.get("/__stats")
     def stats() -> dict[str, Any]:
         with state.lock:
-            return {"counts": dict(state.counts), "settlements": list(state.settlements)}
+            return {
+                "counts": dict(state.counts),
+                "settlements": list(state.settlements),
+                "authorizations": sorted(state.verified_nonces),
+            }
 
     @app.post("/__control")
     async def control(request: Request) -> dict[str, Any]:
@@ -178,9 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--rpc", required=True, help="loopback JSON-RPC URL of the local chain")
     parser.add_argument("--key", required=True, help="facilitator private key (pays gas)")
+    parser.add_argument(
+        "--confirmation-timeout", type=float, default=30, help="seconds to wait for a receipt"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(args.rpc, args.key)
+    app = create_app(args.rpc, args.key, args.confirmation_timeout)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
 
 
