@@ -199,6 +199,60 @@ def test_credentials_stay_in_scope(
     assert_clean(hits, hostile.origin)
 
 
+# Paths whose normal form is inside a session's scope but that a server may route elsewhere: Starlette
+# and aiohttp do not remove dot segments, some servers decode %2F or %5C before resolving them, Tomcat
+# drops ";params", a server that merges slashes resolves "//.." differently. {s} = the session's path.
+AMBIGUOUS_PATHS = [
+    ("encoded dot segments into the scope", "/tenant-c/%2E%2E/{s}/x"),
+    ("dot segments into the scope", "/tenant-c/../{s}/x"),
+    ("encoded slash after dot-dot", "/{s}/..%2F..%2Ftenant-c/x"),
+    ("encoded backslash after dot-dot", "/{s}/..%5C..%5Ctenant-c/x"),
+    ("path parameter on dot-dot", "/{s}/..;/..;/tenant-c/x"),
+    ("empty segment before dot-dot", "/{s}//../tenant-c"),
+]
+
+
+@pytest.mark.parametrize(("scheme", "session_path"), [("https", "paid/s"), ("http", "paid/p")])
+@pytest.mark.parametrize(("what", "template"), AMBIGUOUS_PATHS, ids=[p[0] for p in AMBIGUOUS_PATHS])
+def test_no_credential_on_a_path_the_server_may_read_differently(
+    proxy: AdminProxy,
+    hostile: Hostile,
+    sold: dict[str, str],
+    scheme: str,
+    session_path: str,
+    what: str,
+    template: str,
+) -> None:
+    """Scope is decided on the dot-segment-resolved path, but the raw path is what is forwarded: a raw
+    path not already in normal form goes without any session credential (fail closed). Was: all four
+    kinds of credential went along, e.g. to a `/tenant-c/{rest}` handler for `/tenant-c/%2E%2E/paid/s/x`."""
+    start = len(hostile.origin.hits)
+    path = template.format(s=session_path)
+    assert curl_status(proxy, hostile.url(scheme, path=path)) == 200, what
+    hits = hostile.origin.hits_since(start)
+    assert [h.raw_path for h in hits] == [path], hits  # forwarded as written
+    assert_clean(hits, hostile.origin)
+
+
+@pytest.mark.parametrize("path", ["/paid/s/..%2F..%2Ftenant-c/x", "/paid/s/..;/..;/tenant-c/x"])
+@pytest.mark.parametrize("route", ["fetch", "/sessions"])
+def test_admin_refuses_a_path_the_server_may_read_differently(
+    proxy: AdminProxy, hostile: Hostile, sold: dict[str, str], route: str, path: str
+) -> None:
+    """The admin API's URL parser resolves plain and %2E dot segments itself (what it sends is what we
+    scope); what it leaves (..%2F, ..;) is refused: no credential goes with it, and no session opens on
+    it. Was: `fetch` sent the session's credentials along (200)."""
+    start = len(hostile.origin.hits)
+    url = hostile.url("https", path=path)
+    if route == "fetch":
+        response = proxy.call("POST", f"/sessions/{sold['https']}/fetch", json={"url": url})
+    else:
+        response = proxy.call("POST", "/sessions", json={"endpoint": url})
+    assert response.status_code == 400, response.text[:300]
+    assert response.json()["code"] == "invalid_url", response.json()
+    assert hostile.origin.hits_since(start) == []
+
+
 # Raw absolute-form requests for the http session (/paid/p): userinfo and host spellings no client would send.
 RAW_PROBES = [
     ("session origin as userinfo of another host", "http://127.0.0.2:{p}@127.0.0.3:{p}/paid/p/x"),

@@ -17,6 +17,7 @@ from proxy.sessions.scope import (
     SessionRule,
     default_scope,
     normalize_url,
+    path_in_normal_form,
     remove_dot_segments,
     scope_for,
 )
@@ -499,3 +500,36 @@ def test_normalized_url_is_hashable_and_compact() -> None:
     assert isinstance(n, NormalizedURL) and hash(n) == hash(normalize_url(f"{BASE}:443/v1?q"))
     assert n.origin_str == BASE and n.netloc == "api.x.com"
     assert normalize_url("https://api.x.com:8443/").netloc == "api.x.com:8443"
+
+
+@pytest.mark.parametrize(
+    ("raw", "normal"),
+    [
+        ("/v1/x", True),
+        ("/", True),
+        ("/.well-known/x", True),
+        ("/v1/a.b/c..d/", True),
+        ("/v1/a%2Fb", True),  # one segment, however a server reads %2F: no dot segment appears
+        ("/v1/x;jsessionid=1", True),
+        ("/v1//x", True),
+        ("/v1/x%0D%0A", True),
+        ("/t/../v1/x", False),
+        ("/t/%2E%2E/v1/x", False),
+        ("/t/%2e./v1/x", False),
+        ("/v1/./x", False),
+        ("/v1/x/..%2F..%2Fadmin", False),
+        ("/v1/x/..%5C..%5Cadmin", False),
+        ("/v1/x/..;/..;/admin", False),
+        ("/v1/x/.;a/b", False),
+        ("/v1/x/%252e%252e/admin", False),  # decoded twice by some stacks
+        ("/v1/x/..%00/admin", False),
+        ("/v1//../admin", False),
+        ("/v1/%7euser", False),  # not in normal form (~ is unreserved): fail closed
+        ("/v1/%2fx", False),  # lower-case escape: not in normal form
+        ("/v1/a|b", False),  # a character the normal form percent-encodes
+        ("/v1\\x", False),
+    ],
+)
+def test_path_in_normal_form(raw: str, normal: bool) -> None:
+    """Credentials go only with a raw path a server cannot read as another path than the one scoped."""
+    assert path_in_normal_form(raw) is normal

@@ -30,7 +30,7 @@ from proxy.payments.reconcile import RECONCILE_FIELDS, Reconciler
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.model import Session, SessionValueError, validate_label, validate_ttl
 from proxy.sessions.scope import ScopeError, normalize_url
-from proxy.sessions.stage import SessionStage
+from proxy.sessions.stage import SessionStage, routable_url
 from proxy.store.base import PaymentRecord, PaymentState
 
 # Initial/fetched response bodies are returned up to this many bytes (the rest is cut, and said so).
@@ -142,6 +142,10 @@ class ControlPlane:
             raise ControlError("invalid_parameter", 400, f"{exc.field}: {exc}") from None
         cap = _decimal_or_none(start.max_payment, "max_payment")
         request = self._exchange(start.method, start.endpoint, start.headers, start.body)
+        try:
+            routable_url(request.url)  # a path a server may read as another one opens no session
+        except ScopeError as exc:
+            raise ControlError("invalid_url", 400, str(exc)) from None
         result = await self._bounded(
             stage.start(request, self._inner, kind=start.scope, ttl_seconds=ttl, label=label, max_amount=cap),  # type: ignore[arg-type]
             start.timeout_ms,
@@ -187,7 +191,7 @@ class ControlPlane:
             raise ControlError(f"session_{state}", 409, f"session {session_id} is {state}")
         request = self._exchange(method, url, headers or {}, body)
         try:
-            scope_ok = session.scope.covers(normalize_url(url))
+            scope_ok = session.scope.covers(routable_url(request.url))
         except ScopeError as exc:
             raise ControlError("invalid_url", 400, str(exc)) from None
         if not scope_ok:

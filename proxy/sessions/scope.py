@@ -30,6 +30,7 @@ import functools
 import re
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
+from urllib.parse import unquote
 
 from proxy.hosts import HostError, canonical_host
 from proxy.payments.amounts import AmountError, parse_decimal
@@ -200,6 +201,35 @@ def remove_dot_segments(path: str) -> str:
     if segments[-1] in (".", ".."):
         out.append("")  # "/a/b/.." -> "/a/": the trailing slash survives, as in the spec
     return "/" + "/".join(out)
+
+
+_SEPARATORS_RE = re.compile(r"[/\\]")
+
+
+def path_in_normal_form(raw: str) -> bool:
+    """Can a server read this raw path only as its normal form? Credentials go nowhere else.
+
+    Scopes are decided on the normal form (dot segments resolved), but the raw path is what is sent,
+    and servers differ: Starlette and aiohttp route ``/t/%2E%2E/v1`` to a ``/t/{rest}`` handler, some
+    decode ``%2F``/``%5C`` before resolving ``..``, Tomcat drops ``;params`` (``..;/``). So the raw path
+    must equal its normal form, and no segment may turn into ``.`` or ``..`` when percent-decoded
+    (repeatedly), split at ``/`` and ``\\``, or cut at ``;`` or NUL.
+    """
+    try:
+        if normalize_path(raw) != raw:
+            return False
+    except ScopeError:
+        return False
+    if "%" not in raw and (";" not in raw or "." not in raw):
+        return True  # normal, and nothing that decodes or cuts into a dot segment: the usual path
+    for segment in raw.split("/"):
+        decoded = segment
+        for _ in range(3):  # a server may decode more than once
+            decoded = unquote(decoded, errors="replace")
+        for piece in _SEPARATORS_RE.split(decoded):
+            if piece.split(";", 1)[0].split("\x00", 1)[0].strip() in (".", ".."):
+                return False
+    return True
 
 
 def path_covers(scope_path: str, path: str) -> bool:

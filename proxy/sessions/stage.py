@@ -41,6 +41,7 @@ from proxy.sessions.scope import (
     ScopeKind,
     SessionRule,
     normalize_url,
+    path_in_normal_form,
     scope_for,
 )
 from proxy.sessions.settings import SessionSettings
@@ -164,9 +165,9 @@ class SessionStage:
         generation = self._index.generation  # read first: a change during the match makes the memo stale
         raw = str(request_url)
         try:
-            url: NormalizedURL | None = normalize_url(raw)
+            url: NormalizedURL | None = routable_url(request_url)
         except ScopeError:
-            url = None
+            url = None  # no session applies: forwarded without credentials, pays (if asked) without one
         session = self.manager.match(url, now) if url is not None else None
         route = _Route(url, generation, session)
         if session is not None:
@@ -343,7 +344,7 @@ class SessionStage:
         max_amount: Decimal | None,
     ) -> StartResult:
         """Open a session ahead of use: one unpaid try, then at most one payment under `max_amount`."""
-        url = normalize_url(str(request.url))
+        url = routable_url(request.url)
         scope = Scope.from_url(url, kind)
         outcome = await inner(request)
         if outcome.response.status != 402:
@@ -385,7 +386,7 @@ class SessionStage:
         self, session: Session, request: Exchange, inner: Exchanger, *, allow_renew: bool
     ) -> Outcome:
         """A request through one named session: credentials attached; pays only when `allow_renew`."""
-        url = normalize_url(str(request.url))
+        url = routable_url(request.url)
         if not session.scope.covers(url):
             raise ScopeError("url is not in the session's scope")
         now = self._clock()
@@ -433,6 +434,22 @@ class SessionStage:
             return
         claim = SessionClaim.for_session(session, address=self._wallet.address, tx_hash=tx_hash)
         session.credentials.session_token = make_session_token(claim, self._wallet.account)
+
+
+def routable_url(url: URL) -> NormalizedURL:
+    """The normal form of a request URL, provided its raw path (what is forwarded) is already in it.
+
+    Scopes are decided on the normal form, so a raw path a server may read as another path (dot
+    segments, ``%2E%2E``, ``..%2F``, ``..;``: ``path_in_normal_form``) gets no session at all: raises
+    ``ScopeError``, which the stage treats like a URL no session covers (fail closed).
+    """
+    normal = normalize_url(str(url))
+    if not path_in_normal_form(url.raw_path):
+        raise ScopeError(
+            "the URL's path is not in normal form (dot segments, %2E, ..%2F, ..;): a server may route it "
+            "elsewhere, so no session credential goes with it"
+        )
+    return normal
 
 
 @dataclass
