@@ -311,6 +311,54 @@ def test_redirect_out_of_scope_carries_nothing(
     assert_clean(rest, hostile.origin)
 
 
+# -- Sign-In-With-X signs for the requesting origin only -----------------------------------------------------
+
+
+def siwx_payload(hit: Hit) -> dict[str, Any] | None:
+    value = hit.credential_headers().get("sign-in-with-x")
+    return json.loads(base64.b64decode(value)) if value else None
+
+
+def test_siwx_answer_signs_only_the_requesting_origins_resources(
+    proxy: AdminProxy, hostile: Hostile, sold: dict[str, str]
+) -> None:
+    """An in-scope 402 whose SIWX challenge lists another origin's URLs in `resources`: the fallback
+    answer (the server's nonce) signs the requesting origin's only. Was: it signed the whole list."""
+    start = len(hostile.origin.hits)
+    url = hostile.url("http", path="/paid/p/siwx-challenge")
+    response = get(proxy, url)
+    assert response.status_code == 200 and response.json() == {"access": "siwx"}, response.text[:300]
+    answers = [
+        payload
+        for hit in hostile.origin.hits_since(start)
+        if (payload := siwx_payload(hit)) is not None and payload["nonce"] in hostile.origin.siwx_nonces
+    ]
+    assert [a["resources"] for a in answers] == [[url]], answers
+    assert answers[0]["domain"] == f"{HOME_HOST}:{hostile.port}"
+
+
+def test_a_renewals_unusable_siwx_offer_keeps_the_sessions_parameters(
+    proxy: AdminProxy, hostile: Hostile, x402_stack: Stack
+) -> None:
+    """A renewal (an in-scope 402, paid) whose SIWX offer is bound to the origin but names a chain nobody
+    can sign for: the session keeps the parameters it had, and says so in the log. Was: the offer replaced
+    them, and proactive SIWX was off for the rest of the session."""
+    hostile.origin.protect("http", hostile.port, "/paid/r")
+    bought = get(proxy, hostile.url("http", path="/paid/r"))
+    assert bought.status_code == 200 and PAYMENT in bought.headers, bought.text[:300]
+    session = bought.headers[SESSION]
+    renewed = get(proxy, hostile.url("http", path="/paid/r/renew"))
+    assert renewed.status_code == 200 and renewed.json() == {"access": "renewed"}, renewed.text[:300]
+    assert renewed.headers[SESSION] == session and PAYMENT in renewed.headers
+    start = len(hostile.origin.hits)
+    after = get(proxy, hostile.url("http", path="/paid/r/after"))
+    assert after.status_code == 200 and after.headers[SESSION] == session
+    [hit] = hostile.origin.hits_since(start)
+    payload = siwx_payload(hit)
+    assert payload is not None and payload["chainId"] == x402_stack.network_v2, hit.credential_headers()
+    assert f"session {session} keeps its Sign-In-With-X parameters" in proxy.log_text()
+
+
 # -- request smuggling and header injection -------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ from proxy.sessions.credentials import (
     siwe_message_text,
     siwx_challenge_response,
     siwx_info_from_extension,
+    siwx_offer,
     uri_safe,
 )
 from proxy.sessions.model import CREDENTIAL_KINDS, Session, SessionCredentials, StoredCookie
@@ -471,3 +472,65 @@ async def test_odd_query_still_gives_a_verifiable_header() -> None:
     payload = parse_siwx_header(header)
     assert payload.resources == ["https://api.x.com/v1/x?q=%7C%C3%A4%25zz%7B%7D"]
     assert (await verify_siwx_signature(payload)).payer == ACCOUNT.address
+
+
+def test_siwx_challenge_answer_signs_only_this_origins_resources() -> None:
+    """A server's `resources` naming other origins' URLs: only this origin's are signed; if none is
+    left, the request URL itself. Was: the whole list was signed."""
+    ext = siwx_extension()
+    ext["info"]["resources"] = [
+        "https://api.x.com/v1/chat",
+        "https://evil.net/steal",
+        "http://api.x.com/v1/chat",  # another scheme: another origin
+        "https://api.x.com:8443/x",
+        "not a url",
+        7,
+    ]
+    payload = decode(siwx_challenge_response(ext, ACCOUNT, URL, network="eip155:84532"))
+    assert payload["resources"] == ["https://api.x.com/v1/chat"]
+    ext["info"]["resources"] = ["https://evil.net/steal"]
+    payload = decode(siwx_challenge_response(ext, ACCOUNT, URL + "?q=1", network="eip155:84532"))
+    assert payload["resources"] == ["https://api.x.com/v1/chat?q=1"]
+    del ext["info"]["resources"]
+    assert "resources" not in decode(siwx_challenge_response(ext, ACCOUNT, URL, network="eip155:84532"))
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        ({"domain": "evil.net"}, "another origin"),
+        ({"chains": [{"chainId": "eip155:not-a-chain", "type": "eip191"}]}, "no chain"),
+        ({"chains": [{"chainId": "solana:5eykt4UsFv8P8NJdTREpY1vzqKqZKvdp", "type": "ed25519"}]}, "no EVM"),
+        ({"version": "2"}, "no chain we can sign for"),
+        ({"statement": "line one\nline two"}, "no chain we can sign for"),
+    ],
+)
+def test_a_renewals_siwx_offer_replaces_the_stored_one_only_when_usable(
+    change: dict[str, Any], why: str
+) -> None:
+    """The rule: a later offer replaces the session's parameters only if it is bound to this origin,
+    offers an EVM chain with a numeric id, and the SIWX message builder accepts its values; otherwise the
+    stored parameters stay (the stage logs why). Was: any origin-bound eip155 offer replaced them, and
+    one we cannot sign switched proactive SIWX off."""
+    stored = capture(siwx_extension=siwx_extension(), network="eip155:84532")
+    offer = siwx_extension(domain=change.get("domain", "api.x.com"))
+    if "chains" in change:
+        offer["supportedChains"] = change["chains"]
+    for key in ("version", "statement"):
+        if key in change:
+            offer["info"][key] = change[key]
+    assert why in str(siwx_offer(offer, URL, "eip155:84532"))
+    renewal = capture(siwx_extension=offer, network="eip155:84532")
+    assert renewal.siwx is None
+    merged = merge_credentials(stored, renewal, NOW)
+    assert merged.siwx == stored.siwx
+    header = build_siwx_header(merged.siwx or {}, ACCOUNT, URL, now=NOW)
+    assert header is not None and decode(header)["chainId"] == "eip155:84532"  # still signs
+
+
+def test_a_usable_renewal_offer_replaces_the_stored_one() -> None:
+    stored = capture(siwx_extension=siwx_extension(), network="eip155:84532")
+    offer = siwx_extension()
+    offer["info"]["statement"] = "Renewed"
+    merged = merge_credentials(stored, capture(siwx_extension=offer, network="eip155:84532"), NOW)
+    assert merged.siwx is not None and merged.siwx["statement"] == "Renewed"

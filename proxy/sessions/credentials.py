@@ -11,7 +11,9 @@ Rules (each one fixes a defect of the seed tools or closes a leak):
   dropped at capture; host-only / domain, path-match, ``Secure`` (https only, and not accepted
   from http responses), expiry and the ``__Host-``/``__Secure-`` prefixes are honoured.
 - SIWX parameters are kept only if the challenge is bound to the origin that sent it (else a
-  server could get us to sign in to another site); the per-challenge nonce/time are not kept.
+  server could get us to sign in to another site) and we can sign them; the per-challenge
+  nonce/time are not kept. A renewal's unusable offer never replaces working parameters. A
+  signature answering a server's challenge lists only that origin's ``resources``.
 """
 
 from __future__ import annotations
@@ -204,13 +206,31 @@ def siwx_info_from_extension(
     """Stable SIWX parameters (no nonce/times) with an EVM chain chosen, or None if unusable.
 
     Prefers the chain equal to the payment's CAIP-2 ``network``. Refuses a challenge whose
-    ``domain``/``uri`` is not the origin that sent it.
+    ``domain``/``uri`` is not the origin that sent it, and one we could never sign (``siwx_offer``).
+    """
+    offer = siwx_offer(extension, request_url, network)
+    return offer if isinstance(offer, dict) else None
+
+
+# Any well-formed address: the SDK builder validates the per-session values with it once, at capture.
+_PROBE_ADDRESS = "0x" + "0" * 40
+
+
+def siwx_offer(
+    extension: Mapping[str, Any], request_url: str | NormalizedURL, network: str | None = None
+) -> dict[str, Any] | str:
+    """The stable SIWX parameters of an offer, or why we cannot use it.
+
+    Usable means: bound to the origin that sent it (``domain`` and ``uri``), an EVM (``eip191``) chain
+    with a numeric id, and values the SDK's message builder accepts. An offer that fails any of these
+    is never stored, so it can neither make us sign in elsewhere nor, arriving with a renewal, replace
+    (and so silently switch off) a session's working parameters.
     """
     n = request_url if isinstance(request_url, NormalizedURL) else normalize_url(request_url)
     info = extension.get("info")
     chains = extension.get("supportedChains")
     if not isinstance(info, Mapping) or not isinstance(chains, list):
-        return None
+        return "no info or supportedChains"
     evm = [
         c
         for c in chains
@@ -220,13 +240,17 @@ def siwx_info_from_extension(
         and c["chainId"].startswith("eip155:")
     ]
     if not evm:
-        return None
-    chain = next((c for c in evm if c["chainId"] == network), evm[0])
+        return "no EVM (eip191) chain offered"
     domain, uri, version = info.get("domain"), info.get("uri"), info.get("version") or "1"
     if not isinstance(domain, str) or not isinstance(uri, str) or not isinstance(version, str):
-        return None
+        return "domain, uri or version missing"
     if not _bound_to_origin(domain, uri, n):
-        return None
+        return f"bound to another origin than {n.origin_str} (domain {domain[:100]!r}, uri {uri[:200]!r})"
+    statement = info.get("statement") if isinstance(info.get("statement"), str) else None
+    usable = [c for c in evm if _signable(domain, uri, version, statement, c["chainId"])]
+    if not usable:
+        return "no chain we can sign for, or values the SIWX message builder refuses"
+    chain = next((c for c in usable if c["chainId"] == network), usable[0])
     result: dict[str, Any] = {
         "domain": domain,
         "uri": uri,
@@ -234,9 +258,19 @@ def siwx_info_from_extension(
         "chainId": chain["chainId"],
         "type": "eip191",
     }
-    if isinstance(info.get("statement"), str):
-        result["statement"] = info["statement"]
-    return intern_siwx(result)
+    if statement is not None:
+        result["statement"] = statement
+    interned = intern_siwx(result)
+    assert interned is not None
+    return interned
+
+
+def _signable(domain: str, uri: str, version: str, statement: str | None, chain_id: str) -> bool:
+    try:
+        _checked_siwx_params(domain, uri, version, statement, chain_id, _PROBE_ADDRESS)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _bound_to_origin(domain: str, uri: str, request: NormalizedURL) -> bool:
@@ -480,6 +514,24 @@ def _encode_payload(fields: Mapping[str, Any], address: str, signature: str) -> 
     return encode_siwx_header(payload)
 
 
+def own_resources(resources: object, request: NormalizedURL) -> list[str] | None:
+    """The challenge's ``resources`` that are on the requesting origin: a signature must never vouch
+    for another origin's URLs. None stays None (the field is left out); if the server named only
+    other origins' URLs, the one resource is the request URL itself."""
+    if resources is None:
+        return None
+    kept: list[str] = []
+    for item in resources if isinstance(resources, list) else []:
+        if not isinstance(item, str):
+            continue
+        try:
+            if normalize_url(item).origin == request.origin:
+                kept.append(item)
+        except ScopeError:
+            continue
+    return kept or [uri_safe(request)]
+
+
 def siwx_challenge_response(
     extension_info: Mapping[str, Any],
     account: SiwxSigner,
@@ -491,7 +543,8 @@ def siwx_challenge_response(
     """``SIGN-IN-WITH-X`` answering a 402's challenge with the server's own nonce and times.
 
     ``extension_info`` is ``extensions["sign-in-with-x"]`` (``{"info", "supportedChains"}``).
-    Raises ``ValueError`` if it offers no EVM chain or is not bound to ``url``'s origin.
+    Raises ``ValueError`` if it offers no EVM chain or is not bound to ``url``'s origin. Of the
+    server's ``resources`` only those on ``url``'s origin are signed (``own_resources``).
     """
     n = url if isinstance(url, NormalizedURL) else normalize_url(url)
     stable = siwx_info_from_extension(extension_info, n, network)
@@ -506,7 +559,7 @@ def siwx_challenge_response(
         "expirationTime": info.get("expirationTime"),
         "notBefore": info.get("notBefore"),
         "requestId": info.get("requestId"),
-        "resources": info.get("resources"),
+        "resources": own_resources(info.get("resources"), n),
     }
     if not isinstance(complete["nonce"], str) or not isinstance(complete["issuedAt"], str):
         raise ValueError("SIWX challenge has no nonce or issuedAt")

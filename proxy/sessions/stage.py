@@ -31,6 +31,7 @@ from proxy.sessions.credentials import (
     credential_headers,
     merge_credentials,
     siwx_challenge_response,
+    siwx_offer,
 )
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.model import Session, SessionCredentials
@@ -407,13 +408,30 @@ class SessionStage:
         session.record_payment(record.id, record.amount)
         session.renewals += 1
         session.expires_at = now + session.ttl_seconds
-        session.credentials = merge_credentials(
-            session.credentials, self._capture(url, attempt, record.network, now), now
-        )
+        captured = self._capture(url, attempt, record.network, now)
+        if captured.siwx is None and session.credentials.siwx is not None:
+            # merge_credentials keeps the stored parameters: an offer we cannot use never replaces them
+            # (a hostile one would otherwise switch proactive SIWX off for the rest of the session).
+            problem = self._siwx_offer_problem(url, attempt, record.network)
+            if problem is not None:
+                log.warning(
+                    "session %s keeps its Sign-In-With-X parameters: the renewal's offer is unusable (%s)",
+                    session.id,
+                    problem,
+                )
+        session.credentials = merge_credentials(session.credentials, captured, now)
         self._sign_token(session, record.tx_hash)
         self.manager.renewed(session)
         self._payments.payer.store.attach_session(record.id, session.id)
         log.info("session %s renewed (payment #%s)", session.id, record.id)
+
+    def _siwx_offer_problem(self, url: NormalizedURL, attempt: PaymentAttempt, network: str) -> str | None:
+        """Why the SIWX offer of a paid 402 was not taken (None: there was none, or it was taken)."""
+        offer = _challenge_extensions_from(attempt).get(SIWX_EXTENSION) if "siwx" in self._kinds else None
+        if not isinstance(offer, dict):
+            return None
+        verdict = siwx_offer(offer, url, network)
+        return verdict if isinstance(verdict, str) else None
 
     def _capture(
         self, url: NormalizedURL, attempt: PaymentAttempt, network: str, now: float

@@ -16,6 +16,10 @@ Routes (any front, any scheme):
 - `/switch`: an honest 402; the paid retry is settled, then answered with a *fresh* 402 naming
   another payTo (`switch_pay_to`).
 - `.../go?to=URL`: 302 to URL.
+- `.../siwx-challenge`: a 402 whose Sign-In-With-X challenge (bound to this origin) lists other
+  origins' URLs among its `resources`; a `SIGN-IN-WITH-X` answering its nonce gets 200.
+- `.../renew`: a 402 (an honest requirement) whose Sign-In-With-X offer is bound to this origin but
+  names a chain nobody can sign for; a payment is settled and answered 200: a session renewal.
 - anything else: 200 with what was received.
 """
 
@@ -33,6 +37,7 @@ import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import ClientSession, web
@@ -103,6 +108,7 @@ class HostileOrigin:
     hits: list[Hit] = field(default_factory=list)
     sales: list[Sale] = field(default_factory=list)
     settlements: list[dict[str, Any]] = field(default_factory=list)
+    siwx_nonces: list[str] = field(default_factory=list)  # issued by /siwx-challenge
     fronts: dict[tuple[str, int], int] = field(default_factory=dict)  # (host, port) -> index
     _protected: set[tuple[str, int, str]] = field(default_factory=set)
     _internal: dict[int, str] = field(default_factory=dict)  # internal port -> origin label
@@ -249,6 +255,10 @@ class HostileOrigin:
                 return await self._switch(url, signature)
             if path.endswith("/go") and "to" in request.query:
                 raise web.HTTPFound(request.query["to"])
+            if path.endswith("/siwx-challenge"):
+                return self._siwx_challenge(request, url, authority)
+            if path.endswith("/renew"):
+                return await self._renew(url, authority, signature)
             port = int(authority.rsplit(":", 1)[1])
             if (scheme, port, path) in self._protected:
                 return await self._sell(request, url, authority, signature)
@@ -284,6 +294,43 @@ class HostileOrigin:
                 "issuedAt": "2025-01-01T00:00:00Z",
             },
             "supportedChains": [{"chainId": self.stack.network_v2, "type": "eip191"}],
+        }
+        header = self._challenge(url, [self.requirement()], {"sign-in-with-x": siwx})
+        return web.json_response({}, status=402, headers={"PAYMENT-REQUIRED": header})
+
+    def _siwx_info(self, url: str, authority: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "domain": authority,
+            "uri": f"{url.split('/', 3)[0]}//{authority}",
+            "version": "1",
+            "nonce": secrets.token_hex(8),
+            "issuedAt": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            **extra,
+        }
+
+    def _siwx_challenge(self, request: web.Request, url: str, authority: str) -> web.Response:
+        answered = request.headers.get("SIGN-IN-WITH-X")
+        if answered and json.loads(base64.b64decode(answered)).get("nonce") in self.siwx_nonces:
+            return web.json_response({"access": "siwx"})
+        scheme = url.split(":", 1)[0]
+        resources = [
+            url,
+            f"{scheme}://127.0.0.3:{authority.rsplit(':', 1)[1]}/steal",
+            "https://evil.example/x",
+        ]
+        info = self._siwx_info(url, authority, resources=resources)
+        self.siwx_nonces.append(info["nonce"])
+        siwx = {"info": info, "supportedChains": [{"chainId": self.stack.network_v2, "type": "eip191"}]}
+        header = self._challenge(url, [self.requirement()], {"sign-in-with-x": siwx})
+        return web.json_response({}, status=402, headers={"PAYMENT-REQUIRED": header})
+
+    async def _renew(self, url: str, authority: str, signature: str | None) -> web.Response:
+        if signature:
+            _, receipt = await self._settle(signature)
+            return web.json_response({"access": "renewed"}, headers={"PAYMENT-RESPONSE": receipt})
+        siwx = {
+            "info": self._siwx_info(url, authority),
+            "supportedChains": [{"chainId": "eip155:not-a-chain", "type": "eip191"}],
         }
         header = self._challenge(url, [self.requirement()], {"sign-in-with-x": siwx})
         return web.json_response({}, status=402, headers={"PAYMENT-REQUIRED": header})
