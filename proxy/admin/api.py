@@ -1,6 +1,8 @@
 """The admin listener: REST routes over the control plane, `/metrics`, and the MCP endpoint at `/mcp`.
 
-Every route needs `Authorization: Bearer <token>` (compared in constant time). Input is JSON checked
+Every route first passes the Host/Origin guard (`auth.ListenerGuard`: 421 for a Host that does not name
+this listener, 403 for another origin), then needs `Authorization: Bearer <token>` (compared in
+constant time). Input is JSON checked
 against the schemas in `schemas.py` (unknown fields refused); every error is a problem document. The
 listener is never reachable through the proxy listener: its address joins the proxy's self-target list.
 """
@@ -18,7 +20,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from proxy.admin import openapi, operations, schemas
-from proxy.admin.auth import token_matches
+from proxy.admin.auth import ListenerGuard, token_matches
 from proxy.admin.mcp_server import McpEndpoint, package_version
 from proxy.admin.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.admin.metrics import AdminMetrics
@@ -158,9 +160,10 @@ class AdminServer:
         self._ca_pem_path = ca_pem_path
         self._host = host
         self._port = port
-        self.mcp = McpEndpoint(control, host, MAX_BODY)
+        self.mcp = McpEndpoint(control, MAX_BODY)
         self._runner: web.AppRunner | None = None
         self._addresses: list[tuple[str, int]] = []
+        self._guard: ListenerGuard | None = None  # set once the listener's ports are known
         self.app = self._build_app()
 
     # -- lifecycle ---------------------------------------------------------------------------------
@@ -188,6 +191,7 @@ class AdminServer:
             raise
         self._runner = runner
         self._addresses = [(str(a[0]), int(a[1])) for a in runner.addresses]
+        self._guard = ListenerGuard.for_listener(self._host, self._addresses)
 
     async def stop(self) -> None:
         await self.mcp.stop()  # ends MCP streams first, so the listener's drain is quick
@@ -198,7 +202,7 @@ class AdminServer:
     # -- app -----------------------------------------------------------------------------------------
 
     def _build_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors, self._auth], client_max_size=MAX_BODY)
+        app = web.Application(middlewares=[self._errors, self._guarded, self._auth], client_max_size=MAX_BODY)
         routes = [
             web.post("/sessions", self._start_session),
             web.get("/sessions", self._list_sessions, allow_head=False),
@@ -234,6 +238,16 @@ class AdminServer:
         except Exception:
             log.exception("admin %s %s failed", request.method, request.path)
             return problem_response("internal_error", 500, "internal error; see the proxy log")
+
+    @web.middleware
+    async def _guarded(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Host and Origin first, on every route (/mcp too): see `ListenerGuard`."""
+        if self._guard is not None:
+            refused = self._guard.refusal(request.headers.get("Host"), request.headers.get("Origin"))
+            if refused is not None:
+                status, code, detail = refused
+                raise Problem(code, status, detail)
+        return await handler(request)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:

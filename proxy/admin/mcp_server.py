@@ -3,8 +3,8 @@
 The SDK's low-level `Server` holds the four session tools (names and input schemas after the seed
 tools); its `StreamableHTTPSessionManager` speaks the transport (stateful sessions, `Mcp-Session-Id`,
 DELETE to terminate). The admin listener is aiohttp, so `/mcp` reaches the manager's ASGI entry point
-through `asgi_bridge.call_asgi` after the bearer token check. The manager's task group runs in a task
-of its own for the listener's lifetime.
+through `asgi_bridge.call_asgi` after the listener's Host/Origin guard and bearer token check. The
+manager's task group runs in a task of its own for the listener's lifetime.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from proxy.admin.service import ControlError, ControlPlane
 log = logging.getLogger("x402_proxy.admin")
 
 TEXT_BODY_LIMIT = 4000
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 TOOLS: list[types.Tool] = [
     types.Tool(
@@ -236,7 +235,7 @@ class McpTools:
 
 
 class McpEndpoint:
-    def __init__(self, control: ControlPlane, bound_host: str, max_body: int) -> None:
+    def __init__(self, control: ControlPlane, max_body: int) -> None:
         self.tools = McpTools(control)
 
         async def list_tools(
@@ -262,7 +261,7 @@ class McpEndpoint:
         )
         self.manager = StreamableHTTPSessionManager(
             app=self.server,
-            security_settings=_security(bound_host),
+            security_settings=_security(),
             max_request_body_size=max_body,
         )
         self._stop = asyncio.Event()
@@ -300,14 +299,8 @@ class McpEndpoint:
         return await call_asgi(self.manager.handle_request, request, body)
 
 
-def _security(bound_host: str) -> TransportSecuritySettings:
-    """DNS-rebinding protection (Host and Origin checks) unless bound to a wildcard address."""
-    if bound_host in ("0.0.0.0", "::", ""):
-        return TransportSecuritySettings(enable_dns_rebinding_protection=False)
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
-    hosts = list(dict.fromkeys([*LOOPBACK_HOSTS, shown]))
-    return TransportSecuritySettings(
-        enable_dns_rebinding_protection=True,
-        allowed_hosts=[f"{h}:*" for h in hosts],
-        allowed_origins=[f"http://{h}:*" for h in hosts],
-    )
+def _security() -> TransportSecuritySettings:
+    """The SDK's own Host/Origin checks stay off: the admin listener's `ListenerGuard` (auth.py) runs
+    them for every route, this one included, so REST and MCP share one implementation. (The SDK's
+    also accepted any port on a loopback name, and no Host without a port.)"""
+    return TransportSecuritySettings(enable_dns_rebinding_protection=False)

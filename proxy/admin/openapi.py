@@ -19,8 +19,9 @@ def _ref(name: str) -> dict[str, Any]:
 
 
 def _problems(*statuses: int) -> dict[str, Any]:
-    """Every route may answer 401 (no or wrong token) and any problem (`default`)."""
-    out: dict[str, Any] = {str(s): PROBLEM_REF for s in sorted({400, 401, 431, *statuses})}
+    """Every route may answer 401 (no or wrong token), 421 (a Host that does not name the listener),
+    403 (an Origin that is not the listener's own) and any problem (`default`)."""
+    out: dict[str, Any] = {str(s): PROBLEM_REF for s in sorted({400, 401, 403, 421, 431, *statuses})}
     out["default"] = PROBLEM_REF
     return out
 

@@ -28,6 +28,8 @@ TITLES: dict[str, str] = {
     "body_too_large": "Request body is too large",
     "unsupported_media_type": "Request body must be application/json",
     "not_ready": "The proxy is draining and takes no new work",
+    "misdirected_request": "The Host header does not name this admin listener",
+    "cross_origin": "A page on another origin may not use the admin API",
     "internal_error": "Internal error",
     # control plane
     "sessions_disabled": "Sessions are disabled",
