@@ -153,7 +153,8 @@ def test_openapi_describes_every_route(admin: AdminProxy) -> None:
     routes = {(path, method) for path, item in doc["paths"].items() for method in item if method in
               ("get", "post", "delete", "put", "patch")}
     expected = {("/sessions", "post"), ("/sessions", "get"), ("/sessions/{id}", "get"), ("/sessions/{id}", "delete"),
-                ("/sessions/{id}/fetch", "post"), ("/payments", "get"), ("/budget", "get"), ("/healthz", "get"),
+                ("/sessions/{id}/fetch", "post"), ("/payments", "get"), ("/payments/reconcile", "post"),
+                ("/audit", "get"), ("/budget", "get"), ("/healthz", "get"),
                 ("/readyz", "get"), ("/metrics", "get"), ("/ca.pem", "get"), ("/openapi.json", "get"),
                 ("/mcp", "post"), ("/mcp", "get"), ("/mcp", "delete")}
     assert routes == expected

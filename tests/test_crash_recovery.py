@@ -52,18 +52,21 @@ class CrashPoint:
 
 # A row left pending by the crash is `in_doubt` at restart; the reconciler (proxy/payments/reconcile.py)
 # then finds its authorization used on chain: `settled_undelivered` (the answer it bought never reached
-# the client), and the retry stays refused (`payment_undelivered`): never twice for one need.
+# the client). The retry never pays again: this server honours Sign-In-With-X, so the proxy signs in as
+# the wallet that paid and opens the session that payment bought (a server without SIWX: the retry is
+# refused `payment_undelivered`, tests/test_reconcile.py).
 CRASH_POINTS = {
     # Row durable, nothing signed yet: the proxy cannot know that (the authorization is still valid on
     # chain), so the row stays in doubt and blocks a retry.
     "a-pending-written": CrashPoint("payment.pending_written", "/paid/b", "in_doubt", False, "in_doubt"),
     # The paid request is at the server (handler sleeping): the server settles although its client died.
-    "b-at-upstream": CrashPoint(None, "/paid/slow?delay=4", "settled_undelivered", True, "undelivered"),
+    "b-at-upstream": CrashPoint(None, "/paid/slow?delay=4", "settled_undelivered", True, "session"),
     # The server settled and answered; the proxy died before recording it.
-    "c-answered-unrecorded": CrashPoint("payment.answered", "/paid/b", "settled_undelivered", True, "undelivered"),
+    "c-answered-unrecorded": CrashPoint("payment.answered", "/paid/b", "settled_undelivered", True, "session"),
     # What the payment bought (its session) is saved before the row says settled. So:
-    # answered and settled, its session not yet saved: the row is in doubt, a retry is refused.
-    "d-session-unsaved": CrashPoint("session.before_save", "/paid/b", "settled_undelivered", True, "undelivered"),
+    # answered and settled, its session not yet saved: the row is in doubt, then settled_undelivered;
+    # the retry signs in (SIWX) and opens the session it bought.
+    "d-session-unsaved": CrashPoint("session.before_save", "/paid/b", "settled_undelivered", True, "session"),
     # Session saved, the row not yet linked to it nor settled: the session is back and serves the retry
     # (the row says undelivered: the answer was lost, but what it bought rides on).
     "d-session-saved": CrashPoint("session.saved", "/paid/b", "settled_undelivered", True, "session"),
@@ -166,8 +169,10 @@ def test_sigkill_at_payment_step(
         (restored,) = (s for s in session_rows(home) if s != session_a)
         assert retry.headers[SESSION] == restored
         assert session_rows(home)[restored]["payment_ids"] == [crashed["id"]]
-        # Killed at session.saved: before the link, so only the session side holds it.
-        assert crashed["session_id"] == (None if point.fault == "session.saved" else restored)
+        # Killed at session.saved: before the link, so only the session side holds it. (A session claimed
+        # with Sign-In-With-X for an undelivered payment is linked when it opens, after the retry.)
+        linked = next(r for r in ledger(proxy) if r["id"] == crashed["id"])
+        assert linked["session_id"] == (None if point.fault == "session.saved" else restored)
         assert x402_stack.balance_of(x402_stack.pay_to) - pay_to_before == paid_so_far
     final = assert_ledger_matches_chain(x402_stack, proxy, pay_to_before)
     assert len(final) == 2  # never a second payment for the interrupted request

@@ -294,11 +294,13 @@ def test_sigkill_while_pending_never_pays_twice(
     assert row["nonce"].lower() in x402_stack.facilitator_stats()["authorizations"]
     assert len(authorizations_since(x402_stack, authorizations_before)) == 1
 
-    # Still in doubt after the settlement: the ledger does not learn of it by itself.
+    # Still in doubt after the settlement until the reconciler's next pass (every 60 s): refused again,
+    # at most the same payload presented once more, never a new authorization.
     again = get(proxy, url)
     assert again.headers[ERROR] == "payment_in_doubt"
     assert x402_stack.balance_of(x402_stack.pay_to) - before == delta
-    assert settle_counts(x402_stack)[0] == verify_before + 1
+    assert settle_counts(x402_stack)[0] <= verify_before + 3
+    assert len(authorizations_since(x402_stack, authorizations_before)) == 1
 
 
 # -- the key never leaks ------------------------------------------------------------------------

@@ -101,7 +101,8 @@ class PassThrough:
 class Refused:
     reason_code: ReasonCode
     detail: str
-    ledger_id: int | None = None  # set for dry_run (the row recording what would have been paid)
+    # dry_run: the row recording what would have been paid; in doubt / undelivered: the blocking row
+    ledger_id: int | None = None
     retry_after: int | None = None  # seconds, for payment_in_doubt: when asking again may help
 
 
@@ -188,7 +189,7 @@ class Payer:
                 return self._represent(request, doubt.record, now)
             if isinstance(doubt, Blocked) and host_allowed(normalize_host(request.host), self.policy):
                 log.info("not paying %s %s: %s (%s)", request.method, request.url, doubt.code, doubt.detail)
-                return Refused(doubt.code, doubt.detail, retry_after=doubt.retry_after)
+                return Refused(doubt.code, doubt.detail, doubt.record.id, retry_after=doubt.retry_after)
             decision = choose_requirement(
                 challenge, self.policy, self.assets, self._context(request, now, balances)
             )

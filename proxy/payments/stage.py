@@ -77,6 +77,7 @@ class PaymentAttempt:
     # Headers of the 402 that was paid: sessions read the server's SIWX offer from them.
     challenge_headers: CIMultiDictProxy[str] | None = None
     refusal: str | None = None
+    refused_payment: int | None = None  # the ledger row behind a refusal (dry run, in doubt, undelivered)
 
 
 SettledHook = Callable[[PaymentAttempt], None]
@@ -162,7 +163,9 @@ class PaymentStage:
                 outcome.extra_headers.append((PAYMENT_HEADER, str(decision.ledger_id)))
             if decision.retry_after is not None:
                 outcome.extra_headers.append((RETRY_AFTER, str(decision.retry_after)))
-            return PaymentAttempt(outcome, refusal=decision.reason_code.value)
+            return PaymentAttempt(
+                outcome, refusal=decision.reason_code.value, refused_payment=decision.ledger_id
+            )
         if not isinstance(decision, PaymentPlan):
             return PaymentAttempt(outcome)
         if challenge_source is not outcome:

@@ -52,6 +52,7 @@ from proxy.tokens import SessionClaim, make_session_token
 log = logging.getLogger("x402_proxy.sessions")
 
 SESSION_HEADER = "X-402-Proxy-Session"
+UNDELIVERED = "payment_undelivered"
 _ROUTE_CACHE_SIZE = 4096
 _STATIC_CACHE_SIZE = 4096
 _ROUTE_CACHE_URL = 1024
@@ -291,9 +292,54 @@ class SessionStage:
                 need=scope_need(scope.key),
             )
             if not paid_for:
+                if attempt.refusal == UNDELIVERED and attempt.refused_payment is not None and session is None:
+                    claimed = await self._claim_undelivered(request, attempt, inner, url, scope, rule)
+                    if claimed is not None:
+                        return claimed
                 return attempt.outcome
             self._used(paid_for[0], attempt.outcome, self._clock())
             return attempt.outcome
+
+    async def _claim_undelivered(
+        self,
+        request: Exchange,
+        attempt: PaymentAttempt,
+        inner: Exchanger,
+        url: NormalizedURL,
+        scope: Scope,
+        rule: SessionRule | None,
+    ) -> Outcome | None:
+        """The need's money moved but its answer was lost: where the server offers Sign-In-With-X,
+        sign in as the wallet that paid and, if it grants access, open the session that payment bought."""
+        outcome = attempt.outcome
+        extension = _challenge_extensions(outcome).get(SIWX_EXTENSION)
+        record = self._payments.payer.store.get(attempt.refused_payment or 0)
+        if (
+            not isinstance(extension, dict)
+            or self._wallet is None
+            or "siwx" not in self._kinds
+            or record is None
+        ):
+            return None
+        try:
+            header = siwx_challenge_response(
+                extension, self._wallet.account, url, network=record.network, address=self._wallet.address
+            )
+        except ValueError as exc:
+            log.info("payment #%s is undelivered; cannot sign in to %s: %s", record.id, url.host, exc)
+            return None
+        outcome.release_body()
+        retried = await inner(request.with_headers({SIWX_HEADER: header}))
+        if not 200 <= retried.response.status < 400:
+            retried.extra_headers.extend((n, v) for n, v in outcome.extra_headers if n == ERROR_HEADER)
+            return retried
+        now = self._clock()
+        claimed = PaymentAttempt(retried, record, outcome.response.headers)
+        ttl, session_cap = _rule_terms(rule, claimed)
+        session = self._open(scope, url, claimed, now, ttl_seconds=ttl, max_session_payment=session_cap)
+        log.info("payment #%s was undelivered; Sign-In-With-X claimed it: session %s", record.id, session.id)
+        self._used(session, retried, now)
+        return retried
 
     def _open(
         self,
