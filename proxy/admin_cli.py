@@ -1,4 +1,4 @@
-"""`x402-proxy sessions|payments|budget`: the admin API from the command line.
+"""`x402-proxy sessions|payments|refusals|budget`: the admin API from the command line.
 
 Talks to a running proxy's admin listener (address from `--admin`, else `[admin] listen`; token from
 env X402_PROXY_ADMIN_TOKEN, else `[admin] token`, else `<home>/admin-token`). Human tables by default,
@@ -85,6 +85,14 @@ def add_parsers(
     payments.add_argument("--host", default=None)
     payments.add_argument("--since", type=float, default=None, help="Unix seconds")
     payments.add_argument("--limit", type=int, default=None)
+
+    refusals = sub.add_parser(
+        "refusals", parents=parents, help="402s the proxy refused to pay (newest first, last 30 days)"
+    )
+    refusals.add_argument("--host", default=None)
+    refusals.add_argument("--reason", default=None, help="a reason code, e.g. budget_exhausted")
+    refusals.add_argument("--since", type=float, default=None, help="Unix seconds")
+    refusals.add_argument("--limit", type=int, default=None, help="1..10000 (default 100)")
 
     sub.add_parser("budget", parents=parents, help="spending limits and what the last 24 h used")
     audit = sub.add_parser(
@@ -186,6 +194,8 @@ def run(
             if args.action == "reconcile":
                 return _reconcile(client, as_json, out)
             return _payments(args, client, as_json, out)
+        if args.command == "refusals":
+            return _refusals(args, client, as_json, out)
         if args.command == "audit":
             return _audit(args, client, as_json, out, err)
         return _budget(client, as_json, out)
@@ -341,6 +351,39 @@ def _payments(args: argparse.Namespace, client: AdminClient, as_json: bool, out:
     return EXIT_OK
 
 
+def _refusals(args: argparse.Namespace, client: AdminClient, as_json: bool, out: TextIO) -> int:
+    query = {
+        k: v
+        for k, v in (
+            ("host", args.host),
+            ("reason", args.reason),
+            ("since", args.since),
+            ("limit", args.limit),
+        )
+        if v is not None
+    }
+    _, data = client.call("GET", "/refusals" + (f"?{urlencode(query)}" if query else ""))
+    if as_json:
+        return _dump(data, out)
+    _table(
+        out,
+        ["ID", "CREATED", "REASON", "HOST", "ASKED", "REQUEST", "DETAIL"],
+        [
+            [
+                str(r["id"]),
+                _when(r.get("created_at")),
+                r["reason"],
+                r.get("host") or "",
+                _amount(r.get("amount"), r.get("decimals")),
+                f"{r.get('method')} {r.get('url')}",
+                r.get("detail") or "",
+            ]
+            for r in data["refusals"]
+        ],
+    )
+    return EXIT_OK
+
+
 def _reconcile(client: AdminClient, as_json: bool, out: TextIO) -> int:
     _, data = client.call("POST", "/payments/reconcile")
     if as_json:
@@ -406,7 +449,10 @@ def _budget(client: AdminClient, as_json: bool, out: TextIO) -> int:
     if data.get("dry_run"):
         print("dry run:         yes (nothing is signed)", file=out)
     for host, spent in data.get("hosts", {}).items():
-        print(f"  {host}: spent {spent['spent']}, remaining {spent['remaining']}", file=out)
+        refused = spent.get("refusals_24h", 0)
+        print(
+            f"  {host}: spent {spent['spent']}, remaining {spent['remaining']}, refused {refused}", file=out
+        )
     return EXIT_OK
 
 

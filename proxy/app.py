@@ -31,6 +31,7 @@ from proxy.payments.wallet import Wallet, load_wallet, token_balance
 from proxy.reload import reload_config
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.stage import SessionStage
+from proxy.store.refusal_store import SqliteRefusalStore
 from proxy.store.session_store import SqliteSessionStore
 from proxy.store.sqlite import SqliteLedgerStore
 from proxy.tls.ca import CertificateAuthority
@@ -57,6 +58,7 @@ class Runtime:
     session_stage: SessionStage | None = None
     admin: AdminServer | None = None
     admin_token: AdminToken | None = None
+    refusals: SqliteRefusalStore | None = None
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         self.control.draining = True
@@ -69,6 +71,8 @@ class Runtime:
             self.sessions.flush()
             self.sessions.store.close()
         await self.upstream.close()
+        if self.refusals is not None:
+            self.refusals.close()
         self.store.close()
 
 
@@ -133,7 +137,9 @@ async def start(config: Config, home: Path) -> Runtime:
     forwarder = Forwarder(config.proxy, upstream, [])
     metrics = AdminMetrics(home / "state.db")
     forwarder.wrap(metrics.latency_stage)  # innermost: times upstream sends only
-    payments = PaymentStage(payer)
+    refusals = SqliteRefusalStore(home / "state.db")  # every refused 402, bounded (its own table)
+    payments = PaymentStage(payer, refusals)
+    metrics.set_refusal_counts(payments.refusals.counts)
     sessions: SessionManager | None = None
     session_stage: SessionStage | None = None
     background: list[asyncio.Task[None]] = []
@@ -169,9 +175,11 @@ async def start(config: Config, home: Path) -> Runtime:
         log.info("paying from wallet %s", payer.wallet.address)
     control = ControlPlane(payer, sessions, session_stage, forwarder.send_upstream)
     control.reconciler = reconciler
+    control.refusals = refusals
     runtime = Runtime(
         config, home, ca, bundle, upstream, server, store, payer, sessions, background, control, session_stage
     )
+    runtime.refusals = refusals
     if config.admin.enabled:
         try:
             await start_admin(runtime, metrics)

@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wallet": _wallet,
         "sessions": _admin,
         "payments": _admin,
+        "refusals": _admin,
         "budget": _admin,
         "audit": _admin,
         "health": _health,

@@ -23,7 +23,8 @@ from tests.support.certs import UpstreamCA
 from tests.support.upstream import Upstream
 
 PROBLEM = "application/problem+json"
-GET_ROUTES = ["/healthz", "/readyz", "/budget", "/payments", "/sessions", "/metrics", "/ca.pem", "/openapi.json"]
+GET_ROUTES = ["/healthz", "/readyz", "/budget", "/payments", "/refusals", "/sessions", "/metrics", "/ca.pem",
+              "/openapi.json"]
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
 
 
@@ -154,6 +155,7 @@ def test_openapi_describes_every_route(admin: AdminProxy) -> None:
               ("get", "post", "delete", "put", "patch")}
     expected = {("/sessions", "post"), ("/sessions", "get"), ("/sessions/{id}", "get"), ("/sessions/{id}", "delete"),
                 ("/sessions/{id}/fetch", "post"), ("/payments", "get"), ("/payments/reconcile", "post"),
+                ("/refusals", "get"),
                 ("/audit", "get"), ("/budget", "get"), ("/healthz", "get"),
                 ("/readyz", "get"), ("/metrics", "get"), ("/ca.pem", "get"), ("/openapi.json", "get"),
                 ("/mcp", "post"), ("/mcp", "get"), ("/mcp", "delete")}

@@ -211,6 +211,7 @@ class AdminServer:
             web.post("/sessions/{id}/fetch", self._fetch),
             web.get("/payments", self._payments, allow_head=False),
             web.post("/payments/reconcile", self._reconcile),
+            web.get("/refusals", self._refusals, allow_head=False),
             web.get("/audit", self._audit, allow_head=False),
             web.get("/budget", self._budget, allow_head=False),
             web.get("/healthz", self._healthz, allow_head=False),
@@ -322,6 +323,16 @@ class AdminServer:
             limit=query.get("limit", 100),
         )
         return _json_response({"payments": payments})
+
+    async def _refusals(self, request: web.Request) -> web.StreamResponse:
+        query = _query(request, schemas.REFUSALS_QUERY)
+        refusals = self.control.list_refusals(
+            host=query.get("host"),
+            reason=query.get("reason"),
+            since=query.get("since"),
+            limit=query.get("limit", 100),
+        )
+        return _json_response({"refusals": refusals})
 
     async def _reconcile(self, request: web.Request) -> web.StreamResponse:
         _query(request, {})

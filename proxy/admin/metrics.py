@@ -1,8 +1,9 @@
 """Prometheus metrics for `GET /metrics`, in a registry of their own (never the global one).
 
-Two cheap stages count proxied requests by outcome and time upstream answers; everything else is read
-at scrape time (the ledger and the session table, through a read-only SQLite connection), so the
-request path pays one counter increment and one histogram observation, nothing more.
+Two cheap stages count proxied requests by outcome and time upstream answers, and the refusal recorder
+counts refusals by reason (`proxy/payments/refusals.py`); everything else is read at scrape time (the
+ledger and the session table, through a read-only SQLite connection), so the request path pays one
+counter increment and one histogram observation, nothing more.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import bisect
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -109,6 +110,23 @@ class _StoreCollector(Collector):
             conn.close()
 
 
+class _RefusalCollector(Collector):
+    """Refusals by reason since the process started: a counter, so rate() and alerts work (a count of the
+    table's rows would flatten once its retention bound is reached). Counted whether or not the refusal
+    could be written to the table."""
+
+    def __init__(self) -> None:
+        self.counts: Mapping[str, int] = {}
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(
+            "x402_proxy_refusals", "402s the proxy refused to pay, by reason code", labels=["reason"]
+        )
+        for reason, count in sorted(self.counts.items()):
+            family.add_metric([reason], float(count))
+        yield family
+
+
 class _TaskCollector(Collector):
     """Live asyncio tasks, counted at scrape time: a task leak shows as a number that only grows."""
 
@@ -174,10 +192,16 @@ class AdminMetrics:
         self.registry.register(self.stats)
         self._store = _StoreCollector(db_path, ready, clock)
         self.registry.register(self._store)
+        self._refusals = _RefusalCollector()
+        self.registry.register(self._refusals)
         self.registry.register(_TaskCollector())
 
     def set_ready_probe(self, ready: Callable[[], bool]) -> None:
         self._store._ready = ready
+
+    def set_refusal_counts(self, counts: Mapping[str, int]) -> None:
+        """The refusal recorder's live counts (read at scrape time, never copied)."""
+        self._refusals.counts = counts
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

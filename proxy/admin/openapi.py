@@ -153,6 +153,34 @@ def build(server_url: str, version: str) -> dict[str, Any]:
                 },
             },
         },
+        "/refusals": {
+            "get": {
+                "operationId": "listRefusals",
+                "summary": "402s the proxy refused to pay, newest first (the newest 10000, at most 30 days)",
+                "description": "Policy refusals (budget_exhausted, host_not_allowed, over_max_per_payment, "
+                "payment_in_doubt, ...), each with the amount asked when known. dry_run answers are ledger "
+                "rows (GET /payments?state=dry_run), not refusals.",
+                "parameters": [
+                    _query("host", schemas.REFUSALS_QUERY["host"], "Only refusals for this host"),
+                    _query("reason", schemas.REFUSALS_QUERY["reason"], "Only refusals with this reason code"),
+                    _query("since", schemas.REFUSALS_QUERY["since"], "At or after (Unix seconds)"),
+                    _query(
+                        "limit", schemas.REFUSALS_QUERY["limit"] | {"default": 100}, "At most this many rows"
+                    ),
+                ],
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["refusals"],
+                            "properties": {"refusals": {"type": "array", "items": _ref("Refusal")}},
+                        },
+                        "Refusals",
+                    ),
+                    **_problems(400),
+                },
+            },
+        },
         "/payments/reconcile": {
             "post": {
                 "operationId": "reconcilePayments",
@@ -180,7 +208,7 @@ def build(server_url: str, version: str) -> dict[str, Any]:
         "/budget": {
             "get": {
                 "operationId": "getBudget",
-                "summary": "Spending policy limits and what the rolling 24 h window has used",
+                "summary": "Spending policy limits, what the rolling 24 h window has used, refusals per host",
                 "responses": {"200": _json(_ref("Budget"), "Budget"), **_problems()},
             }
         },
@@ -279,6 +307,7 @@ def build(server_url: str, version: str) -> dict[str, Any]:
                     "StartSessionFree": schemas.START_FREE,
                     "Session": schemas.SESSION,
                     "Payment": schemas.PAYMENT,
+                    "Refusal": schemas.REFUSAL,
                     "FetchedResponse": schemas.FETCHED,
                     "EndSession": schemas.END,
                     "Budget": schemas.BUDGET,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from proxy.payments.refusals import RECORDED_REASONS
 from proxy.sessions.model import LABEL_MAX, TTL_MAX, TTL_MIN
 
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
@@ -151,6 +152,14 @@ TOOL_STATUS: Schema = {
     "additionalProperties": False,
 }
 
+# GET /refusals (the route validates with it, /openapi.json describes it).
+REFUSALS_QUERY: dict[str, Schema] = {
+    "host": {"type": "string", "maxLength": 2048},
+    "reason": {"type": "string", "enum": list(RECORDED_REASONS)},
+    "since": {"type": "number", "minimum": 0},
+    "limit": {"type": "integer", "minimum": 1, "maximum": 10000},
+}
+
 # -- responses ------------------------------------------------------------------------------------------
 
 _NULLABLE_STRING: Schema = {"type": ["string", "null"]}
@@ -244,6 +253,34 @@ PAYMENT: Schema = {
     },
 }
 
+REFUSAL: Schema = {
+    "type": "object",
+    "required": ["id", "created_at", "host", "method", "url", "reason", "detail", "amount"],
+    "properties": {
+        "id": {"type": "integer"},
+        "created_at": {"type": "number", "description": "Unix seconds"},
+        "host": {"type": "string", "description": "canonical host"},
+        "method": {"type": "string"},
+        "url": {"type": "string"},
+        "reason": {"type": "string", "enum": list(RECORDED_REASONS)},
+        "detail": {"type": "string"},
+        "amount": {
+            "type": ["string", "null"],
+            "description": "the cheapest price the challenge offered in an asset we know, in atomic units of "
+            "`asset` (null: the challenge was unreadable or offered no such asset)",
+        },
+        "decimals": _NULLABLE_INT,
+        "asset": _NULLABLE_STRING,
+        "network": _NULLABLE_STRING,
+        "pay_to": _NULLABLE_STRING,
+        "payment_id": {
+            "type": ["integer", "null"],
+            "description": "the ledger row behind the refusal (payment_in_doubt, payment_undelivered)",
+        },
+        "session_id": _NULLABLE_STRING,
+    },
+}
+
 RECONCILE_REPORT: Schema = {
     "type": "object",
     "required": ["settled", "undelivered", "never_moved", "in_doubt", "no_rpc", "errors"],
@@ -331,6 +368,16 @@ _AMOUNTS: Schema = {
     "properties": {"limit": {"type": "string"}, "spent": {"type": "string"}, "remaining": {"type": "string"}},
 }
 
+_HOST_AMOUNTS: Schema = {
+    "type": "object",
+    "required": ["spent", "remaining", "refusals_24h"],
+    "properties": {
+        "spent": {"type": "string"},
+        "remaining": {"type": "string"},
+        "refusals_24h": {"type": "integer", "description": "402s refused for this host in the window"},
+    },
+}
+
 BUDGET: Schema = {
     "type": "object",
     "required": ["window_seconds", "global", "per_host_limit", "hosts", "max_per_payment", "dry_run"],
@@ -338,7 +385,11 @@ BUDGET: Schema = {
         "window_seconds": {"type": "integer"},
         "global": _AMOUNTS,
         "per_host_limit": {"type": "string"},
-        "hosts": {"type": "object", "additionalProperties": _AMOUNTS},
+        "hosts": {
+            "type": "object",
+            "additionalProperties": _HOST_AMOUNTS,
+            "description": "every host that spent or was refused in the window",
+        },
         "max_per_payment": {"type": "string"},
         "dry_run": {"type": "boolean"},
     },

@@ -27,11 +27,13 @@ from proxy.payments.audit import AuditError, run_audit
 from proxy.payments.payer import BUDGET_WINDOW_SECONDS, Payer, spend_in_budget_units
 from proxy.payments.policy import normalize_host
 from proxy.payments.reconcile import RECONCILE_FIELDS, Reconciler
+from proxy.payments.refusals import RECORDED_REASONS
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.model import Session, SessionValueError, validate_label, validate_ttl
 from proxy.sessions.scope import ScopeError, normalize_url
 from proxy.sessions.stage import SessionStage, routable_url
 from proxy.store.base import PaymentRecord, PaymentState
+from proxy.store.refusal_store import RefusalRecord, SqliteRefusalStore
 
 # Initial/fetched response bodies are returned up to this many bytes (the rest is cut, and said so).
 MAX_RETURNED_BODY = 64 * 1024
@@ -98,6 +100,7 @@ class ControlPlane:
         self._clock = clock
         self.draining = False
         self.reconciler: Reconciler | None = None  # set by the app once the reconciler runs
+        self.refusals: SqliteRefusalStore | None = None  # set by the app: refused 402s on record
 
     # -- sessions ----------------------------------------------------------------------------------
 
@@ -247,6 +250,21 @@ class ControlPlane:
         rows = self.payer.store.list(state=wanted, host=host, since=since, limit=limit)
         return [_payment_dict(r) for r in rows]
 
+    def list_refusals(
+        self, host: str | None = None, reason: str | None = None, since: float | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Refused 402s on record (newest first; the newest 10 000, none older than 30 days)."""
+        if reason is not None and reason not in RECORDED_REASONS:
+            allowed = ", ".join(RECORDED_REASONS)
+            raise ControlError("invalid_parameter", 400, f"reason must be one of {allowed}")
+        if not 1 <= limit <= 10000:
+            raise ControlError("invalid_parameter", 400, "limit must be 1..10000")
+        if self.refusals is None:
+            return []
+        wanted = normalize_host(host) if host is not None else None  # one canonical host (proxy/hosts.py)
+        rows = self.refusals.list(host=wanted, reason=reason, since=since, limit=limit, now=self._clock())
+        return [_refusal_dict(r) for r in rows]
+
     def budget(self) -> dict[str, Any]:
         now = self._clock()
         since = now - BUDGET_WINDOW_SECONDS
@@ -259,6 +277,10 @@ class ControlPlane:
             for h in store.hosts_since(since)
         }
         hosts = {normalize_host(h): v for h, v in spent_by_host.items() if v > 0}
+        # Refusals per host: a host that was only ever refused is listed too (spent 0).
+        refused = self.refusals.count_by_host(since) if self.refusals is not None else {}
+        for host in refused:
+            hosts.setdefault(host, 0)
         scale = Decimal(10) ** 18
         return {
             "window_seconds": BUDGET_WINDOW_SECONDS,
@@ -272,6 +294,7 @@ class ControlPlane:
                 h: {
                     "spent": str(Decimal(v) / scale),
                     "remaining": str(Decimal(max(0, policy.per_host_daily_budget - v)) / scale),
+                    "refusals_24h": refused.get(h, 0),
                 }
                 for h, v in sorted(hosts.items())
             },
@@ -429,6 +452,25 @@ def _payment_dict(record: PaymentRecord) -> dict[str, Any]:
         "presentations": record.presentations,
         "valid_before": record.valid_before,
         "evidence": _evidence(record.evidence),
+    }
+
+
+def _refusal_dict(record: RefusalRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "created_at": record.created_at,
+        "host": record.host,
+        "method": record.method,
+        "url": record.url,
+        "reason": record.reason,
+        "detail": record.detail,
+        "amount": None if record.amount is None else str(record.amount),
+        "decimals": record.decimals,
+        "asset": record.asset,
+        "network": record.network,
+        "pay_to": record.pay_to,
+        "payment_id": record.payment_id,
+        "session_id": record.session_id,
     }
 
 

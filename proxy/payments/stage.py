@@ -23,7 +23,10 @@ from proxy.faults import checkpoint
 from proxy.payments.challenge import challenge_refetch_headers, needs_challenge_refetch
 from proxy.payments.doubt import MAX_PRESENTATIONS, backoff
 from proxy.payments.payer import Payer, PaymentPlan, PaymentRequestInfo, Refused, settlement_verdict
+from proxy.payments.policy import ReasonCode
+from proxy.payments.refusals import RefusalRecorder
 from proxy.store.base import PaymentRecord, PaymentState, StoreError
+from proxy.store.refusal_store import SqliteRefusalStore
 
 log = logging.getLogger("x402_proxy.payments")
 
@@ -84,8 +87,10 @@ SettledHook = Callable[[PaymentAttempt], None]
 
 
 class PaymentStage:
-    def __init__(self, payer: Payer) -> None:
+    def __init__(self, payer: Payer, refusal_store: SqliteRefusalStore | None = None) -> None:
         self.payer = payer
+        # Every refusal the client is answered with is counted and kept here (see `_refused`).
+        self.refusals = RefusalRecorder(refusal_store, payer.assets, payer.clock)
 
     def __call__(self, inner: Exchanger) -> Exchanger:
         async def exchange(request: Exchange) -> Outcome:
@@ -132,10 +137,11 @@ class PaymentStage:
             )
             if challenge_source is not outcome:
                 return PaymentAttempt(outcome)
+            code = ReasonCode.MALFORMED_CHALLENGE
+            refused = Refused(code, f"the 402 body is over {MAX_CHALLENGE_BODY} bytes; not inspected")
+            self._refused(request, session_id, refused, challenge_source)
             too_large = b"x402-proxy: 402 body too large to inspect\n"
-            return PaymentAttempt(
-                _refusal_outcome(outcome, "malformed_challenge", too_large), refusal="malformed_challenge"
-            )
+            return PaymentAttempt(_refusal_outcome(outcome, code.value, too_large), refusal=code.value)
         info = PaymentRequestInfo(
             method=request.method,
             url=str(request.url),
@@ -158,6 +164,7 @@ class PaymentStage:
             log.error("not paying %s: %s", request.url.host, exc)
             raise UpstreamError(503, "ledger_unavailable", f"cannot record a payment: {exc}") from None
         if isinstance(decision, Refused):
+            self._refused(request, session_id, decision, challenge_source)
             outcome.extra_headers.append((ERROR_HEADER, decision.reason_code.value))
             if decision.ledger_id is not None:
                 outcome.extra_headers.append((PAYMENT_HEADER, str(decision.ledger_id)))
@@ -173,6 +180,22 @@ class PaymentStage:
         challenge_headers = challenge_source.response.headers
         paid, record = await self._pay(request, decision, inner, started, challenge_headers, on_settled)
         return PaymentAttempt(paid, record, challenge_headers)
+
+    def _refused(
+        self, request: Exchange, session_id: str | None, refused: Refused, challenge: Outcome
+    ) -> None:
+        """The one place a refusal that becomes the client's answer is put on record; never raises."""
+        self.refusals.record(
+            reason=refused.reason_code.value,
+            detail=refused.detail,
+            method=request.method,
+            url=str(request.url),
+            host=request.url.host or "",
+            headers=challenge.response.headers,
+            body=challenge.body or b"",
+            payment_id=refused.ledger_id,
+            session_id=session_id,
+        )
 
     async def _pay(
         self,
