@@ -1,7 +1,8 @@
 """Refusals on record: the one place a refused 402 is written down (called by `PaymentStage.attempt`).
 
-Each refusal the client is answered with (the server's 402 plus `X-402-Proxy-Error: <reason>`) is
-counted by reason (`x402_proxy_refusals_total`, in memory, since the process started) and written as
+Each refusal of the payer (the client gets the server's 402 plus `X-402-Proxy-Error: <reason>`, unless
+the session stage then serves a `payment_undelivered` retry through the session it claims) is counted by
+reason (`x402_proxy_refusals_total`, in memory, since the process started) and written as
 one row to the `refusals` table (`proxy/store/refusal_store.py`). The write never stands between the
 client and its answer: a failure (locked, disk full, read-only, closed) is logged and the answer goes
 on. `dry_run` answers are not refusals here: they are ledger rows already (state `dry_run`).
