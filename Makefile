@@ -28,7 +28,7 @@ $(STACK)/node_modules/.installed: $(STACK)/package.json $(STACK)/package-lock.js
 npm: $(STACK)/node_modules/.installed
 
 # Debian packages the tests use as real clients or peers.
-APT_TEST := curl faketime
+APT_TEST := curl faketime chromium
 apt-test:
 	@missing=""; for p in $(APT_TEST); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi

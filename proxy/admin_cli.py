@@ -95,6 +95,18 @@ def add_parsers(
     refusals.add_argument("--limit", type=int, default=None, help="1..10000 (default 100)")
 
     sub.add_parser("budget", parents=parents, help="spending limits and what the last 24 h used")
+    approvals = sub.add_parser(
+        "approvals", parents=parents, help="payments waiting for a decision (above [policy] ask_above)"
+    )
+    a_sub = approvals.add_subparsers(dest="approvals_command", required=True)
+    a_sub.add_parser("list", parents=parents, help="waiting approvals, then recent decisions")
+    approve = a_sub.add_parser("approve", parents=parents, help="let a waiting payment be signed")
+    approve.add_argument("id")
+    approve.add_argument("--remember", choices=["host", "scope"], default=None, help="do not ask again for")
+    approve.add_argument("--hours", type=float, default=None, help="how long to remember (default 1)")
+    deny = a_sub.add_parser("deny", parents=parents, help="refuse a waiting payment (approval_denied)")
+    deny.add_argument("id")
+
     audit = sub.add_parser(
         "audit", parents=parents, help="compare the ledger with the chain (exit 1 on any discrepancy)"
     )
@@ -198,6 +210,8 @@ def run(
             return _refusals(args, client, as_json, out)
         if args.command == "audit":
             return _audit(args, client, as_json, out, err)
+        if args.command == "approvals":
+            return _approvals(args, client, as_json, out)
         return _budget(client, as_json, out)
     except ApiError as exc:
         if exc.status:
@@ -391,6 +405,44 @@ def _reconcile(client: AdminClient, as_json: bool, out: TextIO) -> int:
     for name in ("settled", "undelivered", "never_moved", "in_doubt", "no_rpc", "errors"):
         ids = ", ".join(f"#{i}" for i in data.get(name, [])) or "-"
         print(f"{name + ':':<13}{ids}", file=out)
+    return EXIT_OK
+
+
+def _approvals(args: argparse.Namespace, client: AdminClient, as_json: bool, out: TextIO) -> int:
+    if args.approvals_command == "list":
+        _, data = client.call("GET", "/approvals")
+        if as_json:
+            return _dump(data, out)
+        _table(
+            out,
+            ["ID", "STATE", "PRICE", "REQUEST", "REASON", "DECIDED BY"],
+            [
+                [
+                    a["id"],
+                    a["state"],
+                    a["price"],
+                    f"{a['method']} {a['url']}",
+                    a["reason"],
+                    a.get("decided_by") or "",
+                ]
+                for a in data["approvals"]
+            ],
+        )
+        return EXIT_OK
+    body: dict[str, Any] = {
+        "decision": "approve" if args.approvals_command == "approve" else "deny",
+        "via": "cli",
+    }
+    if getattr(args, "remember", None):
+        body["remember_for"] = args.remember
+        if args.hours is not None:
+            body["hours"] = args.hours
+    _, data = client.call("POST", f"/approvals/{quote(args.id, safe='')}", body)
+    if as_json:
+        return _dump(data, out)
+    remembered = data.get("remember")
+    suffix = f" (remembered for {remembered['for']} {remembered['key']})" if remembered else ""
+    print(f"approval {data['id']}: {data['state']}{suffix}", file=out)
     return EXIT_OK
 
 

@@ -108,6 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "refusals": _admin,
         "budget": _admin,
         "audit": _admin,
+        "approvals": _admin,
         "health": _health,
     }[args.command]
     return handler(args, config, home)

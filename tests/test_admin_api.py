@@ -156,7 +156,7 @@ def test_openapi_describes_every_route(admin: AdminProxy) -> None:
     expected = {("/sessions", "post"), ("/sessions", "get"), ("/sessions/{id}", "get"), ("/sessions/{id}", "delete"),
                 ("/sessions/{id}/fetch", "post"), ("/payments", "get"), ("/payments/reconcile", "post"),
                 ("/refusals", "get"),
-                ("/audit", "get"), ("/budget", "get"), ("/healthz", "get"),
+                ("/audit", "get"), ("/approvals", "get"), ("/approvals/{id}", "post"), ("/budget", "get"), ("/healthz", "get"),
                 ("/readyz", "get"), ("/metrics", "get"), ("/ca.pem", "get"), ("/openapi.json", "get"),
                 ("/mcp", "post"), ("/mcp", "get"), ("/mcp", "delete")}
     assert routes == expected

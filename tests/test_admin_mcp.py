@@ -54,7 +54,16 @@ async def test_initialize_and_list_tools_like_the_seeds(admin: AdminProxy) -> No
     async with mcp_session(admin, seen) as session:
         listed = await session.list_tools()
     tools = {t.name: t for t in listed.tools}
-    assert set(tools) == {"x402_session_start", "x402_session_fetch", "x402_session_status", "x402_session_end"}
+    assert set(tools) == {
+        "x402_session_start",
+        "x402_session_fetch",
+        "x402_session_status",
+        "x402_session_end",
+        "x402_approval_list",
+        "x402_approval_decide",
+    }
+    decide = tools["x402_approval_decide"].input_schema
+    assert decide["required"] == ["id", "decision"] and decide["properties"]["decision"]["enum"] == ["approve", "deny"]
 
     start = tools["x402_session_start"].input_schema
     assert start["type"] == "object" and start["required"] == ["endpoint"]

@@ -19,8 +19,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from proxy.admin import openapi, operations, schemas
+from proxy.admin import dashboard, openapi, operations, schemas
 from proxy.admin.auth import ListenerGuard, token_matches
+from proxy.admin.dashboard import is_dashboard_path
 from proxy.admin.mcp_server import McpEndpoint, package_version
 from proxy.admin.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.admin.metrics import AdminMetrics
@@ -213,6 +214,9 @@ class AdminServer:
             web.post("/payments/reconcile", self._reconcile),
             web.get("/refusals", self._refusals, allow_head=False),
             web.get("/audit", self._audit, allow_head=False),
+            web.get("/approvals", self._approvals, allow_head=False),
+            web.post("/approvals/{id}", self._decide_approval),
+            *dashboard.routes(),
             web.get("/budget", self._budget, allow_head=False),
             web.get("/healthz", self._healthz, allow_head=False),
             web.get("/readyz", self._readyz, allow_head=False),
@@ -252,6 +256,8 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if is_dashboard_path(request.path):  # static page and script only: every API call sends the token
+            return await handler(request)
         if not token_matches(request.headers.get("Authorization"), self._token):
             raise Problem(
                 "unauthorized",
@@ -341,6 +347,25 @@ class AdminServer:
     async def _audit(self, request: web.Request) -> web.StreamResponse:
         query = _query(request, {"since": {"type": "number", "minimum": 1, "maximum": 31_536_000}})
         return _json_response(await self.control.audit(float(query.get("since", 86_400))))
+
+    async def _approvals(self, request: web.Request) -> web.StreamResponse:
+        _query(request, {})
+        return _json_response({"approvals": self.control.list_approvals()})
+
+    async def _decide_approval(self, request: web.Request) -> web.StreamResponse:
+        _query(request, {})
+        try:
+            args = schemas.validate(schemas.DECIDE_APPROVAL, await read_json(request))
+        except schemas.SchemaViolation as exc:
+            raise Problem(exc.code, 400, exc.detail) from None
+        decided = self.control.decide_approval(
+            request.match_info["id"],
+            args["decision"],
+            via=args.get("via", "api"),
+            remember_for=args.get("remember_for"),
+            hours=args.get("hours"),
+        )
+        return _json_response(decided)
 
     async def _budget(self, request: web.Request) -> web.StreamResponse:
         _query(request, {})

@@ -91,6 +91,33 @@ TOOLS: list[types.Tool] = [
 ]
 
 
+TOOLS += [
+    types.Tool(
+        name="x402_approval_list",
+        description=(
+            "List the payments waiting for a person's decision (their price is above the proxy's "
+            "ask_above threshold), then recent decisions. Each waiting request is held until decided or "
+            "until ask_timeout."
+        ),
+        input_schema=schemas.TOOL_APPROVAL_LIST,
+        annotations=types.ToolAnnotations(
+            title="Waiting approvals", read_only_hint=True, open_world_hint=False
+        ),
+    ),
+    types.Tool(
+        name="x402_approval_decide",
+        description=(
+            "Approve or deny one waiting payment by id. remember_for ('host' or 'scope') with hours approves "
+            "later payments to that host, or for that need, without asking (policy and budgets still apply)."
+        ),
+        input_schema=schemas.TOOL_APPROVAL_DECIDE,
+        annotations=types.ToolAnnotations(
+            title="Decide an approval", read_only_hint=False, destructive_hint=False, open_world_hint=False
+        ),
+    ),
+]
+
+
 def package_version() -> str:
     try:
         return metadata.version("x402-proxy")
@@ -224,6 +251,24 @@ class McpTools:
                 checked = schemas.validate(schemas.TOOL_END, args)
                 ended = await self.control.end_session(checked["session_id"])
                 return _ok(end_text(ended), ended)
+            if name == "x402_approval_list":
+                schemas.validate(schemas.TOOL_APPROVAL_LIST, args)
+                listing = {"approvals": self.control.list_approvals()}
+                lines = [
+                    f"{a['id']} {a['state']}: {a['price']} for {a['method']} {a['url']}"
+                    for a in listing["approvals"]
+                ]
+                return _ok("\n".join(lines) or "no approvals", listing)
+            if name == "x402_approval_decide":
+                checked = schemas.validate(schemas.TOOL_APPROVAL_DECIDE, args)
+                decided = self.control.decide_approval(
+                    checked["id"],
+                    checked["decision"],
+                    via="mcp",
+                    remember_for=checked.get("remember_for"),
+                    hours=checked.get("hours"),
+                )
+                return _ok(f"approval {decided['id']}: {decided['state']}", decided)
             return _error(name, "unknown_tool", 404, f"no tool named {name[:100]!r}")
         except schemas.SchemaViolation as exc:
             return _error(name, exc.code, 400, exc.detail)

@@ -205,6 +205,45 @@ def build(server_url: str, version: str) -> dict[str, Any]:
                 "responses": {"200": _json(schemas.AUDIT, "The audit"), **_problems(400, 409, 502)},
             }
         },
+        "/approvals": {
+            "get": {
+                "operationId": "listApprovals",
+                "summary": "Payments waiting for a decision (above ask_above), then recent decisions",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["approvals"],
+                            "properties": {"approvals": {"type": "array", "items": schemas.APPROVAL}},
+                        },
+                        "Approvals",
+                    ),
+                    **_problems(),
+                },
+            }
+        },
+        "/approvals/{id}": {
+            "post": {
+                "operationId": "decideApproval",
+                "summary": "Approve (optionally remember for the host or scope) or deny a waiting payment",
+                "parameters": [
+                    {
+                        "name": "id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "maxLength": 100},
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": schemas.DECIDE_APPROVAL}},
+                },
+                "responses": {
+                    "200": _json(schemas.APPROVAL, "The decided approval"),
+                    **_problems(400, 404, 409, 413, 415),
+                },
+            }
+        },
         "/budget": {
             "get": {
                 "operationId": "getBudget",

@@ -152,6 +152,36 @@ TOOL_STATUS: Schema = {
     "additionalProperties": False,
 }
 
+_APPROVAL_ID: Schema = {"type": "string", "pattern": "^apr_[0-9a-f]{12}$", "maxLength": 16}
+_DECISION_PROPERTIES: Schema = {
+    "decision": {"type": "string", "enum": ["approve", "deny"]},
+    "remember_for": {
+        "type": "string",
+        "enum": ["host", "scope"],
+        "description": "approve and remember: later payments to this host, or for this need, are not asked",
+    },
+    "hours": {"type": "number", "minimum": 0.01, "maximum": 720, "description": "how long to remember (1)"},
+}
+
+DECIDE_APPROVAL: Schema = {
+    "type": "object",
+    "properties": {
+        **_DECISION_PROPERTIES,
+        "via": {"type": "string", "enum": ["ui", "cli", "api"], "description": "who decides (recorded)"},
+    },
+    "required": ["decision"],
+    "additionalProperties": False,
+}
+
+TOOL_APPROVAL_LIST: Schema = {"type": "object", "properties": {}, "additionalProperties": False}
+
+TOOL_APPROVAL_DECIDE: Schema = {
+    "type": "object",
+    "properties": {"id": _APPROVAL_ID, **_DECISION_PROPERTIES},
+    "required": ["id", "decision"],
+    "additionalProperties": False,
+}
+
 # GET /refusals (the route validates with it, /openapi.json describes it).
 REFUSALS_QUERY: dict[str, Schema] = {
     "host": {"type": "string", "maxLength": 2048},
@@ -250,6 +280,48 @@ PAYMENT: Schema = {
         "presentations": {"type": "integer", "description": "times the signed payload was sent"},
         "valid_before": {"type": ["integer", "null"]},
         "evidence": {"description": "extension results the server or facilitator returned"},
+        "approved_by": {
+            "type": ["string", "null"],
+            "description": "who approved a payment above ask_above (ui, cli, api, mcp, or a grant)",
+        },
+        "approved_at": _NULLABLE_NUMBER,
+    },
+}
+
+APPROVAL: Schema = {
+    "type": "object",
+    "required": [
+        "id",
+        "state",
+        "method",
+        "url",
+        "host",
+        "price",
+        "amount",
+        "reason",
+        "created_at",
+        "expires_at",
+    ],
+    "properties": {
+        "id": {"type": "string"},
+        "state": {"type": "string", "enum": ["waiting", "approved", "denied", "timeout"]},
+        "need": {"type": "string"},
+        "method": {"type": "string"},
+        "url": {"type": "string"},
+        "host": {"type": "string"},
+        "price": {"type": "string"},
+        "amount": {"type": "string"},
+        "decimals": {"type": "integer"},
+        "asset": {"type": "string"},
+        "network": {"type": "string"},
+        "pay_to": {"type": "string"},
+        "reason": {"type": "string"},
+        "created_at": {"type": "number"},
+        "expires_at": {"type": "number"},
+        "decided_by": _NULLABLE_STRING,
+        "decided_at": _NULLABLE_NUMBER,
+        "waiters": {"type": "integer"},
+        "remember": {"type": ["object", "null"]},
     },
 }
 

@@ -23,6 +23,7 @@ from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.upstream import UpstreamError
 from proxy.hosts import HostError, NonCanonicalHost, canonical_host
 from proxy.payments.amounts import AmountError, parse_decimal
+from proxy.payments.approvals import ApprovalError
 from proxy.payments.audit import AuditError, run_audit
 from proxy.payments.payer import BUDGET_WINDOW_SECONDS, Payer, spend_in_budget_units
 from proxy.payments.policy import normalize_host
@@ -302,6 +303,32 @@ class ControlPlane:
             "dry_run": policy.dry_run,
         }
 
+    # -- approvals -----------------------------------------------------------------------------------
+
+    def list_approvals(self) -> list[dict[str, Any]]:
+        return self.payer.approvals.describe_all()
+
+    def decide_approval(
+        self,
+        approval_id: str,
+        decision: str,
+        *,
+        via: str,
+        remember_for: str | None = None,
+        hours: float | None = None,
+    ) -> dict[str, Any]:
+        try:
+            approval = self.payer.approvals.decide(
+                approval_id,
+                decision == "approve",
+                via=via,
+                remember_for="host" if remember_for == "host" else "scope" if remember_for else None,
+                hours=hours,
+            )
+        except ApprovalError as exc:
+            raise ControlError(exc.code, exc.status, exc.detail) from None
+        return approval.describe()
+
     async def reconcile(self) -> dict[str, Any]:
         """One reconciliation pass now (the same as the periodic one; never two at once)."""
         if self.reconciler is None:
@@ -452,6 +479,8 @@ def _payment_dict(record: PaymentRecord) -> dict[str, Any]:
         "presentations": record.presentations,
         "valid_before": record.valid_before,
         "evidence": _evidence(record.evidence),
+        "approved_by": record.approved_by,
+        "approved_at": record.approved_at,
     }
 
 

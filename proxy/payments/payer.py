@@ -32,12 +32,14 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
+from typing import Any
 
 from x402.extensions.payment_identifier import generate_payment_id
 
 from proxy.faults import checkpoint
 from proxy.observability.context import PAYMENT_ID
 from proxy.payments.amounts import to_budget_units
+from proxy.payments.approvals import Approval, Approvals, new_approval_id
 from proxy.payments.assets import AssetRegistry
 from proxy.payments.challenge import Challenge, MalformedChallenge, parse_challenge
 from proxy.payments.doubt import MAX_PRESENTATIONS, Blocked, Represent, judge, request_need
@@ -86,6 +88,8 @@ class PaymentRequestInfo:
     max_amount: Decimal | None = None
     # What the payment is for (doubt.scope_need for a session purchase); default: the request itself.
     need: str | None = None
+    # A session rule's approval threshold in the asset's units, on top of the policy's ask_above.
+    ask_above: Decimal | None = None
 
     @property
     def need_key(self) -> str:
@@ -134,6 +138,7 @@ class Payer:
         balance_timeout: float = 2.0,
         chain_checked: frozenset[str] = frozenset(),
         recheck_after: float = 60.0,
+        approvals: Approvals | None = None,
     ) -> None:
         self.policy = policy if isinstance(policy, Policy) else Policy.compile(policy, assets.networks)
         self.assets = assets
@@ -145,6 +150,7 @@ class Payer:
         # Networks with an [rpc] URL: there the chain, not the clock, releases a payment in doubt.
         self.chain_checked = chain_checked
         self._recheck_after = recheck_after
+        self.approvals = approvals or Approvals(clock)
         self._lock = asyncio.Lock()
         # Payments that left but whose outcome could not be written (ledger locked, disk full): their
         # rows still say `pending`, so until a restart makes them `in_doubt` the in-doubt check asks here.
@@ -182,51 +188,49 @@ class Payer:
             return Refused(ReasonCode.NO_WALLET, "no wallet configured; the proxy cannot pay")
 
         balances = await self._balances(challenge)
-        async with self._lock:
-            now = self.clock()
-            doubt = self._doubt(request, challenge, now)
-            if isinstance(doubt, Represent):
-                return self._represent(request, doubt.record, now)
-            if isinstance(doubt, Blocked) and host_allowed(normalize_host(request.host), self.policy):
-                log.info("not paying %s %s: %s (%s)", request.method, request.url, doubt.code, doubt.detail)
-                return Refused(doubt.code, doubt.detail, doubt.record.id, retry_after=doubt.retry_after)
-            decision = choose_requirement(
-                challenge, self.policy, self.assets, self._context(request, now, balances)
-            )
-            if not isinstance(decision, Refusal) and request.max_amount is not None:
-                cap = int(request.max_amount.scaleb(decision.asset.decimals).to_integral_value(ROUND_FLOOR))
-                if decision.amount > cap:
-                    decision = Refusal(
-                        ReasonCode.OVER_REQUEST_CAP,
-                        f"price {decision.describe()} exceeds this request's cap of {request.max_amount}",
-                        decision.requirement.index,
+        approved: Approval | None = None
+        while True:
+            async with self._lock:
+                now = self.clock()
+                decided = self._decide(request, challenge, now, balances)
+                if not isinstance(decided, Selection):
+                    return decided
+                decision = decided
+                ask = None if self.policy.dry_run else self._approval_needed(request, decision, approved)
+                if ask is None:
+                    if self.policy.dry_run:
+                        new = self._new_payment(request, challenge, decision)
+                        row = self.store.insert_dry_run(new, now=now)
+                        return Refused(
+                            ReasonCode.DRY_RUN, f"dry run: would pay {decision.describe()}", row.id
+                        )
+                    assert self.wallet is not None
+                    window = plan_authorization(decision, now)
+                    payment_id = generate_payment_id() if offers_payment_identifier(challenge) else None
+                    new = self._new_payment(
+                        request,
+                        challenge,
+                        decision,
+                        nonce=window.nonce,
+                        valid_before=window.valid_before if window.nonce is not None else None,
+                        payment_id=payment_id,
                     )
-            if isinstance(decision, Refusal):
-                log.info(
-                    "not paying %s %s: %s (%s)",
-                    request.method,
-                    request.url,
-                    decision.reason_code,
-                    decision.detail,
+                    new = replace(
+                        new, need=request.need_key, **self._approval_fields(request, decision, approved)
+                    )
+                    record = self.store.insert_pending(new, now=now)  # durable before anything is signed
+                    PAYMENT_ID.set(record.id)  # log lines of this request name its payment
+                    break
+            # Outside the lock: other payments go on while a person decides about this one.
+            if approved is not None:  # approved, then the price changed under us: never loop on a person
+                return Refused(
+                    ReasonCode.APPROVAL_DENIED, "the price changed after it was approved; not paying"
                 )
-                return Refused(decision.reason_code, decision.detail)
-            if self.policy.dry_run:
-                row = self.store.insert_dry_run(self._new_payment(request, challenge, decision), now=now)
-                return Refused(ReasonCode.DRY_RUN, f"dry run: would pay {decision.describe()}", row.id)
-            assert self.wallet is not None
-            window = plan_authorization(decision, now)
-            payment_id = generate_payment_id() if offers_payment_identifier(challenge) else None
-            new = self._new_payment(
-                request,
-                challenge,
-                decision,
-                nonce=window.nonce,
-                valid_before=window.valid_before if window.nonce is not None else None,
-                payment_id=payment_id,
-            )
-            new = replace(new, need=request.need_key)
-            record = self.store.insert_pending(new, now=now)  # durable before anything is signed
-            PAYMENT_ID.set(record.id)  # log lines of this request name its payment
+            verdict = await self.approvals.ask(self._proposal(request, decision, ask, now))
+            if not verdict.approved:
+                code = ReasonCode.APPROVAL_TIMEOUT if verdict.timed_out else ReasonCode.APPROVAL_DENIED
+                return Refused(code, f"approval {verdict.approval.id}: {verdict.approval.state}")
+            approved = verdict.approval
 
         checkpoint("payment.pending_written")
         try:
@@ -247,6 +251,104 @@ class Payer:
         )
         log.info("paying #%s: %s for %s %s", record.id, decision.describe(), request.method, request.url)
         return PaymentPlan(record.id, header.name, header.value, record, decision, header.valid_before)
+
+    def _decide(
+        self,
+        request: PaymentRequestInfo,
+        challenge: Challenge,
+        now: float,
+        balances: Mapping[tuple[str, str], int] | None,
+    ) -> Refused | PaymentPlan | Selection:
+        """Under the lock: a re-presentation, a refusal, or the requirement to pay (nothing written)."""
+        doubt = self._doubt(request, challenge, now)
+        if isinstance(doubt, Represent):
+            return self._represent(request, doubt.record, now)
+        if isinstance(doubt, Blocked) and host_allowed(normalize_host(request.host), self.policy):
+            log.info("not paying %s %s: %s (%s)", request.method, request.url, doubt.code, doubt.detail)
+            return Refused(doubt.code, doubt.detail, doubt.record.id, retry_after=doubt.retry_after)
+        decision = choose_requirement(
+            challenge, self.policy, self.assets, self._context(request, now, balances)
+        )
+        if not isinstance(decision, Refusal) and request.max_amount is not None:
+            cap = int(request.max_amount.scaleb(decision.asset.decimals).to_integral_value(ROUND_FLOOR))
+            if decision.amount > cap:
+                decision = Refusal(
+                    ReasonCode.OVER_REQUEST_CAP,
+                    f"price {decision.describe()} exceeds this request's cap of {request.max_amount}",
+                    decision.requirement.index,
+                )
+        if isinstance(decision, Refusal):
+            log.info(
+                "not paying %s %s: %s (%s)",
+                request.method,
+                request.url,
+                decision.reason_code,
+                decision.detail,
+            )
+            return Refused(decision.reason_code, decision.detail)
+        return decision
+
+    def _ask_threshold(self, request: PaymentRequestInfo) -> int | None:
+        """The lowest approval threshold that applies, in budget units (None: never ask)."""
+        limits = [self.policy.ask_above_hosts.get(normalize_host(request.host), self.policy.ask_above)]
+        if request.ask_above is not None:  # a session rule's
+            limits.append(int(request.ask_above.scaleb(18)))
+        present = [limit for limit in limits if limit is not None]
+        return min(present) if present else None
+
+    def _above_threshold(self, request: PaymentRequestInfo, selection: Selection) -> int | None:
+        limit = self._ask_threshold(request)
+        price = to_budget_units(selection.amount, selection.asset.decimals)
+        return limit if limit is not None and price > limit else None
+
+    def _approval_needed(
+        self, request: PaymentRequestInfo, selection: Selection, approved: Approval | None
+    ) -> str | None:
+        """Why a person must say yes first (None: no need, or already approved for this very price)."""
+        limit = self._above_threshold(request, selection)
+        if limit is None:
+            return None
+        if approved is not None and (approved.amount, approved.pay_to) == (
+            selection.amount,
+            selection.requirement.pay_to,
+        ):
+            return None
+        if self.approvals.granted(normalize_host(request.host), request.need_key) is not None:
+            return None
+        return f"price {selection.describe()} is above ask_above {Decimal(limit).scaleb(-18).normalize()}"
+
+    def _approval_fields(
+        self, request: PaymentRequestInfo, selection: Selection, approved: Approval | None
+    ) -> dict[str, Any]:
+        """What the ledger row records about the approval that let it through, if one was needed."""
+        if approved is not None:
+            return {"approved_by": approved.decided_by, "approved_at": approved.decided_at}
+        if self._above_threshold(request, selection) is None:
+            return {}
+        grant = self.approvals.granted(normalize_host(request.host), request.need_key)
+        assert grant is not None  # _approval_needed let it through without asking
+        return {"approved_by": f"grant {grant.approval_id} ({grant.kind})", "approved_at": self.clock()}
+
+    def _proposal(
+        self, request: PaymentRequestInfo, selection: Selection, reason: str, now: float
+    ) -> Approval:
+        requirement = selection.requirement
+        return Approval(
+            id=new_approval_id(),
+            need=request.need_key,
+            method=request.method.upper(),
+            url=request.url,
+            host=normalize_host(request.host),
+            price=selection.describe(),
+            amount=selection.amount,
+            decimals=selection.asset.decimals,
+            asset=requirement.asset,
+            network=selection.network.caip2,
+            pay_to=requirement.pay_to,
+            reason=reason,
+            created_at=now,
+            expires_at=now + self.policy.ask_timeout,
+        )
 
     def _doubt(
         self, request: PaymentRequestInfo, challenge: Challenge, now: float

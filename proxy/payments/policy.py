@@ -55,6 +55,9 @@ class ReasonCode(StrEnum):
     PAYMENT_IN_DOUBT = "payment_in_doubt"
     # The money for this need moved but its answer never reached the client ([policy] repay_undelivered).
     PAYMENT_UNDELIVERED = "payment_undelivered"
+    # A person said no to a payment above ask_above, or said nothing within ask_timeout.
+    APPROVAL_DENIED = "approval_denied"
+    APPROVAL_TIMEOUT = "approval_timeout"
     # A per-request ceiling below the policy's (a session's cap, or an admin start's max_payment).
     OVER_REQUEST_CAP = "over_request_cap"
     # A price of 0: under every cap, but a zero-value authorization buys nothing and costs the
@@ -84,11 +87,23 @@ class PolicyConfig:
     allow_permit2: bool = True
     # A payment that settled on chain but whose answer never reached the client: pay that need again?
     repay_undelivered: bool = False
+    # Approvals (proxy/payments/approvals.py): a price above this waits for a person's decision.
+    ask_above: str | None = None
+    ask_above_hosts: dict[str, str] = field(default_factory=dict)  # host -> threshold, beats ask_above
+    ask_timeout: float = 60.0  # seconds a payment waits for a decision, then approval_timeout
 
     def validate(self) -> None:
         """Checks that need no network table (the config loader calls this)."""
         for name in ("max_per_payment", "daily_budget", "per_host_daily_budget"):
             _budget_units(getattr(self, name), name)
+        if self.ask_above is not None:
+            _budget_units(self.ask_above, "ask_above")
+        for host, threshold in self.ask_above_hosts.items():
+            _budget_units(threshold, f"ask_above_hosts.{host}")
+        if not 1 <= float(self.ask_timeout) <= 3600:
+            raise ConfigValueError(
+                "ask_timeout", f"must be between 1 and 3600 seconds, got {self.ask_timeout}"
+            )
         for name in ("allowed_assets", "pay_to_allow", "pay_to_deny"):
             for entry in getattr(self, name):
                 if not isinstance(entry, str) or not is_evm_address(entry.strip()):
@@ -126,6 +141,9 @@ class Policy:
     enable_upto: bool
     allow_permit2: bool
     repay_undelivered: bool = False
+    ask_above: int | None = None  # budget units; None: never ask
+    ask_above_hosts: Mapping[str, int] = field(default_factory=dict)  # canonical host -> budget units
+    ask_timeout: float = 60.0
 
     @classmethod
     def compile(cls, config: PolicyConfig, networks: NetworkRegistry) -> Policy:
@@ -156,6 +174,12 @@ class Policy:
             enable_upto=config.enable_upto,
             allow_permit2=config.allow_permit2,
             repay_undelivered=bool(config.repay_undelivered),
+            ask_above=None if config.ask_above is None else _budget_units(config.ask_above, "ask_above"),
+            ask_above_hosts={
+                normalize_host(host): _budget_units(value, f"ask_above_hosts.{host}")
+                for host, value in config.ask_above_hosts.items()
+            },
+            ask_timeout=float(config.ask_timeout),
         )
 
 

@@ -111,6 +111,7 @@ class PaymentStage:
         session_id: str | None = None,
         on_settled: SettledHook | None = None,
         need: str | None = None,
+        ask_above: Decimal | None = None,
     ) -> PaymentAttempt:
         """Given a 402 for `request`, pay at most once and replay; never raises for a refusal.
 
@@ -150,6 +151,7 @@ class PaymentStage:
             session_id=session_id,
             max_amount=max_amount,
             need=need,
+            ask_above=ask_above,
         )
         try:
             decision = await self.payer.on_402(

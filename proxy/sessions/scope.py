@@ -377,6 +377,8 @@ class SessionRule:
     scope_url: str | None = None
     ttl_seconds: int | None = None
     max_session_payment: str | None = None  # decimal in asset units, like the policy caps
+    # Payments for matching URLs above this price wait for a person (proxy/payments/approvals.py).
+    ask_above: str | None = None
 
     def validate(self) -> None:
         try:
@@ -396,11 +398,13 @@ class SessionRule:
                 raise SessionValueError("scope_url", "a prefix scope cannot have a query")
         if self.ttl_seconds is not None:
             validate_ttl(self.ttl_seconds, field="ttl_seconds")
-        if self.max_session_payment is not None:
-            try:
-                parse_decimal(self.max_session_payment, what="max_session_payment")
-            except AmountError as exc:
-                raise SessionValueError("max_session_payment", str(exc)) from None
+        for name in ("max_session_payment", "ask_above"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    parse_decimal(value, what=name)
+                except AmountError as exc:
+                    raise SessionValueError(name, str(exc)) from None
 
     def matches(self, url: NormalizedURL) -> bool:
         try:

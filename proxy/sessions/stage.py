@@ -290,6 +290,7 @@ class SessionStage:
                 session_id=session.id if session else None,
                 on_settled=save_session,
                 need=scope_need(scope.key),
+                ask_above=_ask_above(rule),
             )
             if not paid_for:
                 if attempt.refusal == UNDELIVERED and attempt.refused_payment is not None and session is None:
@@ -537,6 +538,12 @@ def _rule_terms(rule: SessionRule | None, attempt: PaymentAttempt) -> tuple[int 
             )
         )
     return rule.ttl_seconds, cap
+
+
+def _ask_above(rule: SessionRule | None) -> Decimal | None:
+    if rule is None or rule.ask_above is None:
+        return None
+    return parse_decimal(rule.ask_above, what="ask_above")
 
 
 def _remaining(session: Session | None, rule: SessionRule | None) -> Decimal | None:

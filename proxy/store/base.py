@@ -129,6 +129,9 @@ class NewPayment:
     # What this payment is for (see docs/payments.md, "One need, one authorization"): while a payment
     # for a need is in doubt, no new authorization is signed for it.
     need: str | None = None
+    # Who approved a payment above [policy] ask_above ("ui", "cli", "api", "mcp", or "grant apr_…"), and when.
+    approved_by: str | None = None
+    approved_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,8 @@ class PaymentRecord:
     last_presented_at: float | None = None
     # Extension results the server or facilitator returned (offer-receipt, EXTENSION-RESPONSES), as JSON text.
     evidence: str | None = None
+    approved_by: str | None = None
+    approved_at: float | None = None
 
     @property
     def in_doubt(self) -> bool:

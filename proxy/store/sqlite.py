@@ -164,6 +164,14 @@ LEDGER_MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX payments_need ON payments (need, state)",
         ),
     ),
+    # Approvals (proxy/payments/approvals.py): who said yes to a payment above [policy] ask_above, and when.
+    Migration(
+        3,
+        (
+            "ALTER TABLE payments ADD COLUMN approved_by TEXT",
+            "ALTER TABLE payments ADD COLUMN approved_at REAL",
+        ),
+    ),
 )
 
 # Rows that may forbid a new authorization for their need (find_blocking).
@@ -372,8 +380,8 @@ class SqliteLedgerStore:
             cursor = conn.execute(
                 "INSERT INTO payments (created_at, updated_at, state, amount, decimals, asset, network, "
                 "pay_to, host, method, url, x402_version, scheme, resource, nonce, valid_before, payment_id, "
-                "payer, reason, session_id, need) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "payer, reason, session_id, need, approved_by, approved_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     now,
                     now,
@@ -396,6 +404,8 @@ class SqliteLedgerStore:
                     new.reason,
                     new.session_id,
                     new.need or f"request {new.method.upper()} {new.url}",
+                    new.approved_by,
+                    new.approved_at,
                 ),
             )
             row_id = cursor.lastrowid
@@ -722,4 +732,6 @@ def _record(row: sqlite3.Row) -> PaymentRecord:
         presentations=int(row["presentations"]),
         last_presented_at=None if row["last_presented_at"] is None else float(row["last_presented_at"]),
         evidence=row["evidence"],
+        approved_by=row["approved_by"],
+        approved_at=None if row["approved_at"] is None else float(row["approved_at"]),
     )
