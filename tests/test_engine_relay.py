@@ -160,7 +160,7 @@ def test_compressed_answer_passes_untouched(proxy: ProxyProcess, bare_origin) ->
 
 
 def test_stage_headers_replace_upstream_ones_and_last_wins() -> None:
-    from proxy.engine.raw_response import serialize_head
+    from proxy.engine.responses import serialize_head
 
     head = serialize_head(
         (1, 1),
@@ -181,7 +181,7 @@ def test_stage_headers_replace_upstream_ones_and_last_wins() -> None:
 
 
 def test_header_with_line_break_is_never_written() -> None:
-    from proxy.engine.raw_response import serialize_head
+    from proxy.engine.responses import serialize_head
 
     for bad in ("a\r\nInjected: 1", "a\nb", "a\rb", "a\x00b"):
         assert serialize_head((1, 1), 200, "OK", [], set(), [("X-Bad", bad)], 0, True) is None

@@ -1,4 +1,6 @@
-"""Per-request forwarding: turn a client request into an upstream exchange and stream the answer back."""
+"""What every proxied request passes: the checks before anything goes upstream (`admit`), its upstream
+view (`build_exchange`), and the stage stack that sends it (`exchanger`, innermost the upstream pool).
+"""
 
 from __future__ import annotations
 
@@ -11,26 +13,17 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
-from aiohttp import web
 from multidict import CIMultiDictProxy, MultiMapping
 from yarl import URL
 
 from proxy.engine import http_semantics as hs
-from proxy.engine.exchange import Exchange, Exchanger, Outcome
-from proxy.engine.raw_response import relay_response
-from proxy.engine.responses import proxy_error
+from proxy.engine.exchange import Exchange, Exchanger, Outcome, UpstreamResponse
 from proxy.engine.settings import ProxySettings
-from proxy.engine.upstream import Upstream, UpstreamError, UpstreamRequest
-from proxy.engine.upstream_pool import PooledResponse
+from proxy.engine.upstream import Upstream, UpstreamRequest
 
 log = logging.getLogger("x402_proxy.engine")
 
-# Bodies up to this size are read whole and answered in one write: fewer syscalls for typical API calls.
-_SMALL_BODY = 64 * 1024
-_STREAM_CHUNK = 256 * 1024
 _DROP_REQUEST = frozenset({"host", "expect"})
-_DROP_RESPONSE = frozenset({"content-length"})
 _request_ids = itertools.count(1)
 _TARGET_CACHE_SIZE = 4096
 _TARGET_CACHE_URL = 1024
@@ -39,7 +32,7 @@ _id_prefix = os.urandom(3).hex()
 
 @dataclass(frozen=True, slots=True)
 class TunnelInfo:
-    """Attached to a request handler serving the inside of an intercepted CONNECT tunnel."""
+    """Attached to a client connection serving the inside of an intercepted CONNECT tunnel."""
 
     authority: hs.Authority
     # Some clients (undici's proxy agent, websockets for ws://) tunnel plain HTTP through CONNECT too.
@@ -124,9 +117,6 @@ class Forwarder:
         # spelling of an IPv4 address), () if it is not. Depends only on the listen addresses, which
         # reset it.
         self._self_checked: dict[URL, tuple[str, str] | tuple[()]] = {}
-        from proxy.engine.websocket_relay import relay_websocket
-
-        self._relay_websocket = relay_websocket
 
     def wrap(self, stage: object) -> None:
         """Install a stage around the current exchanger (stage(inner) -> Exchanger)."""
@@ -135,6 +125,14 @@ class Forwarder:
     async def send_upstream(self, exchange: Exchange) -> Outcome:
         """The innermost exchanger (no stages): what the control plane builds on."""
         return await self._send(exchange)
+
+    async def send_upgrade(self, exchange: Exchange, protocol: str) -> UpstreamResponse:
+        """An upgrade offer (a WebSocket) sent as it is, past the stages: a 101 answer carries the
+        connection (`PooledResponse.take_upgraded`); any other answer is relayed like every answer."""
+        request = UpstreamRequest(
+            exchange.method, exchange.url, exchange.headers, exchange.body, upgrade=protocol
+        )
+        return await self._upstream.send(request)
 
     def set_listen_addresses(self, addresses: list[tuple[str, int]]) -> None:
         self._listen = addresses
@@ -146,7 +144,7 @@ class Forwarder:
         return self._exchanger
 
     def admit(self, raw_target: str, headers: MultiMapping[str], tunnel: TunnelInfo | None) -> URL | Refusal:
-        """The checks every request passes before anything is sent upstream (shared by both servers)."""
+        """The checks every request passes before anything is sent upstream."""
         if (
             tunnel is None
             and self._settings.auth.enabled
@@ -185,33 +183,6 @@ class Forwarder:
         if hs.is_self_target(authority, self._listen, self._local_names):
             return ("self_target", "request is aimed at the proxy itself")
         return hs.host_refusal(authority, self._listen, self._local_names) or ()
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """aiohttp's handler entry: connections handed over by the lean server (upgrades) land here."""
-        tunnel: TunnelInfo | None = getattr(request.protocol, "x402_tunnel", None)
-        admitted = self.admit(request.raw_path, request.headers, tunnel)
-        if isinstance(admitted, Refusal):
-            response = proxy_error(
-                admitted.status, admitted.reason_code, admitted.message, close=admitted.close
-            )
-            for name, value in admitted.headers:
-                response.headers[name] = value
-            return response
-        url = admitted
-
-        if hs.is_websocket_upgrade(request.headers):
-            return await self._relay_websocket(request, url, self._upstream, self._settings)
-
-        exchange = await self._prepare(request, url, tunnel is not None)
-        try:
-            outcome = await self._exchanger(exchange)
-        except UpstreamError as exc:
-            log.info("upstream failure %s %s: %s", request.method, url.host, exc.message)
-            response = proxy_error(exc.status, exc.reason_code, exc.message)
-            for name, value in exc.extra_headers:
-                response.headers[name] = value
-            return response
-        return await self._respond(request, outcome)
 
     def _target_url(self, raw: str, tunnel: TunnelInfo | None) -> URL:
         if tunnel is not None:
@@ -260,105 +231,9 @@ class Forwarder:
             url = url.with_scheme("http" if url.scheme == "ws" else "https")
         return url
 
-    async def _prepare(self, request: web.BaseRequest, url: URL, tunnelled: bool) -> Exchange:
-        if hs.expects_continue(request.headers):
-            # The low-level server never sends 100 itself and the upstream client would wait for one:
-            # answer it here and strip the expectation (RFC 9110 10.1.1 lets a proxy do so).
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        body, stream = await self._read_body(request)
-        return build_exchange(request.method, url, request.headers, request.version, tunnelled, body, stream)
-
-    async def _read_body(self, request: web.BaseRequest) -> tuple[bytes | None, AsyncIterator[bytes] | None]:
-        if not request.body_exists:
-            return None, None
-        limit = self._settings.max_replay_body
-        length = request.content_length
-        if length is not None and length > limit:
-            return None, _iterate(request.content, b"")
-        buffered = bytearray()
-        while True:
-            chunk = await request.content.readany()
-            if not chunk:
-                return bytes(buffered), None
-            buffered += chunk
-            if len(buffered) > limit:
-                # Too big to keep for a paid replay: stream what we have plus the rest.
-                return None, _iterate(request.content, bytes(buffered))
-
     async def _send(self, exchange: Exchange) -> Outcome:
         upstream_request = UpstreamRequest(
             exchange.method, exchange.url, exchange.headers, exchange.body, exchange.appended
         )
         response = await self._upstream.send(upstream_request, exchange.body_stream)
         return Outcome(response)
-
-    async def _respond(self, request: web.BaseRequest, outcome: Outcome) -> web.StreamResponse:
-        upstream = outcome.response
-        stream: web.StreamResponse | None = None
-        try:
-            body = outcome.body
-            length = upstream.content_length
-            is_head = request.method == "HEAD"
-            if body is None and not is_head:
-                if length is not None and length <= _SMALL_BODY:
-                    body = await upstream.read()
-                elif length is None and isinstance(upstream, PooledResponse) and upstream.complete_in_buffer:
-                    # A small chunked (or close-delimited) answer that has fully arrived: relay it whole.
-                    body = await upstream.read()
-            listed = hs.connection_tokens(upstream.headers)
-            if body is not None or is_head:
-                # Keep a HEAD answer's Content-Length: it describes the body a GET would get.
-                relayed = relay_response(
-                    request,
-                    upstream.status,
-                    upstream.reason,
-                    upstream.headers.items(),
-                    listed,
-                    outcome.extra_headers,
-                    body or b"",
-                    length,
-                )
-                if relayed is not None:
-                    return relayed
-            headers = hs.end_to_end_headers(upstream.headers.items(), listed, _DROP_RESPONSE)
-            for name, value in outcome.extra_headers:
-                headers[name] = value
-            if is_head:
-                stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-                if length is not None:
-                    stream.content_length = length
-                return stream
-            if body is not None:
-                return web.Response(
-                    status=upstream.status, reason=upstream.reason, headers=headers, body=body
-                )
-            stream = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-            if length is not None:
-                stream.content_length = length
-            await stream.prepare(request)
-            async for chunk in upstream.content.iter_chunked(_STREAM_CHUNK):
-                await stream.write(chunk)
-            await stream.write_eof()
-            return stream
-        except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-            log.info("upstream body failed mid-stream for %s: %s", request.url.host, exc.__class__.__name__)
-            if stream is None or not stream.prepared:
-                return proxy_error(
-                    502, "upstream_body_error", f"upstream body failed: {exc.__class__.__name__}"
-                )
-            # Headers are out: the only honest signal left is to cut the client connection.
-            if request.transport is not None:
-                request.transport.abort()
-            return stream
-        finally:
-            upstream.release()
-
-
-async def _iterate(content: aiohttp.StreamReader, head: bytes) -> AsyncIterator[bytes]:
-    if head:
-        yield head
-    while True:
-        chunk = await content.readany()
-        if not chunk:
-            return
-        yield chunk

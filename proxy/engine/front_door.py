@@ -1,9 +1,9 @@
 """The first bytes of every client connection land here.
 
-aiohttp's server cannot complete CONNECT from a handler, so this small protocol reads the first
-request line itself: CONNECT is handled here (refuse, tunnel raw, or intercept TLS); anything else is
-handed, with the bytes already read, to an aiohttp request handler on the same transport. After TLS
-interception the same protocol runs again on the decrypted stream.
+This small protocol reads the first request line itself: CONNECT is handled here (refuse, tunnel raw,
+or intercept TLS); anything else is handed, with the bytes already read, to the HTTP/1.1 client
+connection (`client_http.py`) on the same transport. After TLS interception the same protocol runs
+again on the decrypted stream.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from proxy.engine import http_semantics as hs
 from proxy.engine.forwarder import PROXY_AUTH_CHALLENGE, TunnelInfo, check_proxy_auth
 from proxy.engine.responses import raw_error
 from proxy.engine.settings import ProxySettings, parse_port_ranges
-from proxy.engine.splice import splice
+from proxy.engine.splice import Pending, Splice
 from proxy.hosts import normalize_host, normalize_host_pattern
 
 log = logging.getLogger("x402_proxy.front_door")
@@ -196,9 +196,10 @@ class FrontDoor(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         loop = asyncio.get_running_loop()
+        upstream = Pending()
         try:
             async with asyncio.timeout(self._ctx.connect_timeout):
-                up_reader, up_writer = await asyncio.open_connection(authority.host, authority.port)
+                await loop.create_connection(lambda: upstream, authority.host, authority.port)
         except TimeoutError:
             self._refuse(
                 504,
@@ -215,8 +216,13 @@ class FrontDoor(asyncio.Protocol):
                 f"cannot connect to {authority.host}: {exc.strerror}",
             )
             return
+        assert upstream.transport is not None
         transport.write(CONNECT_ESTABLISHED)
-        await splice(loop, transport, up_reader, up_writer)
+        if upstream.lost:  # gone already: what it sent, then the end
+            transport.write(bytes(upstream.held))
+            transport.close()
+            return
+        await Splice(transport, upstream.transport, bytes(upstream.held), b_ended=upstream.eof).wait()
 
     async def _intercept(self, authority: hs.Authority) -> None:
         transport = self._transport

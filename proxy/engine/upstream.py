@@ -1,4 +1,4 @@
-"""The pooled upstream HTTP client, configured for proxying rather than browsing."""
+"""The pooled upstream HTTP client (`upstream_pool.py`), configured for proxying rather than browsing."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -27,9 +26,7 @@ from proxy.engine.upstream_pool import (
     build_head,
 )
 
-# aiohttp would otherwise invent these; a proxy must send only what the client sent.
-_SKIP_AUTO = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
-# Challenges with many requirements and extensions exceed aiohttp's 8 KiB default field size.
+# Challenges with many requirements and extensions exceed the usual 8 KiB field size.
 MAX_UPSTREAM_FIELD = 128 * 1024
 MAX_UPSTREAM_HEAD = 1024 * 1024
 # Requests carrying any of these may move money: never sent twice by the transport.
@@ -62,44 +59,19 @@ class UpstreamRequest:
     body: bytes | None
     # Pre-encoded header lines sent after `headers` (a session's credentials; names not in `headers`).
     appended: EncodedHeaders | None = None
+    # A protocol upgrade offered with the request (the client's `Upgrade` value, e.g. "websocket"):
+    # sent with `Connection: Upgrade`; a 101 answer hands its connection over (`take_upgraded`).
+    upgrade: str | None = None
 
 
 class Upstream:
     def __init__(self, settings: UpstreamSettings, ssl_context: ssl.SSLContext) -> None:
         self._settings = settings
         self._ssl = ssl_context
-        self._session: aiohttp.ClientSession | None = None
         self._pool: UpstreamPool | None = None
         # Set by the app: the addresses of every listener of this process (refused as upstreams).
         self.own_listeners: Callable[[], list[tuple[str, int]]] | None = None
         self._hosts: dict[PoolKey, str] = {}
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        """aiohttp's client, kept for WebSocket relaying; plain requests go through `send` and the pool."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=0,  # the client decides concurrency, not us
-                ssl=self._ssl,
-                ttl_dns_cache=10,
-                keepalive_timeout=30,
-            )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                cookie_jar=aiohttp.DummyCookieJar(),
-                auto_decompress=False,
-                trust_env=False,  # an inherited HTTPS_PROXY pointing at ourselves would loop
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=self._settings.connect_timeout,
-                    sock_read=self._settings.idle_timeout,
-                ),
-                skip_auto_headers=_SKIP_AUTO,
-                max_line_size=MAX_UPSTREAM_FIELD,
-                max_field_size=MAX_UPSTREAM_FIELD,
-                read_bufsize=256 * 1024,
-            )
-        return self._session
 
     @property
     def pool(self) -> UpstreamPool:
@@ -134,8 +106,9 @@ class Upstream:
         try:
             if conn is None:
                 conn = await self._connect(key, request)
+            upgrade = request.upgrade is not None
             try:
-                return await conn.exchange(head, body, body_stream, stream_length, is_head)
+                return await conn.exchange(head, body, body_stream, stream_length, is_head, upgrade)
             except NoResponseError as exc:
                 if not (
                     body_stream is None
@@ -144,7 +117,7 @@ class Upstream:
                 ):
                     raise
             conn = await self._connect(key, request)
-            return await conn.exchange(head, body, None, None, is_head)
+            return await conn.exchange(head, body, None, None, is_head, upgrade)
         except UpstreamError:
             raise
         except Exception as exc:
@@ -172,6 +145,8 @@ class Upstream:
                 headers["Content-Length"] = length
         elif request.method in _BODY_METHODS and "Content-Length" not in headers:
             extra = (("Content-Length", "0"),)
+        if request.upgrade is not None:
+            extra = (*extra, ("Connection", "Upgrade"), ("Upgrade", request.upgrade))
         host = self._hosts.get(key)
         if host is None:
             if len(self._hosts) >= _HOST_CACHE_SIZE:
@@ -217,9 +192,6 @@ class Upstream:
         if self._pool is not None:
             self._pool.close()
             self._pool = None
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
 
 
 def _map_error(exc: Exception, request: UpstreamRequest) -> UpstreamError:

@@ -1,4 +1,4 @@
-"""A lean pooled HTTP/1.1 client for upstream requests: one asyncio.Protocol per upstream connection.
+"""A small pooled HTTP/1.1 client for upstream requests: one asyncio.Protocol per upstream connection.
 
 aiohttp's ClientSession builds a request object, a connector lease, timers and a response object per
 request; for a proxy that only moves bytes that machinery dominates the cost of a small request. This
@@ -12,7 +12,9 @@ client keeps what a proxy needs and nothing else:
 * bounded buffering: reading from the upstream pauses while the consumer is behind;
 * connect timeout (TCP + TLS) and an idle timeout that bounds silence while someone waits for data;
 * at most one retry, on a fresh connection, when a connection died before any response byte arrived,
-  and only for requests that are safe to send twice (see `Upstream.send`).
+  and only for requests that are safe to send twice (see `Upstream.send`);
+* protocol upgrades (a WebSocket): an exchange that offers one may get a 101, whose connection then
+  leaves the pool with the bytes that followed the head (`PooledResponse.take_upgraded`).
 
 The connection is returned to the pool when its response body has been read to the end (or on
 `release()` if the message was complete); anything else closes it.
@@ -99,6 +101,7 @@ class PooledResponse:
         "_done",
         "_exc",
         "_size",
+        "_upgraded",
         "_waiter",
         "content_length",
         "headers",
@@ -125,6 +128,7 @@ class PooledResponse:
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._body: bytes | None = None
+        self._upgraded: tuple[asyncio.Transport, bytes] | None = None
 
     @property
     def content(self) -> PooledResponse:
@@ -253,6 +257,15 @@ class PooledResponse:
         if conn is not None:
             self._conn = None
             conn.exchange_finished(complete=self._done and self._exc is None)
+        upgraded = self._upgraded
+        if upgraded is not None:  # a 101 nobody took: its connection is ours to close
+            self._upgraded = None
+            upgraded[0].abort()
+
+    def take_upgraded(self) -> tuple[asyncio.Transport, bytes] | None:
+        """After a 101: the connection (reading paused, out of the pool) and the bytes after the head."""
+        upgraded, self._upgraded = self._upgraded, None
+        return upgraded
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -273,6 +286,7 @@ class UpstreamConnection(asyncio.Protocol):
         # Per exchange.
         self._busy = False
         self._head_request = False
+        self._upgrade = False  # the request offers a protocol upgrade: a 101 is an answer
         self._head_waiter: asyncio.Future[PooledResponse] | None = None
         self._response: PooledResponse | None = None
         self._got_bytes = False
@@ -334,8 +348,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(cause)
             else:
                 self._fail(ResponseHeadError(f"unparseable response ({cause!r})"))
-        except httptools.HttpParserUpgrade:
-            self._fail(ResponseHeadError("unexpected protocol switch"))
+        except httptools.HttpParserUpgrade as exc:
+            response = self._response
+            if not self._upgrade or response is None or response.status != 101:
+                self._fail(ResponseHeadError("unexpected protocol switch"))
+                return
+            self._switched(response, data[exc.args[0] :])
         except httptools.HttpParserError as exc:
             self._fail(ResponseHeadError(str(exc) or exc.__class__.__name__))
 
@@ -398,6 +416,13 @@ class UpstreamConnection(asyncio.Protocol):
         parser = self._parser
         assert parser is not None
         status = parser.get_status_code()
+        if status == 101 and self._upgrade:
+            # Answered when the parser stops at the end of this head (`_switched`), not before.
+            self._status = status
+            headers = CIMultiDictProxy(CIMultiDict(self._raw_headers))
+            reason = self._reason.decode("utf-8", "surrogateescape")
+            self._response = PooledResponse(self, status, reason, headers, 0)
+            return
         if status < 200:
             if status == 101:
                 raise ResponseHeadError("unexpected 101 Switching Protocols")
@@ -437,7 +462,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.pause()
 
     def on_message_complete(self) -> None:
-        if self._status < 200:
+        if self._status < 200 and self._status != 101:
             return
         if self._parser is not None:
             self._keep_alive = self._parser.should_keep_alive()
@@ -447,6 +472,28 @@ class UpstreamConnection(asyncio.Protocol):
         self._message_done = True
         if self._response is not None:
             self._response._finish()
+
+    def _switched(self, response: PooledResponse, rest: bytes) -> None:
+        """A 101: the connection leaves the pool and belongs to whoever takes the response's upgrade."""
+        transport = self.transport
+        assert transport is not None
+        transport.pause_reading()
+        self._reusable = False
+        self.closed = True
+        self.transport = None
+        self._busy = False
+        self.waiting = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        response._conn = None
+        response._upgraded = (transport, rest)
+        waiter = self._head_waiter
+        self._head_waiter = None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(response)
+        else:  # nobody waits any more: the connection is nobody's
+            response.release()
 
     # --- exchange --------------------------------------------------------------------------
 
@@ -462,6 +509,7 @@ class UpstreamConnection(asyncio.Protocol):
         stream: AsyncIterator[bytes] | None,
         stream_length: int | None,
         head_request: bool,
+        upgrade: bool = False,
     ) -> PooledResponse:
         transport = self.transport
         if transport is None or self.closed:
@@ -469,6 +517,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.requests += 1
         self._busy = True
         self._head_request = head_request
+        self._upgrade = upgrade
         self._response = None
         self._got_bytes = False
         self._head_bytes = 0

@@ -1,12 +1,11 @@
 """One line per proxied request: method, host, status, bytes, duration, and whether it was paid or
 rode on a session (fields in docs/logs.md).
 
-Two parts. `access_hook` is the lean server's completion hook: it writes the line once the answer is
-out, so `bytes` counts what was written to the client and `ms` runs to the answer's last byte, and
-requests refused before the stages (407, a bad target, self_target) get a line too. `access_stage`
-is the outermost stage: it names the request in the log context and, for the few requests aiohttp
-serves after an upgrade handover (no completion hook there), writes the line itself when the
-answer's head is known.
+Two parts. `access_hook` is the request handler's completion hook: it writes the line once the answer
+is out, so `bytes` counts what was written to the client and `ms` runs to the answer's last byte, and
+requests refused before the stages (407, a bad target, self_target) get a line too. `access_stage` is
+the outermost stage: it names the request in the log context, so every line logged while the stages
+work on it carries its `request_id`.
 """
 
 from __future__ import annotations
@@ -15,8 +14,7 @@ import logging
 import time
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
-from proxy.engine.lean_exchange import COMPLETION_REPORTED, CompletedRequest, CompletionHook
-from proxy.engine.upstream import UpstreamError
+from proxy.engine.request_handler import CompletedRequest, CompletionHook
 from proxy.hosts import normalize_host
 from proxy.observability.context import PAYMENT_ID, REQUEST_ID, SESSION_ID
 from proxy.observability.logs import FIELDS_ATTR
@@ -29,57 +27,30 @@ _ERROR_HEADER = "x-402-proxy-error"
 
 
 def access_stage(enabled: bool) -> object:
-    """stage(inner) -> Exchanger; with the access log off it still names the request in log lines.
+    """stage(inner) -> Exchanger: names the request in the log context (the access line itself is
+    written by `access_hook`; `enabled` is kept for the wiring's symmetry and changes nothing here).
 
-    Every proxied request runs in a task of its own (the lean server and aiohttp's handler both
-    start one), and a task works on a copy of the context: ids set here never leak into another
-    request, so nothing needs resetting (that cost ~4 % of a small request's CPU).
+    Every proxied request runs in a task of its own, and a task works on a copy of the context: ids
+    set here never leak into another request, so nothing needs resetting (that cost ~4 % of a small
+    request's CPU).
     """
 
-    def fresh_context(request: Exchange) -> None:
-        REQUEST_ID.set(request.request_id)
-        if SESSION_ID.get() is not None:
-            SESSION_ID.set(None)
-        if PAYMENT_ID.get() is not None:
-            PAYMENT_ID.set(None)
-
     def wrap(inner: Exchanger) -> Exchanger:
-        if not enabled:
+        async def named(request: Exchange) -> Outcome:
+            REQUEST_ID.set(request.request_id)
+            if SESSION_ID.get() is not None:
+                SESSION_ID.set(None)
+            if PAYMENT_ID.get() is not None:
+                PAYMENT_ID.set(None)
+            return await inner(request)
 
-            async def quiet(request: Exchange) -> Outcome:
-                fresh_context(request)
-                return await inner(request)
-
-            return quiet
-
-        async def logged(request: Exchange) -> Outcome:
-            fresh_context(request)
-            if COMPLETION_REPORTED.get():
-                return await inner(request)  # the lean server's hook writes the line when the answer is out
-            started = time.perf_counter()
-            try:
-                outcome = await inner(request)
-            except UpstreamError as exc:
-                _line(request.method, request.url.raw_host, exc.status, None, started, exc.reason_code, None)
-                raise
-            _line(
-                request.method,
-                request.url.raw_host,
-                outcome.response.status,
-                outcome.response.content_length,
-                started,
-                None,
-                outcome,
-            )
-            return outcome
-
-        return logged
+        return named
 
     return wrap
 
 
 def access_hook(enabled: bool) -> CompletionHook | None:
-    """The lean server's completion hook: the access line of a request whose answer is out. None when off."""
+    """The request handler's completion hook: the access line of a request whose answer is out (None: off)."""
     if not enabled:
         return None
 

@@ -1,7 +1,7 @@
-"""One proxied request on the lean server: checks, body, the stage stack, the answer written raw.
-
-The same decisions as `Forwarder.handle` (which still serves connections handed to aiohttp), with
-the answer serialized once by `serialize_head` and written straight to the client transport.
+"""One client request, from its parsed head to its answer: the checks (`Forwarder.admit`), the body,
+the stage stack, and the answer serialized once (`serialize_head`) and written straight to the client
+transport. A WebSocket upgrade goes to the upstream as it is (past the stages) and, after a 101, the
+two connections are spliced byte for byte.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextvars import ContextVar
 from dataclasses import dataclass
 from time import perf_counter
 from typing import Final
@@ -18,11 +17,11 @@ import aiohttp
 from yarl import URL
 
 from proxy.engine import http_semantics as hs
+from proxy.engine.client_http import ClientBodyError, ClientConnection, ClientRequest, RequestBody
 from proxy.engine.exchange import Outcome
 from proxy.engine.forwarder import Forwarder, Refusal, build_exchange
-from proxy.engine.lean_server import ClientBodyError, ClientRequest, LeanConnection, RequestBody
-from proxy.engine.raw_response import serialize_head
-from proxy.engine.responses import error_response
+from proxy.engine.responses import error_response, serialize_head
+from proxy.engine.splice import Splice
 from proxy.engine.upstream import UpstreamError
 from proxy.engine.upstream_pool import PooledResponse
 
@@ -38,11 +37,7 @@ _NO_BODY_STATUS: Final = frozenset({204, 304})
 # Logged for a request whose client went away before its answer was complete (nginx's convention).
 CLIENT_GONE_STATUS: Final = 499
 CLIENT_GONE: Final = "client_gone"
-
-# True in the task serving a request while the completion hook is set: the hook will report the
-# request, so a stage that would otherwise log it itself (the access log) leaves that to the hook.
-# Reset before the connection may be handed to aiohttp, whose task would inherit this context.
-COMPLETION_REPORTED: ContextVar[bool] = ContextVar("x402_completion_reported", default=False)
+SWITCHING_PROTOCOLS: Final = 101
 
 
 @dataclass(slots=True)
@@ -76,8 +71,8 @@ class AnswerCut(asyncio.CancelledError):
         self.sent = sent
 
 
-class LeanExchange:
-    """The request server of `LeanServer`: `await exchange(request, conn)` answers one request."""
+class RequestHandler:
+    """The request server of `ClientConnections`: `await handler(request, conn)` answers one request."""
 
     def __init__(self, forwarder: Forwarder, max_replay_body: int) -> None:
         self._forwarder = forwarder
@@ -85,11 +80,10 @@ class LeanExchange:
         # Called once per answered request (see `completed`); None costs nothing.
         self.on_complete: CompletionHook | None = None
 
-    async def __call__(self, request: ClientRequest, conn: LeanConnection) -> None:
+    async def __call__(self, request: ClientRequest, conn: ClientConnection) -> None:
         # With no hook (access log off) nothing below times, counts or allocates for the report.
         reporting = self.on_complete is not None
         started = perf_counter() if reporting else 0.0
-        reported = COMPLETION_REPORTED.set(True) if reporting else None
         host = ""
         outcome: Outcome | None = None
         try:
@@ -107,6 +101,11 @@ class LeanExchange:
                 return
             url = admitted
             host = url.raw_host or ""
+            if request.upgrade:
+                status, sent, error, outcome = await self._upgrade(request, conn, url)
+                if reporting:
+                    self.completed(request, host, status, sent, started, outcome, error)
+                return
             if (
                 request.body is not None
                 and "Expect" in request.headers
@@ -158,10 +157,62 @@ class LeanExchange:
             if reporting:
                 self.completed(request, host, 500, sent, started, outcome, "internal_error")
         finally:
-            if reported is not None:
-                # Before request_finished(): it may hand the connection to aiohttp (COMPLETION_REPORTED).
-                COMPLETION_REPORTED.reset(reported)
             conn.request_finished(request)
+
+    async def _upgrade(
+        self, request: ClientRequest, conn: ClientConnection, url: URL
+    ) -> tuple[int, int, str | None, Outcome | None]:
+        """A request the parser stopped after (a WebSocket offer, or a CONNECT inside a connection):
+        (status, bytes written, our error code, the relayed outcome if any)."""
+        if request.method == "CONNECT":  # `admit` refuses most; what is left is not ours to tunnel
+            request.keep_alive = False
+            message = "CONNECT is served only as the first request of a connection"
+            sent = _send_error(conn, request, 400, "bad_request_target", message)
+            return 400, sent, "bad_request_target", None
+        exchange = build_exchange(
+            request.method, url, request.headers, request.version, conn.tunnel is not None, None, None
+        )
+        try:
+            upstream = await self._forwarder.send_upgrade(exchange, request.headers.get("Upgrade", ""))
+        except UpstreamError as exc:
+            log.info("upstream failure %s %s: %s", request.method, url.host, exc.message)
+            sent = _send_error(conn, request, exc.status, exc.reason_code, exc.message, exc.extra_headers)
+            return exc.status, sent, exc.reason_code, None
+        outcome = Outcome(upstream)
+        taken = upstream.take_upgraded() if isinstance(upstream, PooledResponse) else None
+        if upstream.status != SWITCHING_PROTOCOLS or taken is None:
+            # Refused (or not switched): relayed like any answer, and the connection goes on as HTTP/1.1.
+            body = _body_in_hand(request, outcome)
+            if body is not None:
+                try:
+                    status, sent, error = _write_whole(conn, request, outcome, body)
+                finally:
+                    upstream.release()
+                return status, sent, error, outcome
+            status, sent, error = await _respond(conn, request, outcome)
+            return status, sent, error, outcome
+        upstream_transport, upstream_first = taken
+        head = serialize_head(
+            request.version,
+            SWITCHING_PROTOCOLS,
+            upstream.reason or "Switching Protocols",
+            upstream.headers.items(),
+            hs.connection_tokens(upstream.headers),
+            [],
+            None,
+            False,
+            upgrade=upstream.headers.get("Upgrade", request.headers.get("Upgrade", "")),
+        )
+        if head is None or not conn.can_switch:
+            upstream_transport.abort()
+            if head is None:
+                return 502, _unwritable(conn, request), UNWRITABLE, None
+            return CLIENT_GONE_STATUS, 0, CLIENT_GONE, None
+        conn.write(head)
+        client_transport, client_first = conn.switch()
+        splice = Splice(client_transport, upstream_transport, upstream_first, client_first)
+        await splice.wait()
+        return SWITCHING_PROTOCOLS, len(head) + splice.a.written, None, None
 
     def completed(
         self,
@@ -211,7 +262,7 @@ async def _iterate(body: RequestBody, head: bytes) -> AsyncIterator[bytes]:
 
 
 def _send_error(
-    conn: LeanConnection,
+    conn: ClientConnection,
     request: ClientRequest,
     status: int,
     code: str,
@@ -223,7 +274,7 @@ def _send_error(
     return len(data)
 
 
-def _target_host(target: str, conn: LeanConnection) -> str:
+def _target_host(target: str, conn: ClientConnection) -> str:
     """The host a refused request named (for its report only; "" when there is none to name)."""
     if conn.tunnel is not None:
         return conn.tunnel.authority.host
@@ -249,7 +300,7 @@ def _body_in_hand(request: ClientRequest, outcome: Outcome) -> bytes | None:
 
 
 def _write_whole(
-    conn: LeanConnection, request: ClientRequest, outcome: Outcome, body: bytes
+    conn: ClientConnection, request: ClientRequest, outcome: Outcome, body: bytes
 ) -> tuple[int, int, str | None]:
     """Head and body in one write (for HEAD, `body` is empty); (status, bytes written, our error code)."""
     upstream = outcome.response
@@ -280,7 +331,7 @@ def _write_whole(
 
 
 async def _respond(
-    conn: LeanConnection, request: ClientRequest, outcome: Outcome
+    conn: ClientConnection, request: ClientRequest, outcome: Outcome
 ) -> tuple[int, int, str | None]:
     """Write the upstream's answer; (status, bytes written, our error code if it is not the upstream's)."""
     upstream = outcome.response
@@ -359,7 +410,7 @@ async def _respond(
         upstream.release()
 
 
-def _unwritable(conn: LeanConnection, request: ClientRequest) -> int:
+def _unwritable(conn: ClientConnection, request: ClientRequest) -> int:
     """A stage or upstream header would split the head: never write it."""
     log.error("answer for %s has a header that would break framing; not relayed", request.target[:200])
     return _send_error(conn, request, 502, UNWRITABLE, "answer headers cannot be relayed")

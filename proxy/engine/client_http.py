@@ -1,8 +1,7 @@
-"""A lean HTTP/1.1 server protocol: llhttp (httptools) parsing straight into the engine.
+"""The client side of the proxy: HTTP/1.1 on every client connection, llhttp (httptools) parsing
+straight into the engine.
 
-aiohttp's server builds a request object, a payload stream, a response object and a writer per
-request, and serializes through several layers; for a proxy relaying small answers that machinery
-costs more than everything else together. This protocol keeps what a proxy's client side needs:
+One protocol serves every client connection (plain, or the inside of an intercepted tunnel):
 
 * keep-alive and pipelining: one request is served at a time, answers go out in order, and reading
   pauses while a parsed request waits its turn (at most one read's worth of bytes is held);
@@ -11,14 +10,16 @@ costs more than everything else together. This protocol keeps what a proxy's cli
 * write flow control: `drain()` waits while the transport's buffer is above its high-water mark;
 * head limits: a request line or header field over `max_header_bytes` is a 431, as is a head that
   keeps growing without ending; malformed requests get a 400 and the connection closes;
+* protocol upgrades: a WebSocket upgrade (`Connection: upgrade` + `Upgrade: websocket` on a GET)
+  stops the parser at the end of its head; the request handler either switches the connection to
+  a splice with the upstream (after a 101) or hands it back, and parsing resumes where it stopped.
+  Any other `Upgrade` (h2c, ...) is ignored (RFC 9110 7.8): the request is parsed again without the
+  upgrade and served as HTTP/1.1, with whatever was pipelined after it. A CONNECT after the first
+  request is answered (refused) and the connection closes: what follows it is not HTTP;
 * idle keep-alive connections close after `keepalive_timeout`; `close()` ends a connection after
   its current answer (graceful stop).
 
-Upgrade requests (WebSocket, h2c, a CONNECT after the first request) need aiohttp's machinery. At
-the request boundary the connection is handed to aiohttp's request handler: the request head is
-rebuilt from the parsed parts and fed to it together with the bytes that followed.
-
-What a request means (checks, stages, the answer) lives in `lean_exchange.py`; this module only
+What a request means (checks, stages, the answer) lives in `request_handler.py`; this module only
 moves bytes and keeps order.
 """
 
@@ -40,7 +41,7 @@ from proxy.engine.responses import error_response
 if TYPE_CHECKING:
     from proxy.engine.forwarder import TunnelInfo
 
-log = logging.getLogger("x402_proxy.lean_server")
+log = logging.getLogger("x402_proxy.client_http")
 
 BODY_HIGH_WATER: Final = 256 * 1024
 BODY_LOW_WATER: Final = 64 * 1024
@@ -65,7 +66,7 @@ class RequestBody:
 
     __slots__ = ("_chunks", "_conn", "_done", "_exc", "_size", "_waiter")
 
-    def __init__(self, conn: LeanConnection) -> None:
+    def __init__(self, conn: ClientConnection) -> None:
         self._conn = conn
         self._chunks: deque[bytes] = deque()
         self._size = 0
@@ -128,7 +129,6 @@ class ClientRequest:
         "headers",
         "keep_alive",
         "method",
-        "raw_headers",
         "target",
         "upgrade",
         "version",
@@ -136,7 +136,7 @@ class ClientRequest:
 
     def __init__(
         self,
-        conn: LeanConnection,
+        conn: ClientConnection,
         method: str,
         target: str,
         version: tuple[int, int],
@@ -147,9 +147,10 @@ class ClientRequest:
         self.method = method
         self.target = target
         self.version = version
-        self.raw_headers = raw_headers
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(raw_headers))
-        self.keep_alive = keep_alive
+        # A CONNECT inside a connection is never followed by HTTP: the connection ends after its answer.
+        self.keep_alive = keep_alive and method != "CONNECT"
+        # The parser stopped after this head (a WebSocket upgrade, or a CONNECT): see `ClientConnection`.
         self.upgrade = upgrade
         self.complete = False
         transfer = self.headers.get("Transfer-Encoding")
@@ -163,47 +164,36 @@ class ClientRequest:
         has_body = transfer is not None or bool(self.content_length)
         self.body = RequestBody(conn) if has_body else None
 
-    def head_bytes(self) -> bytes:
-        """The request head rebuilt from its parts (for handing the connection to aiohttp)."""
-        lines = [f"{self.method} {self.target} HTTP/{self.version[0]}.{self.version[1]}\r\n"]
-        lines.extend(f"{name}: {value}\r\n" for name, value in self.raw_headers)
-        lines.append("\r\n")
-        return "".join(lines).encode("utf-8", "surrogateescape")
-
 
 # Serves one request: writes its answer with conn.write(), calls conn.request_failed(request) if it
 # raises, and always ends with conn.request_finished(request) (in a `finally`).
-RequestServer = Callable[["ClientRequest", "LeanConnection"], Coroutine[Any, Any, None]]
+RequestServer = Callable[["ClientRequest", "ClientConnection"], Coroutine[Any, Any, None]]
 
 
-class LeanServer:
-    """What every lean connection shares: limits, the request server, the aiohttp fallback, the live set."""
+class ClientConnections:
+    """What every client connection shares: limits, the request server, the live set."""
 
-    def __init__(
-        self,
-        serve: RequestServer,
-        fallback: Callable[[TunnelInfo | None], asyncio.Protocol],
-        max_header_bytes: int,
-        keepalive_timeout: float,
-    ) -> None:
+    def __init__(self, serve: RequestServer, max_header_bytes: int, keepalive_timeout: float) -> None:
         self.serve = serve
-        self.fallback = fallback
         self.max_field = max_header_bytes
         self.max_head = max_header_bytes * HEAD_FIELDS_FACTOR
         self.keepalive_timeout = keepalive_timeout
-        self.connections: set[LeanConnection] = set()
+        self.connections: set[ClientConnection] = set()
         self._all_closed: asyncio.Event | None = None  # set up by shutdown()
 
-    def protocol(self, tunnel: TunnelInfo | None) -> LeanConnection:
-        return LeanConnection(self, tunnel)
+    def protocol(self, tunnel: TunnelInfo | None) -> ClientConnection:
+        return ClientConnection(self, tunnel)
 
-    def forget(self, conn: LeanConnection) -> None:
+    def forget(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 
     async def shutdown(self, drain_timeout: float) -> None:
-        """End idle connections now, busy ones after their current answer; abort the rest at the timeout."""
+        """End idle connections now, busy ones after their current answer; abort the rest at the timeout.
+
+        A WebSocket relay is busy until one side closes it: it runs until the timeout, as any answer.
+        """
         self._all_closed = asyncio.Event()
         for conn in list(self.connections):
             conn.close()
@@ -216,10 +206,35 @@ class LeanServer:
                     conn.abort()
 
 
-class LeanConnection(asyncio.Protocol):
+def _without_upgrade(method: bytes, url: bytes, version: str, raw_headers: list[tuple[str, str]]) -> bytes:
+    """A request head rebuilt without its upgrade offer (no `Upgrade` field, no `upgrade` option)."""
+    lines = [f"{method.decode('ascii', 'surrogateescape')} {url.decode('utf-8', 'surrogateescape')}"]
+    lines[0] += f" HTTP/{version}\r\n"
+    for name, value in raw_headers:
+        lower = name.lower()
+        if lower == "upgrade":
+            continue
+        if lower == "connection":
+            options = [t for t in value.split(",") if t.strip() and t.strip().lower() != "upgrade"]
+            if not options:
+                continue
+            value = ",".join(options).strip()
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")
+
+
+def _is_websocket_offer(method: bytes, raw_headers: list[tuple[str, str]], has_body: bool) -> bool:
+    """A GET without a body whose upgrade offer names WebSocket (RFC 6455 4.1)."""
+    if method != b"GET" or has_body:
+        return False
+    return any(name.lower() == "upgrade" and "websocket" in value.lower() for name, value in raw_headers)
+
+
+class ClientConnection(asyncio.Protocol):
     """One client connection (plain, or the inside of an intercepted tunnel)."""
 
-    def __init__(self, server: LeanServer, tunnel: TunnelInfo | None) -> None:
+    def __init__(self, server: ClientConnections, tunnel: TunnelInfo | None) -> None:
         self.server = server
         self.tunnel = tunnel
         self.loop = asyncio.get_running_loop()
@@ -230,19 +245,21 @@ class LeanConnection(asyncio.Protocol):
         self._raw_headers: list[tuple[str, str]] = []
         self._in_head = True
         self._head_size = 0
+        self._reparse: bytes | None = None  # an upgrade offer to ignore: the head again, without it
         # Requests.
         self._parsing: ClientRequest | None = None  # the request whose body the parser is in
         self._active: ClientRequest | None = None
         self._task: asyncio.Task[None] | None = None
         self._waiting: deque[ClientRequest] = deque()
-        self._stopped = False  # the parser is done with this connection (error or upgrade)
-        self._upgrade_rest = b""
+        self._stopped = False  # the parser is done with this connection (an error, or closing)
+        # The parser stopped at an upgrade: what arrived after that head (None while parsing).
+        self._held: bytearray | None = None
+        self._switched = False  # the connection now belongs to a splice (`switch()`)
         self._final_answer: bytes | None = None  # an error to send once the queue has drained
         # Connection state.
         self.closing = False
         self.lost = False
         self.answer_started = False  # some of the active request's answer was written
-        self._eof = False
         self._read_paused = False
         self._body_backlog = False
         self._flow = WriteFlow(self.loop)
@@ -266,6 +283,9 @@ class LeanConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._stopped:
             return
+        if self._held is not None:
+            self._held += data  # bytes in flight when reading paused at an upgrade
+            return
         if self._active is None:
             self._last_activity = self.loop.time()
         if self._in_head:
@@ -276,11 +296,18 @@ class LeanConnection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self._stopped = True
-            self._upgrade_rest = data[exc.args[0] :]
+            rest = data[exc.args[0] :]
+            again = self._reparse
+            if again is not None:
+                # An upgrade we do not take: parse the request again as plain HTTP/1.1, then the rest.
+                self._reparse = None
+                self._parser = httptools.HttpRequestParser(self)
+                self._in_head = True
+                self._head_size = 0
+                self.data_received(again + rest)
+                return
+            self._held = bytearray(rest)
             self._update_reading()
-            if self._active is None:
-                self._next()
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, HeadTooLarge):
                 self._parse_failed(431, "headers_too_large", "request line or a header is too long")
@@ -294,7 +321,6 @@ class LeanConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         # Like aiohttp's server: a half-closed client is a gone client; the transport closes.
-        self._eof = True
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -342,20 +368,33 @@ class LeanConnection(asyncio.Protocol):
         version_text = parser.get_http_version()
         if version_text not in ("1.0", "1.1"):
             raise UnsupportedVersion(version_text)
+        method = parser.get_method()
+        upgrade = parser.should_upgrade()
+        if upgrade and method != b"CONNECT":
+            has_body = any(
+                name.lower() in ("content-length", "transfer-encoding") and value.strip() not in ("", "0")
+                for name, value in self._raw_headers
+            )
+            if not _is_websocket_offer(method, self._raw_headers, has_body):
+                # RFC 9110 7.8: a server may ignore Upgrade. llhttp has already decided the rest of the
+                # stream is another protocol (body included), so the head is parsed again without it.
+                self._reparse = _without_upgrade(method, self._url, version_text, self._raw_headers)
+                self._in_head = False
+                return
         version = (1, 1) if version_text == "1.1" else (int(version_text[0]), int(version_text[2]))
         request = ClientRequest(
             self,
-            parser.get_method().decode("ascii", "surrogateescape"),
+            method.decode("ascii", "surrogateescape"),
             self._url.decode("utf-8", "surrogateescape"),
             version,
             self._raw_headers,
             parser.should_keep_alive(),
-            parser.should_upgrade(),
+            upgrade,
         )
         self._in_head = False
         self._head_size = 0
         self._parsing = request
-        if self._active is None and not self._waiting and not request.upgrade:
+        if self._active is None and not self._waiting:
             self._start(request)
         else:
             self._waiting.append(request)
@@ -390,7 +429,7 @@ class LeanConnection(asyncio.Protocol):
         Returns the bytes of the 500 written (0 when the connection was cut instead).
         """
         log.exception("unhandled error while proxying")
-        if self.answer_started or self.transport is None:
+        if self.answer_started or self.transport is None or self._switched:
             self.abort()
             return 0
         request.keep_alive = False
@@ -413,15 +452,14 @@ class LeanConnection(asyncio.Protocol):
         if not self.keep_alive(request):
             self._close_transport()
             return
+        if request.upgrade and self._held is not None:
+            self._resume_parsing()  # the upgrade was not taken: HTTP/1.1 goes on where it stopped
+            return
         self._next()
 
     def _next(self) -> None:
         if self._waiting:
-            request = self._waiting.popleft()
-            if request.upgrade:
-                self._hand_over(request)
-                return
-            self._start(request)
+            self._start(self._waiting.popleft())
             self._update_reading()
             return
         if self._final_answer is not None:
@@ -434,28 +472,46 @@ class LeanConnection(asyncio.Protocol):
             return
         self._update_reading()
 
+    def _resume_parsing(self) -> None:
+        held = self._held
+        self._held = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._in_head = True
+        self._head_size = 0
+        if self.closing:
+            self._close_transport()
+            return
+        self._update_reading()
+        if held:
+            self.data_received(bytes(held))
+
     def keep_alive(self, request: ClientRequest) -> bool:
         """May this connection carry another request after the answer to `request`?"""
-        return request.keep_alive and request.complete and not self.closing and not self.lost
+        if not (request.keep_alive and request.complete):
+            return False
+        return not (self.closing or self.lost or self._switched)
 
-    def _hand_over(self, request: ClientRequest) -> None:
-        """Give the connection to aiohttp's handler, starting with this (upgrade) request."""
+    @property
+    def can_switch(self) -> bool:
+        """The parser stopped at the active request's upgrade offer: the connection may be handed over."""
+        return self._held is not None and not self.lost and self.transport is not None
+
+    def switch(self) -> tuple[asyncio.Transport, bytes]:
+        """Hand the transport over (a WebSocket after its 101): the transport and the bytes already read.
+
+        The connection stays in the live set until its request finishes (a graceful stop waits for it,
+        then aborts it); nothing is parsed or answered on it any more.
+        """
         transport = self.transport
-        assert transport is not None
+        assert transport is not None and self._held is not None
+        held = bytes(self._held)
+        self._held = None
+        self._switched = True
         self._stopped = True
-        self.server.forget(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        handler = self.server.fallback(self.tunnel)
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
-        handler.data_received(request.head_bytes() + self._upgrade_rest)
-        if self._read_paused:
-            self._read_paused = False
-            transport.resume_reading()
-        if self._eof:
-            handler.eof_received()
+        return transport, held
 
     def _parse_failed(self, status: int, code: str, message: str) -> None:
         self._stopped = True
@@ -484,9 +540,9 @@ class LeanConnection(asyncio.Protocol):
 
     def _update_reading(self) -> None:
         transport = self.transport
-        if transport is None or self.lost:
+        if transport is None or self.lost or self._switched:
             return
-        pause = self._stopped or self._body_backlog or bool(self._waiting)
+        pause = self._stopped or self._body_backlog or bool(self._waiting) or self._held is not None
         if pause != self._read_paused:
             self._read_paused = pause
             if pause:
