@@ -124,7 +124,6 @@ def build_payer(
         chain_checked=frozenset(rpc_urls(config, networks)),
         recheck_after=config.reconcile.interval,
     )
-    payer.recover()
     return payer, store
 
 
@@ -134,6 +133,7 @@ async def start(config: Config, home: Path) -> Runtime:
     bundle = write_combined_bundle(home, ca.ca_pem_path)
     upstream = Upstream(config.upstream, upstream_client_context(config.upstream.extra_ca_bundle))
     payer, store = build_payer(config, home)
+    await payer.recover()
     forwarder = Forwarder(config.proxy, upstream, [])
     metrics = AdminMetrics(home / "state.db")
     forwarder.wrap(metrics.latency_stage)  # innermost: times upstream sends only
@@ -166,7 +166,7 @@ async def start(config: Config, home: Path) -> Runtime:
     # Payments whose money may have moved are resolved from the chain in the background: the proxy
     # listens at once, and until a row is resolved the in-doubt refusal protects its need.
     reconciler = Reconciler(
-        store, rpc_urls(config, payer.assets.networks), interval=config.reconcile.interval
+        payer.store, rpc_urls(config, payer.assets.networks), interval=config.reconcile.interval
     )
     background.append(asyncio.create_task(reconciler.run_forever()))
     if payer.wallet is None:

@@ -432,9 +432,9 @@ async def run_payer(cfg: PolicyConfig, steps: list[Step], directory: Path) -> No
             )
             paid.append((clock.now, bare, verdict.budget_units))
             if outcome == "settle":
-                payer.record_response(decision, 200, {})
+                await payer.record_response(decision, 200, {})
             elif outcome == "transport failure":
-                payer.record_transport_failure(decision, "connection reset")
+                await payer.record_transport_failure(decision, "connection reset")
             since = clock.now - DAY
             assert spend_in_budget_units(store.spent_since(since, now=clock.now)) <= units(cfg.daily_budget)
             assert spend_in_budget_units(store.spent_since(since, bare, now=clock.now)) <= units(

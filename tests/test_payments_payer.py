@@ -242,10 +242,10 @@ async def test_settlement_receipt_marks_settled(
 ) -> None:
     payer = make_payer(store, wallet, clock)
     plan = await pay(payer)
-    record = payer.record_response(plan, 200, {"payment-response": receipt(extraField={"x": 1})})
+    record = await payer.record_response(plan, 200, {"payment-response": receipt(extraField={"x": 1})})
     assert record.state is PaymentState.SETTLED and record.tx_hash == TX and record.payer == "0x" + "12" * 20
     # a second report does not corrupt the row
-    assert payer.record_response(plan, 500, {}).state is PaymentState.SETTLED
+    assert (await payer.record_response(plan, 500, {})).state is PaymentState.SETTLED
 
 
 async def test_v1_receipt_header_and_lenient_parsing(
@@ -255,7 +255,7 @@ async def test_v1_receipt_header_and_lenient_parsing(
     plan = await pay(payer, v1_response())
     raw = json.dumps({"success": "true", "transaction": TX, "network": "base-sepolia"}).encode()
     value = base64.urlsafe_b64encode(raw).decode().rstrip("=")
-    record = payer.record_response(plan, 200, {"X-PAYMENT-RESPONSE": value})
+    record = await payer.record_response(plan, 200, {"X-PAYMENT-RESPONSE": value})
     assert record.state is PaymentState.SETTLED and record.tx_hash == TX
 
 
@@ -265,17 +265,17 @@ async def test_second_402_marks_rejected_with_the_server_reason(
     payer = make_payer(store, wallet, clock)
     plan = await pay(payer)
     status, headers, _ = v2_response(error="invalid_exact_evm_payload_signature")
-    record = payer.record_response(plan, status, headers)
+    record = await payer.record_response(plan, status, headers)
     assert record.state is PaymentState.REJECTED and record.reason == "invalid_exact_evm_payload_signature"
 
     plan = await pay(payer, v1_response())
     body = json.dumps({"x402Version": 1, "error": "insufficient_funds", "accepts": []}).encode()
-    record = payer.record_response(plan, 402, {}, body)
+    record = await payer.record_response(plan, 402, {}, body)
     assert record.state is PaymentState.REJECTED and record.reason == "insufficient_funds"
 
     plan = await pay(payer)
     failed = receipt(success=False, errorReason="transaction_failed", transaction="")
-    record = payer.record_response(plan, 402, {"PAYMENT-RESPONSE": failed})
+    record = await payer.record_response(plan, 402, {"PAYMENT-RESPONSE": failed})
     assert record.state is PaymentState.REJECTED and record.reason == "transaction_failed"
 
 
@@ -284,10 +284,10 @@ async def test_error_without_receipt_is_unsettled_and_success_without_receipt_in
 ) -> None:
     payer = make_payer(store, wallet, clock)
     plan = await pay(payer)
-    record = payer.record_response(plan, 500, {"PAYMENT-RESPONSE": "garbage!!"})
+    record = await payer.record_response(plan, 500, {"PAYMENT-RESPONSE": "garbage!!"})
     assert record.state is PaymentState.UNSETTLED and "500" in (record.reason or "")
     plan = await pay(payer)
-    record = payer.record_response(plan, 200, {})
+    record = await payer.record_response(plan, 200, {})
     # Served without a receipt: the need was met, whether money moved only the chain can say.
     assert (
         record.state is PaymentState.IN_DOUBT and record.tx_hash is None and "without" in (record.reason or "")
@@ -301,7 +301,7 @@ async def test_transport_failure_is_unknown_and_blocks_repaying_until_it_expires
 ) -> None:
     payer = make_payer(store, wallet, clock)
     plan = await pay(payer)
-    record = payer.record_transport_failure(plan, TimeoutError("read timed out"))
+    record = await payer.record_transport_failure(plan, TimeoutError("read timed out"))
     assert record.state is PaymentState.IN_DOUBT and "TimeoutError" in (record.reason or "")
 
     again = await pay(payer)
@@ -321,7 +321,7 @@ async def test_recover_turns_pending_into_unknown(
     payer = make_payer(store, wallet, clock)
     plan = await pay(payer)
     # process restarts: a new Payer over the same ledger
-    recovered = make_payer(store, wallet, clock).recover()
+    recovered = await make_payer(store, wallet, clock).recover()
     assert [r.id for r in recovered] == [plan.ledger_id]
     refused = await pay(payer)
     assert isinstance(refused, Refused) and refused.reason_code is ReasonCode.PAYMENT_IN_DOUBT
@@ -336,9 +336,9 @@ async def test_budget_counts_pending_settled_and_unknown(
     payer = make_payer(store, wallet, clock, daily_budget="0.03", per_host_daily_budget="1")
     first = await pay(payer, req=request("http://a.test/1"))  # stays pending
     second = await pay(payer, req=request("http://b.test/2"))
-    payer.record_response(second, 200, {"PAYMENT-RESPONSE": receipt()})
+    await payer.record_response(second, 200, {"PAYMENT-RESPONSE": receipt()})
     third = await pay(payer, req=request("http://c.test/3"))
-    payer.record_transport_failure(third, "reset")
+    await payer.record_transport_failure(third, "reset")
     assert all(isinstance(p, PaymentPlan) for p in (first, second, third))
     refused = await pay(payer, req=request("http://d.test/4"))
     assert isinstance(refused, Refused) and refused.reason_code is ReasonCode.BUDGET_EXHAUSTED
@@ -347,7 +347,7 @@ async def test_budget_counts_pending_settled_and_unknown(
         request("http://e.test/5"), *v2_response(), True
     )
     assert isinstance(fresh, PaymentPlan)
-    payer.record_response(fresh, 402, {})
+    await payer.record_response(fresh, 402, {})
     payer4 = make_payer(store, wallet, clock, daily_budget="0.04", per_host_daily_budget="1")
     refused = await pay(payer4, req=request("http://f.test/6"))
     assert isinstance(refused, Refused) and refused.reason_code is ReasonCode.BUDGET_EXHAUSTED

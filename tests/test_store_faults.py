@@ -173,6 +173,40 @@ def test_ledger_locked_at_runtime_refuses_to_pay(
     assert_pays_once(x402_stack, proxy, url)
 
 
+def test_a_locked_ledger_delays_only_the_payment_not_pass_through(
+    x402_stack: Stack, tmp_path: Path, running: list[ProxyProcess]
+) -> None:
+    # The ledger runs on a thread of its own (proxy/store/threaded.py): while a payment waits up to the
+    # 5 s busy timeout for the lock, free requests through the same proxy are served at once. (Before,
+    # the SQLite call ran on the event loop and every request waited with it.)
+    proxy = paying_proxy(x402_stack, tmp_path / "home", running)
+    holder = LockHolder(proxy.home / "state.db")
+    outcome: dict[str, Any] = {}
+
+    def paid() -> None:
+        started = time.monotonic()
+        outcome["response"] = get(proxy, f"{x402_stack.py}/paid/a")
+        outcome["seconds"] = time.monotonic() - started
+
+    try:
+        thread = threading.Thread(target=paid, daemon=True)
+        thread.start()
+        time.sleep(0.5)  # the payment is now waiting for the lock
+        assert thread.is_alive()
+        slowest = 0.0
+        while thread.is_alive() and slowest < 2.0:
+            started = time.monotonic()
+            free = get(proxy, f"{x402_stack.py}/free")
+            slowest = max(slowest, time.monotonic() - started)
+            assert free.status_code == 200
+        thread.join(TIMEOUT)
+    finally:
+        holder.release()
+    assert slowest < 1.0, f"a pass-through request waited {slowest:.2f} s behind the locked ledger"
+    assert outcome["response"].status_code == 503 and outcome["response"].headers[ERROR] == "ledger_unavailable"
+    assert outcome["seconds"] >= BUSY_TIMEOUT_MS / 1000 - 0.5  # the payment did wait for the lock
+
+
 # -- disk full ----------------------------------------------------------------------------------
 
 

@@ -322,7 +322,7 @@ class AdminServer:
                 "limit": {"type": "integer", "minimum": 1, "maximum": 10000},
             },
         )
-        payments = self.control.list_payments(
+        payments = await self.control.list_payments(
             state=query.get("state"),
             host=query.get("host"),
             since=query.get("since"),
@@ -369,7 +369,7 @@ class AdminServer:
 
     async def _budget(self, request: web.Request) -> web.StreamResponse:
         _query(request, {})
-        return _json_response(self.control.budget())
+        return _json_response(await self.control.budget())
 
     async def _healthz(self, request: web.Request) -> web.StreamResponse:
         return _json_response({"status": "ok"})

@@ -159,7 +159,7 @@ class ControlPlane:
             record = result.record
             if record is not None:
                 # The stage attached the session to the ledger row after this copy was taken: re-read it.
-                record = self.payer.store.get(record.id) or record
+                record = await self.payer.store.get(record.id) or record
             return 201, {
                 "payment_required": True,
                 "session": result.session.describe(self._clock()),
@@ -238,7 +238,7 @@ class ControlPlane:
 
     # -- payments and budget -----------------------------------------------------------------------
 
-    def list_payments(
+    async def list_payments(
         self, state: str | None = None, host: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
         try:
@@ -248,7 +248,7 @@ class ControlPlane:
             raise ControlError("invalid_parameter", 400, f"state must be one of {allowed}") from None
         if not 1 <= limit <= 10000:
             raise ControlError("invalid_parameter", 400, "limit must be 1..10000")
-        rows = self.payer.store.list(state=wanted, host=host, since=since, limit=limit)
+        rows = await self.payer.store.list(state=wanted, host=host, since=since, limit=limit)
         return [_payment_dict(r) for r in rows]
 
     def list_refusals(
@@ -266,16 +266,16 @@ class ControlPlane:
         rows = self.refusals.list(host=wanted, reason=reason, since=since, limit=limit, now=self._clock())
         return [_refusal_dict(r) for r in rows]
 
-    def budget(self) -> dict[str, Any]:
+    async def budget(self) -> dict[str, Any]:
         now = self._clock()
         since = now - BUDGET_WINDOW_SECONDS
         policy = self.payer.policy
         store, checked = self.payer.store, self.payer.chain_checked
-        spent = spend_in_budget_units(store.spent_since(since, None, now=now, chain_checked=checked))
+        spent = spend_in_budget_units(await store.spent_since(since, None, now=now, chain_checked=checked))
         # Every host whose rows count, whatever their state (money the chain says moved included).
         spent_by_host = {
-            h: spend_in_budget_units(store.spent_since(since, h, now=now, chain_checked=checked))
-            for h in store.hosts_since(since)
+            h: spend_in_budget_units(await store.spent_since(since, h, now=now, chain_checked=checked))
+            for h in await store.hosts_since(since)
         }
         hosts = {normalize_host(h): v for h, v in spent_by_host.items() if v > 0}
         # Refusals per host: a host that was only ever refused is listed too (spent 0).

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.payments.reconcile import AUTHORIZATION_USED_TOPIC
-from proxy.store.base import LedgerStore, PaymentRecord, PaymentState
+from proxy.store.base import AsyncLedgerStore, PaymentRecord, PaymentState
 
 # keccak256("Transfer(address,address,uint256)")
 TRANSFER_TOPIC = "0xddf252ad1be2c89b69c2b068fc378daa952ba7f163c4a11628f55a4df523b3ef"
@@ -288,10 +288,10 @@ def rows_start(since: float) -> float:
 
 
 async def run_audit(
-    store: LedgerStore, rpc_urls: Mapping[str, str], payer: str, since: float
+    store: AsyncLedgerStore, rpc_urls: Mapping[str, str], payer: str, since: float
 ) -> dict[str, Any]:
     """The whole audit: every network with an RPC URL, from the ledger `store`. Raises AuditError."""
-    rows = store.list(since=rows_start(since), limit=MAX_AUDIT_ROWS)
+    rows = await store.list(since=rows_start(since), limit=MAX_AUDIT_ROWS)
     networks = sorted(rpc_urls)
     reports = [await audit_network(rpc_urls[n], n, payer, rows_for_audit(rows, n), since) for n in networks]
     without_rpc = sorted({r.network for r in rows} - set(networks))

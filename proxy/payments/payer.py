@@ -65,7 +65,16 @@ from proxy.payments.signer import (
     plan_authorization,
 )
 from proxy.payments.wallet import Wallet
-from proxy.store.base import LedgerStore, NewPayment, PaymentRecord, PaymentState, SpendTotals, StoreError
+from proxy.store.base import (
+    AsyncLedgerStore,
+    LedgerStore,
+    NewPayment,
+    PaymentRecord,
+    PaymentState,
+    SpendTotals,
+    StoreError,
+)
+from proxy.store.threaded import as_async
 
 log = logging.getLogger("proxy.payments")
 
@@ -131,7 +140,7 @@ class Payer:
         policy: Policy | PolicyConfig,
         assets: AssetRegistry,
         wallet: Wallet | None,
-        store: LedgerStore,
+        store: LedgerStore | AsyncLedgerStore,
         clock: Callable[[], float] = time.time,
         *,
         balance_lookup: BalanceLookup | None = None,
@@ -143,7 +152,8 @@ class Payer:
         self.policy = policy if isinstance(policy, Policy) else Policy.compile(policy, assets.networks)
         self.assets = assets
         self.wallet = wallet
-        self.store = store
+        # The ledger off the event loop (proxy/store/threaded.py); an async store (PostgreSQL) as it is.
+        self.store = as_async(store)
         self.clock = clock
         self._balance_lookup = balance_lookup
         self._balance_timeout = balance_timeout
@@ -156,9 +166,9 @@ class Payer:
         # rows still say `pending`, so until a restart makes them `in_doubt` the in-doubt check asks here.
         self._unrecorded: dict[str, tuple[int, int]] = {}
 
-    def recover(self) -> list[PaymentRecord]:
+    async def recover(self) -> list[PaymentRecord]:
         """Call once at startup: payments left pending by a crash are in doubt."""
-        recovered = list(self.store.recover_on_startup(now=self.clock()))
+        recovered = list(await self.store.recover_on_startup(now=self.clock()))
         for record in recovered:
             log.warning("payment #%s was pending at shutdown; it is in doubt", record.id)
         return recovered
@@ -192,7 +202,7 @@ class Payer:
         while True:
             async with self._lock:
                 now = self.clock()
-                decided = self._decide(request, challenge, now, balances)
+                decided = await self._decide(request, challenge, now, balances)
                 if not isinstance(decided, Selection):
                     return decided
                 decision = decided
@@ -200,7 +210,7 @@ class Payer:
                 if ask is None:
                     if self.policy.dry_run:
                         new = self._new_payment(request, challenge, decision)
-                        row = self.store.insert_dry_run(new, now=now)
+                        row = await self.store.insert_dry_run(new, now=now)
                         return Refused(
                             ReasonCode.DRY_RUN, f"dry run: would pay {decision.describe()}", row.id
                         )
@@ -218,7 +228,9 @@ class Payer:
                     new = replace(
                         new, need=request.need_key, **self._approval_fields(request, decision, approved)
                     )
-                    record = self.store.insert_pending(new, now=now)  # durable before anything is signed
+                    record = await self.store.insert_pending(
+                        new, now=now
+                    )  # durable before anything is signed
                     PAYMENT_ID.set(record.id)  # log lines of this request name its payment
                     break
             # Outside the lock: other payments go on while a person decides about this one.
@@ -238,21 +250,21 @@ class Payer:
         except Exception as exc:
             # Nothing left the process: close the row so it neither blocks nor counts.
             detail = str(exc) if isinstance(exc, SigningError) else f"{type(exc).__name__}: {exc}"
-            self.store.mark_rejected(record.id, reason=_clip(f"not signed: {detail}"), now=self.clock())
+            await self.store.mark_rejected(record.id, reason=_clip(f"not signed: {detail}"), now=self.clock())
             return Refused(ReasonCode.SCHEME_NOT_SUPPORTED, detail)
         if record.nonce != header.nonce or record.valid_before != header.valid_before:
             # Permit2 / upto: the SDK drew the nonce and deadline; record them before the header leaves.
-            record = self.store.set_authorization(
+            record = await self.store.set_authorization(
                 record.id, nonce=header.nonce, valid_before=header.valid_before, now=self.clock()
             )
         # Kept before it leaves: a payment in doubt is presented again exactly as it was, never re-signed.
-        record = self.store.record_presentation(
+        record = await self.store.record_presentation(
             record.id, header_name=header.name, header_value=header.value, now=self.clock()
         )
         log.info("paying #%s: %s for %s %s", record.id, decision.describe(), request.method, request.url)
         return PaymentPlan(record.id, header.name, header.value, record, decision, header.valid_before)
 
-    def _decide(
+    async def _decide(
         self,
         request: PaymentRequestInfo,
         challenge: Challenge,
@@ -260,14 +272,14 @@ class Payer:
         balances: Mapping[tuple[str, str], int] | None,
     ) -> Refused | PaymentPlan | Selection:
         """Under the lock: a re-presentation, a refusal, or the requirement to pay (nothing written)."""
-        doubt = self._doubt(request, challenge, now)
+        doubt = await self._doubt(request, challenge, now)
         if isinstance(doubt, Represent):
-            return self._represent(request, doubt.record, now)
+            return await self._represent(request, doubt.record, now)
         if isinstance(doubt, Blocked) and host_allowed(normalize_host(request.host), self.policy):
             log.info("not paying %s %s: %s (%s)", request.method, request.url, doubt.code, doubt.detail)
             return Refused(doubt.code, doubt.detail, doubt.record.id, retry_after=doubt.retry_after)
         decision = choose_requirement(
-            challenge, self.policy, self.assets, self._context(request, now, balances)
+            challenge, self.policy, self.assets, await self._context(request, now, balances)
         )
         if not isinstance(decision, Refusal) and request.max_amount is not None:
             cap = int(request.max_amount.scaleb(decision.asset.decimals).to_integral_value(ROUND_FLOOR))
@@ -350,15 +362,15 @@ class Payer:
             expires_at=now + self.policy.ask_timeout,
         )
 
-    def _doubt(
+    async def _doubt(
         self, request: PaymentRequestInfo, challenge: Challenge, now: float
     ) -> Blocked | Represent | None:
-        rows = self.store.find_blocking(request.method, request.url, request.need_key)
+        rows = await self.store.find_blocking(request.method, request.url, request.need_key)
         newest_in_doubt = next(
             (r for r in rows if r.state is PaymentState.IN_DOUBT and not r.delivered), None
         )
         has_payload = (
-            newest_in_doubt is not None and self.store.presented_header(newest_in_doubt.id) is not None
+            newest_in_doubt is not None and await self.store.presented_header(newest_in_doubt.id) is not None
         )
         return judge(
             rows,
@@ -372,11 +384,11 @@ class Payer:
             url=request.url,
         )
 
-    def _represent(self, request: PaymentRequestInfo, row: PaymentRecord, now: float) -> PaymentPlan:
+    async def _represent(self, request: PaymentRequestInfo, row: PaymentRecord, now: float) -> PaymentPlan:
         """The in-doubt row's identical header, counted before it leaves again."""
-        stored = self.store.presented_header(row.id)
+        stored = await self.store.presented_header(row.id)
         assert stored is not None and row.valid_before is not None
-        record = self.store.record_presentation(
+        record = await self.store.record_presentation(
             row.id, header_name=stored[0], header_value=stored[1], now=now
         )
         PAYMENT_ID.set(record.id)
@@ -390,16 +402,16 @@ class Payer:
         )
         return PaymentPlan(record.id, stored[0], stored[1], record, None, row.valid_before, represented=True)
 
-    def record_response(
+    async def record_response(
         self, plan: PaymentPlan, status: int, resp_headers: Mapping[str, str], body: bytes | None = None
     ) -> PaymentRecord:
         """Record how the server answered the paid request."""
-        return self.record_verdict(plan, settlement_verdict(status, resp_headers, body))
+        return await self.record_verdict(plan, settlement_verdict(status, resp_headers, body))
 
-    def record_verdict(self, plan: PaymentPlan, verdict: Verdict) -> PaymentRecord:
+    async def record_verdict(self, plan: PaymentPlan, verdict: Verdict) -> PaymentRecord:
         """Write a verdict (see `settlement_verdict`) to the payment's ledger row."""
         try:
-            return self._write_verdict(plan, verdict)
+            return await self._write_verdict(plan, verdict)
         except StoreError:
             self._remember_unrecorded(plan)
             raise
@@ -411,7 +423,7 @@ class Payer:
             plan.valid_before,
         )
 
-    def _write_verdict(self, plan: PaymentPlan, verdict: Verdict) -> PaymentRecord:
+    async def _write_verdict(self, plan: PaymentPlan, verdict: Verdict) -> PaymentRecord:
         now = self.clock()
         store = self.store
         state, reason = verdict.state, verdict.reason or ""
@@ -420,9 +432,9 @@ class Payer:
             state, reason = PaymentState.IN_DOUBT, f"presented again, refused: {reason}"
         try:
             if verdict.evidence:
-                store.add_evidence(plan.ledger_id, verdict.evidence)
+                await store.add_evidence(plan.ledger_id, verdict.evidence)
             if state is PaymentState.SETTLED:
-                return store.mark_settled(
+                return await store.mark_settled(
                     plan.ledger_id,
                     tx_hash=verdict.tx_hash,
                     payer=verdict.payer,
@@ -430,19 +442,19 @@ class Payer:
                     now=now,
                 )
             if state is PaymentState.SETTLED_UNDELIVERED:
-                record = store.mark_settled_undelivered(
+                record = await store.mark_settled_undelivered(
                     plan.ledger_id, reason=reason, tx_hash=verdict.tx_hash, now=now
                 )
                 log_undelivered(record)
                 return record
             if state is PaymentState.IN_DOUBT and plan.represented:
-                record = store.note_in_doubt(
+                record = await store.note_in_doubt(
                     plan.ledger_id, reason=_clip(reason), tx_hash=verdict.tx_hash, now=now
                 )
                 log.warning("payment #%s is still in doubt: %s", record.id, reason)
                 return record
             if state is PaymentState.IN_DOUBT:
-                record = store.mark_in_doubt(
+                record = await store.mark_in_doubt(
                     plan.ledger_id,
                     reason=_clip(reason),
                     tx_hash=verdict.tx_hash,
@@ -452,21 +464,21 @@ class Payer:
                 log.warning("payment #%s is in doubt: %s", record.id, reason)
                 return record
             if state is PaymentState.REJECTED:
-                return store.mark_rejected(plan.ledger_id, reason=reason, now=now)
-            return store.mark_unsettled(plan.ledger_id, reason=reason, now=now)
+                return await store.mark_rejected(plan.ledger_id, reason=reason, now=now)
+            return await store.mark_unsettled(plan.ledger_id, reason=reason, now=now)
         except StoreError as exc:
             if exc.kind != "transition":
                 raise
             log.warning("payment #%s already recorded: %s", plan.ledger_id, exc)
-            current = store.get(plan.ledger_id)
+            current = await store.get(plan.ledger_id)
             assert current is not None
             return current
 
-    def record_transport_failure(self, plan: PaymentPlan, error: BaseException | str) -> PaymentRecord:
+    async def record_transport_failure(self, plan: PaymentPlan, error: BaseException | str) -> PaymentRecord:
         """The paid request failed in transit: the payment may or may not settle. Never re-sign it."""
         text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         try:
-            return self.store.mark_in_doubt(
+            return await self.store.mark_in_doubt(
                 plan.ledger_id,
                 reason=_clip(f"transport failure after sending payment: {text}"),
                 now=self.clock(),
@@ -475,13 +487,13 @@ class Payer:
             if exc.kind != "transition":
                 self._remember_unrecorded(plan)
                 raise
-            current = self.store.get(plan.ledger_id)
+            current = await self.store.get(plan.ledger_id)
             assert current is not None
             return current
 
     # -- helpers ----------------------------------------------------------------------------------
 
-    def _context(
+    async def _context(
         self, request: PaymentRequestInfo, now: float, balances: Mapping[tuple[str, str], int] | None
     ) -> PaymentContext:
         host = normalize_host(request.host)
@@ -490,8 +502,8 @@ class Payer:
             host=host,
             url=request.url,
             now=now,
-            spent_today_global=self._spent(now, None),
-            spent_today_host=self._spent(now, host),
+            spent_today_global=await self._spent(now, None),
+            spent_today_host=await self._spent(now, host),
             balances=balances,
             in_doubt_payment_id=in_doubt_id,
         )
@@ -506,14 +518,14 @@ class Payer:
             return None
         return entry[0]
 
-    def _spent(self, now: float, host: str | None) -> int:
+    async def _spent(self, now: float, host: str | None) -> int:
         since = now - BUDGET_WINDOW_SECONDS
         units = spend_in_budget_units(
-            self.store.spent_since(since, host, now=now, chain_checked=self.chain_checked)
+            await self.store.spent_since(since, host, now=now, chain_checked=self.chain_checked)
         )
         if self.policy.dry_run:
             # A dry run counts its own simulated payments, so it shows when the budget would run out.
-            dry = self.store.list(state=PaymentState.DRY_RUN, host=host, since=since, limit=10_000)
+            dry = await self.store.list(state=PaymentState.DRY_RUN, host=host, since=since, limit=10_000)
             units += sum(to_budget_units(r.amount, r.decimals) for r in dry)
         return units
 

@@ -39,12 +39,14 @@ from proxy.payments.payer import log_undelivered
 from proxy.store.base import (
     CHAIN_CHECKED_STATES,
     RECONCILED_USED,
+    AsyncLedgerStore,
     ChainState,
     LedgerStore,
     PaymentRecord,
     PaymentState,
     StoreError,
 )
+from proxy.store.threaded import as_async
 
 log = logging.getLogger("x402_proxy.reconcile")
 
@@ -379,13 +381,13 @@ class Reconciler:
 
     def __init__(
         self,
-        store: LedgerStore,
+        store: LedgerStore | AsyncLedgerStore,
         rpc_urls: Mapping[str, str],
         *,
         interval: float = DEFAULT_INTERVAL,
         reader_factory: ReaderFactory | None = None,
     ) -> None:
-        self.store = store
+        self.store = as_async(store)  # the payer's, in the proxy: one ledger thread for every write
         self.rpc_urls = dict(rpc_urls)  # CAIP-2 -> JSON-RPC URL
         self.interval = interval
         self._reader_factory: ReaderFactory = reader_factory or Web3ChainReader
@@ -415,7 +417,7 @@ class Reconciler:
     async def _pass(self) -> PassReport:
         report = PassReport()
         try:
-            rows = list(reversed(self.store.list_unresolved()))  # oldest first
+            rows = list(reversed(await self.store.list_unresolved()))  # oldest first
         except StoreError as exc:
             log.error("cannot read unresolved payments from the ledger: %s", exc)
             return report
@@ -466,7 +468,7 @@ class Reconciler:
                     report.errors.append(row.id)
                     log.warning("cannot reconcile payment #%s now: %s", row.id, exc)
                     continue
-                self._apply(row, decide(row, facts), report)
+                await self._apply(row, decide(row, facts), report)
         finally:
             try:
                 await reader.close()
@@ -501,7 +503,7 @@ class Reconciler:
             )
         return ChainFacts(block, timestamp, used, tx_hash)
 
-    def _apply(self, row: PaymentRecord, verdict: Verdict, report: PassReport) -> None:
+    async def _apply(self, row: PaymentRecord, verdict: Verdict, report: PassReport) -> None:
         change = chain_state_change(row, verdict)
         if change is None:
             report.in_doubt.append(row.id)
@@ -511,7 +513,7 @@ class Reconciler:
         confirmed = chain_state is ChainState.USED and state is row.state and _same_tx(row, verdict)
         reason = (row.reason or "") if confirmed else ledger_reason(row, verdict)
         try:
-            record = self.store.record_chain_verdict(
+            record = await self.store.record_chain_verdict(
                 row.id, chain_state=chain_state, state=state, reason=reason, tx_hash=verdict.tx_hash
             )
         except StoreError as exc:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
 
@@ -83,7 +83,7 @@ class PaymentAttempt:
     refused_payment: int | None = None  # the ledger row behind a refusal (dry run, in doubt, undelivered)
 
 
-SettledHook = Callable[[PaymentAttempt], None]
+SettledHook = Callable[[PaymentAttempt], Awaitable[None]]
 
 
 class PaymentStage:
@@ -214,13 +214,13 @@ class PaymentStage:
         try:
             paid = await inner(paid_request)
         except UpstreamError as exc:
-            self._record_failure(plan, f"{exc.reason_code}: {exc.message}")
+            await self._record_failure(plan, f"{exc.reason_code}: {exc.message}")
             exc.extra_headers.append((PAYMENT_HEADER, str(plan.ledger_id)))
             raise
         except asyncio.CancelledError:
             # The drain deadline passed (or the client left) while the paid request was out: it may
             # still settle, so the row says `unknown` now rather than waiting for the next start.
-            self._record_failure(plan, "cancelled while the paid request was in flight")
+            await self._record_failure(plan, "cancelled while the paid request was in flight")
             raise
         checkpoint("payment.answered")
         rejection_body: bytes | None = None
@@ -243,11 +243,11 @@ class PaymentStage:
                 payer=verdict.payer or plan.record.payer,
             )
             try:
-                on_settled(PaymentAttempt(paid, settled, challenge_headers))
+                await on_settled(PaymentAttempt(paid, settled, challenge_headers))
             except Exception:  # the payment is recorded whatever happens to what it bought
                 log.exception("payment #%s: saving what it paid for failed", plan.ledger_id)
         try:
-            record = self.payer.record_verdict(plan, verdict)
+            record = await self.payer.record_verdict(plan, verdict)
         except StoreError as exc:
             # The money has moved and the answer is here: hand it over rather than lose what was paid
             # for. The payer keeps the payment in doubt, so this request is not paid for again.
@@ -263,9 +263,9 @@ class PaymentStage:
                 paid.extra_headers.append((RETRY_AFTER, str(max(1, int(wait)))))
         return paid, record
 
-    def _record_failure(self, plan: PaymentPlan, reason: str) -> None:
+    async def _record_failure(self, plan: PaymentPlan, reason: str) -> None:
         try:
-            self.payer.record_transport_failure(plan, reason)
+            await self.payer.record_transport_failure(plan, reason)
         except StoreError as exc:  # the payer keeps it in doubt in memory; the row says pending
             log.error("payment #%s: transport failure not recorded: %s", plan.ledger_id, exc)
 

@@ -269,17 +269,19 @@ class SessionStage:
             paid_for: list[Session] = []
             renewing = session
 
-            def save_session(settled: PaymentAttempt) -> None:
+            async def save_session(settled: PaymentAttempt) -> None:
                 # Runs before the ledger row says `settled` (see PaymentStage._pay): a crash in between
                 # leaves the session and an in-doubt row, never a settled payment without its session.
                 now = self._clock()
                 if renewing is None:
                     ttl, session_cap = _rule_terms(rule, settled)
                     paid_for.append(
-                        self._open(scope, url, settled, now, ttl_seconds=ttl, max_session_payment=session_cap)
+                        await self._open(
+                            scope, url, settled, now, ttl_seconds=ttl, max_session_payment=session_cap
+                        )
                     )
                 else:
-                    self._renew(renewing, url, settled, now)
+                    await self._renew(renewing, url, settled, now)
                     paid_for.append(renewing)
 
             attempt = await self._payments.attempt(
@@ -314,7 +316,7 @@ class SessionStage:
         sign in as the wallet that paid and, if it grants access, open the session that payment bought."""
         outcome = attempt.outcome
         extension = _challenge_extensions(outcome).get(SIWX_EXTENSION)
-        record = self._payments.payer.store.get(attempt.refused_payment or 0)
+        record = await self._payments.payer.store.get(attempt.refused_payment or 0)
         if (
             not isinstance(extension, dict)
             or self._wallet is None
@@ -337,12 +339,12 @@ class SessionStage:
         now = self._clock()
         claimed = PaymentAttempt(retried, record, outcome.response.headers)
         ttl, session_cap = _rule_terms(rule, claimed)
-        session = self._open(scope, url, claimed, now, ttl_seconds=ttl, max_session_payment=session_cap)
+        session = await self._open(scope, url, claimed, now, ttl_seconds=ttl, max_session_payment=session_cap)
         log.info("payment #%s was undelivered; Sign-In-With-X claimed it: session %s", record.id, session.id)
         self._used(session, retried, now)
         return retried
 
-    def _open(
+    async def _open(
         self,
         scope: Scope,
         url: NormalizedURL,
@@ -373,7 +375,7 @@ class SessionStage:
         checkpoint("session.before_save")
         self.manager.add(session)
         checkpoint("session.saved")
-        self._payments.payer.store.attach_session(record.id, session.id)
+        await self._payments.payer.store.attach_session(record.id, session.id)
         log.info(
             "session %s opened for %s %s (payment #%s)", session.id, scope.kind, scope.to_url(), record.id
         )
@@ -400,11 +402,13 @@ class SessionStage:
         async with self.manager.flight(scope.key):
             opened: list[Session] = []
 
-            def save_session(settled: PaymentAttempt) -> None:  # before the row says settled, as in _pay
+            async def save_session(
+                settled: PaymentAttempt,
+            ) -> None:  # before the row says settled, as in _pay
                 assert settled.record is not None
                 cap = None if max_amount is None else int(max_amount.scaleb(settled.record.decimals))
                 opened.append(
-                    self._open(
+                    await self._open(
                         scope,
                         url,
                         settled,
@@ -449,7 +453,7 @@ class SessionStage:
         signer = self._wallet.account if self._wallet is not None else None
         return credential_headers(session, url, [], self._kinds, self._clock(), signer)
 
-    def _renew(self, session: Session, url: NormalizedURL, attempt: PaymentAttempt, now: float) -> None:
+    async def _renew(self, session: Session, url: NormalizedURL, attempt: PaymentAttempt, now: float) -> None:
         record = attempt.record
         assert record is not None
         session.record_payment(record.id, record.amount)
@@ -469,7 +473,7 @@ class SessionStage:
         session.credentials = merge_credentials(session.credentials, captured, now)
         self._sign_token(session, record.tx_hash)
         self.manager.renewed(session)
-        self._payments.payer.store.attach_session(record.id, session.id)
+        await self._payments.payer.store.attach_session(record.id, session.id)
         log.info("session %s renewed (payment #%s)", session.id, record.id)
 
     def _siwx_offer_problem(self, url: NormalizedURL, attempt: PaymentAttempt, network: str) -> str | None:

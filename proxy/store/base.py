@@ -315,3 +315,116 @@ class LedgerStore(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class AsyncLedgerStore(Protocol):
+    """The ledger as the running proxy uses it: every call awaitable (see LedgerStore for what each
+    call does). The SQLite ledger runs behind it on a thread of its own (proxy/store/threaded.py), so a
+    slow or locked database delays only the requests that need it, never pass-through traffic."""
+
+    async def attach_session(self, payment_id: int, session_id: str) -> None: ...
+
+    async def insert_pending(self, new: NewPayment, *, now: float | None = None) -> PaymentRecord: ...
+
+    async def insert_dry_run(self, new: NewPayment, *, now: float | None = None) -> PaymentRecord: ...
+
+    async def set_authorization(
+        self, payment_id: int, *, nonce: str, valid_before: int, now: float | None = None
+    ) -> PaymentRecord: ...
+
+    async def mark_settled(
+        self,
+        payment_id: int,
+        *,
+        tx_hash: str | None = None,
+        payer: str | None = None,
+        reason: str | None = None,
+        now: float | None = None,
+    ) -> PaymentRecord: ...
+
+    async def mark_rejected(
+        self, payment_id: int, *, reason: str, now: float | None = None
+    ) -> PaymentRecord: ...
+
+    async def mark_unsettled(
+        self, payment_id: int, *, reason: str, now: float | None = None
+    ) -> PaymentRecord: ...
+
+    async def mark_in_doubt(
+        self,
+        payment_id: int,
+        *,
+        reason: str,
+        tx_hash: str | None = None,
+        delivered: bool = False,
+        now: float | None = None,
+    ) -> PaymentRecord: ...
+
+    async def note_in_doubt(
+        self, payment_id: int, *, reason: str, tx_hash: str | None = None, now: float | None = None
+    ) -> PaymentRecord: ...
+
+    async def mark_settled_undelivered(
+        self, payment_id: int, *, reason: str, tx_hash: str | None = None, now: float | None = None
+    ) -> PaymentRecord: ...
+
+    async def record_presentation(
+        self, payment_id: int, *, header_name: str, header_value: str, now: float | None = None
+    ) -> PaymentRecord: ...
+
+    async def presented_header(self, payment_id: int) -> tuple[str, str] | None: ...
+
+    async def record_chain_verdict(
+        self,
+        payment_id: int,
+        *,
+        chain_state: ChainState,
+        state: PaymentState,
+        reason: str,
+        tx_hash: str | None = None,
+        now: float | None = None,
+    ) -> PaymentRecord: ...
+
+    async def add_evidence(self, payment_id: int, evidence: str) -> None: ...
+
+    async def get(self, payment_id: int) -> PaymentRecord | None: ...
+
+    async def list(
+        self,
+        state: PaymentState | None = None,
+        host: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> Sequence[PaymentRecord]: ...
+
+    async def spent_since(
+        self,
+        since: float,
+        host: str | None = None,
+        *,
+        now: float | None = None,
+        chain_checked: frozenset[str] = frozenset(),
+    ) -> SpendTotals: ...
+
+    async def find_blocking(self, method: str, url: str, need: str | None) -> Sequence[PaymentRecord]: ...
+
+    async def hosts_since(self, since: float) -> Sequence[str]: ...
+
+    async def find_in_doubt(
+        self, method: str, url: str, *, still_valid_at: float
+    ) -> PaymentRecord | None: ...
+
+    async def recover_on_startup(self, *, now: float | None = None) -> Sequence[PaymentRecord]: ...
+
+    async def list_in_doubt(self) -> Sequence[PaymentRecord]: ...
+
+    async def list_unresolved(self, limit: int = 500) -> Sequence[PaymentRecord]: ...
+
+    async def close(self) -> None: ...
+
+
+def is_async_store(store: object) -> bool:
+    """Is `store` an AsyncLedgerStore (its calls awaitable) rather than a blocking LedgerStore?"""
+    import inspect
+
+    return inspect.iscoroutinefunction(getattr(store, "insert_pending", None))

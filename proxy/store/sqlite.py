@@ -1,9 +1,10 @@
 """SQLite ledger: WAL + synchronous=FULL, so a committed row survives a crash or power loss.
 
-One connection per store, used under a lock: safe to call from any thread, though the proxy calls
-it from the event-loop thread (each call is a local write of a few hundred bytes, ~1 ms with the
-fsync). Other components (sessions) can keep their tables in the same file: ``schema_version``
-is keyed by component, and ``open_database`` / ``apply_migrations`` are reusable.
+One connection per store, used under a lock: safe to call from any thread. The running proxy calls
+it through ``proxy/store/threaded.py`` (``AsyncLedgerStore``), on a thread of its own, so an fsync
+(~1 ms) or a lock held by another process (up to the 5 s busy timeout) never stalls the event loop.
+Other components (sessions) can keep their tables in the same file: ``schema_version`` is keyed by
+component, and ``open_database`` / ``apply_migrations`` are reusable.
 """
 
 from __future__ import annotations
