@@ -47,6 +47,8 @@ BODY_HIGH_WATER: Final = 256 * 1024
 BODY_LOW_WATER: Final = 64 * 1024
 # A head may hold many fields of up to `max_header_bytes` each; this bounds the whole of it.
 HEAD_FIELDS_FACTOR: Final = 64
+# Seconds a request aborted at the drain deadline gets to finish its cancellation (see `shutdown`).
+CANCEL_GRACE: Final = 5.0
 
 
 class ClientBodyError(ConnectionError):
@@ -193,6 +195,9 @@ class ClientConnections:
         """End idle connections now, busy ones after their current answer; abort the rest at the timeout.
 
         A WebSocket relay is busy until one side closes it: it runs until the timeout, as any answer.
+        An aborted request's task is cancelled and may still have to record what it leaves behind (a
+        paid request cut at the deadline is written down as in doubt, which takes the ledger's thread):
+        those tasks get up to `CANCEL_GRACE` seconds to finish before this returns.
         """
         self._all_closed = asyncio.Event()
         for conn in list(self.connections):
@@ -202,8 +207,11 @@ class ClientConnections:
                 async with asyncio.timeout(drain_timeout):
                     await self._all_closed.wait()
             except TimeoutError:
+                busy = [conn.task for conn in self.connections if conn.task is not None]
                 for conn in list(self.connections):
                     conn.abort()
+                if busy:
+                    await asyncio.wait(busy, timeout=CANCEL_GRACE)
 
 
 def _without_upgrade(method: bytes, url: bytes, version: str, raw_headers: list[tuple[str, str]]) -> bytes:
@@ -484,6 +492,11 @@ class ClientConnection(asyncio.Protocol):
         self._update_reading()
         if held:
             self.data_received(bytes(held))
+
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The task serving the active request, if any."""
+        return self._task
 
     def keep_alive(self, request: ClientRequest) -> bool:
         """May this connection carry another request after the answer to `request`?"""
