@@ -772,14 +772,16 @@ def wait_file(path: Path, proc: subprocess.Popen[bytes] | None, timeout: float) 
     return path.exists()
 
 
-def start_x402(ctx: Ctx) -> Contender:
-    c = Contender("x402", "x402-proxy")
+def start_x402(ctx: Ctx, key: str = "x402", default_config: bool = False) -> Contender:
+    """x402-proxy with a generated config. `default_config`: the logging people run (level info, the
+    access log on, plain lines to the log file) instead of the quiet settings of the other contenders."""
+    c = Contender(key, "x402-proxy, default config" if default_config else "x402-proxy")
     exe = Path(ctx.args.x402_bin)
     c.version = pkg_version("x402-proxy")
     if not exe.exists():
         c.unavailable = f"not startable: {exe} not found"
         return c
-    d = WORK / "x402"
+    d = WORK / key
     home = d / "home"
     shutil.rmtree(home, ignore_errors=True)  # fresh state (and CA) every run
     home.mkdir(parents=True)
@@ -794,6 +796,8 @@ def start_x402(ctx: Ctx) -> Contender:
         # the admin API defaults to the proxy port + 1, which may be taken: give it a free one
         "admin": {"listen": f"{LOOP}:{free_port(ctx.taken)}"},
     }
+    if default_config:
+        del conf["log"]
     if ctx.args.x402_config_extra:
         import tomllib
 
@@ -804,7 +808,7 @@ def start_x402(ctx: Ctx) -> Contender:
     logf = d / "proxy.log"
     # X402_PROXY_* variables would override the file: keep the run reproducible
     env = {k: v for k, v in os.environ.items() if not k.startswith("X402_PROXY_")}
-    c.proc = ctx.procs.start("x402-proxy", argv, ctx.proxy_cpus, logf, env=env, replace_env=True)
+    c.proc = ctx.procs.start(key, argv, ctx.proxy_cpus, logf, env=env, replace_env=True)
     why = wait_port(c.port, c.proc, ctx.args.start_timeout)
     if why:
         c.unavailable = f"not startable: {why}; log: {tail(logf)[:300]}"
@@ -1153,6 +1157,8 @@ def median_of(row: dict[str, Any], path: Callable[[dict[str, Any]], float]) -> f
 # --------------------------------------------------------------------------------------
 
 ORDER = ("direct", "x402", "tinyproxy", "mitmproxy")
+# Contenders that only scenario 1 measures: x402-proxy as people run it (access log on).
+PLAIN_ONLY = ("x402default",)
 
 
 def _cases(
@@ -1176,7 +1182,8 @@ def _cases(
 
 def scenario_plain_http(ctx: Ctx) -> dict[str, Any]:
     a = ctx.args
-    cases = _cases(ctx, ORDER, lambda c: lambda d: run_wrk(ctx, c, a.connections, int(d)))
+    keys = ("direct", "x402", "x402default", "tinyproxy", "mitmproxy")
+    cases = _cases(ctx, keys, lambda c: lambda d: run_wrk(ctx, c, a.connections, int(d)))
     rows = measure(ctx, "plain_http", cases, a.warmup, a.duration, a.rounds, "req/s")
     return {
         "title": f"1. Plain HTTP keep-alive throughput (wrk, {a.connections} conns)",
@@ -1394,6 +1401,13 @@ TARGETS: list[tuple[str, Callable[[dict[str, Any]], float | None], str, float, s
         lambda r: _ratio(_get(r, "plain_http", "x402"), _get(r, "plain_http", "mitmproxy")),
         ">=",
         10.0,
+        "x",
+    ),
+    (
+        "plain HTTP: default config (access log on) / access log off",
+        lambda r: _ratio(_get(r, "plain_http", "x402default"), _get(r, "plain_http", "x402")),
+        ">=",
+        0.85,
         "x",
     ),
     (
@@ -1617,7 +1631,11 @@ def main() -> int:
         help="scenario 3: everything on the proxy CPU (default) or the throughput pinning",
     )
     ap.add_argument("--only", default="", help=f"comma list of scenarios: {','.join(SCENARIOS)}")
-    ap.add_argument("--contenders", default=",".join(ORDER), help="comma list of " + ",".join(ORDER))
+    ap.add_argument(
+        "--contenders",
+        default=",".join(ORDER + PLAIN_ONLY),
+        help="comma list of " + ",".join(ORDER + PLAIN_ONLY),
+    )
     ap.add_argument("--https-client", choices=("python", "hey"), default="python")
     ap.add_argument("--x402-bin", default=str(ROOT / ".venv" / "bin" / "x402-proxy"))
     ap.add_argument(
@@ -1714,7 +1732,12 @@ def main() -> int:
         log("starting origin (nginx)")
         start_origin(ctx)
         ctx.contenders["direct"] = Contender("direct", "direct (no proxy)", ca_file=ctx.origin_ca)
-        starters = {"x402": start_x402, "tinyproxy": start_tinyproxy, "mitmproxy": start_mitm}
+        starters: dict[str, Callable[[Ctx], Contender]] = {
+            "x402": start_x402,
+            "x402default": lambda ctx: start_x402(ctx, "x402default", default_config=True),
+            "tinyproxy": start_tinyproxy,
+            "mitmproxy": start_mitm,
+        }
         for key, fn in starters.items():
             if key in wanted:
                 log(f"starting {key}")

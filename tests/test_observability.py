@@ -235,3 +235,68 @@ def test_cut_answers_and_upgrade_handovers_get_one_line_each(
     # Counted like every answer: head and body (aiohttp's path used to log only the upstream's length).
     assert handed["bytes"] == len(answers[len(first) :])
     assert len(answers[len(first) :].partition(b"\r\n\r\n")[2]) < handed["bytes"]
+
+
+# -- the access line built off the hot path is the line the formatters write --------------------------------
+
+
+def _formatted(fmt: str, done: Any, now: float, monkeypatch: Any) -> tuple[str, str]:
+    """(the fast line, what the logging formatter makes of the same record) at a fixed clock."""
+    import logging
+
+    from proxy.observability import access_log
+    from proxy.observability.logs import FIELDS_ATTR, ContextFilter, JsonFormatter, PlainFormatter
+
+    monkeypatch.setattr(access_log.time, "perf_counter", lambda: done.started + 0.0123456)
+    monkeypatch.setattr(access_log.time, "time", lambda: now)
+    monkeypatch.setattr(access_log.time, "time_ns", lambda: int(now * 1e9))
+    build = access_log.plain_line if fmt == "plain" else access_log.json_line
+    fast = build(done, now)
+    message, fields = access_log.fields_of(
+        done.method, done.host, done.status, done.bytes_sent, 12.3456, done.error, done.outcome
+    )
+    record = logging.getLogger("x402_proxy.access").makeRecord(
+        "x402_proxy.access", logging.INFO, __file__, 1, "%s", (message,), None, extra={FIELDS_ATTR: fields}
+    )
+    ContextFilter().filter(record)
+    formatter = PlainFormatter() if fmt == "plain" else JsonFormatter()
+    return fast, formatter.format(record) + "\n"
+
+
+def test_access_line_text_is_what_the_formatters_write(monkeypatch: Any) -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from proxy.engine.exchange import Outcome
+    from proxy.engine.request_handler import CompletedRequest
+    from proxy.observability.context import PAYMENT_ID, REQUEST_ID, SESSION_ID
+
+    class Answer:
+        status, reason, content_length = 200, "OK", 0
+        headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
+
+    paid = Outcome(Answer(), extra_headers=[(SESSION, "s-1"), (PAYMENT, "7")])  # type: ignore[arg-type]
+    refused = Outcome(Answer(), extra_headers=[("X-402-Proxy-Error", "budget_exhausted")])  # type: ignore[arg-type]
+    cases = [
+        (CompletedRequest("GET", "Example.COM.", 200, 478, 100.0, None), {}),
+        (CompletedRequest("GET", "127.0.0.2", 200, 478, 100.0, None), {"request": "ab12-2"}),  # the usual line
+        (CompletedRequest("HEAD", "127.0.0.2", 200, None, 100.0, None), {"request": "ab12-5"}),
+        (CompletedRequest("POST", "127.0.0.2", 200, 99, 100.0, paid), {"request": "ab12-3"}),
+        (CompletedRequest("GET", "127.0.0.2", 402, 512, 100.0, refused), {"request": "ab12-4", "session": "s-1"}),
+        (CompletedRequest("GET", "", 407, 308, 100.0, None, "proxy_auth_required"), {}),
+        (CompletedRequest("GET", "127.0.0.2", 499, 0, 100.0, None, "client_gone"), {"payment": 7}),
+    ]
+    for now in (1_796_000_000.0004, 1_796_000_000.9996, 1_796_003_599.5):
+        for done, ids in cases:
+            tokens = [
+                REQUEST_ID.set(ids.get("request")),  # type: ignore[arg-type]
+                SESSION_ID.set(ids.get("session")),  # type: ignore[arg-type]
+                PAYMENT_ID.set(ids.get("payment")),  # type: ignore[arg-type]
+            ]
+            try:
+                for fmt in ("plain", "json"):
+                    fast, formatted = _formatted(fmt, done, now, monkeypatch)
+                    assert fast == formatted, (fmt, done)
+            finally:
+                REQUEST_ID.reset(tokens[0])
+                SESSION_ID.reset(tokens[1])
+                PAYMENT_ID.reset(tokens[2])

@@ -6,18 +6,24 @@ is out, so `bytes` counts what was written to the client and `ms` runs to the an
 requests refused before the stages (407, a bad target, self_target) get a line too. `access_stage` is
 the outermost stage: it names the request in the log context, so every line logged while the stages
 work on it carries its `request_id`.
+
+The line is off the hot path: it is built as finished text (exactly what `logs.PlainFormatter` or
+`logs.JsonFormatter` would make of the record, without a LogRecord, filters or handler locks) and
+appended to the `LineWriter`, whose thread writes lines in batches.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.request_handler import CompletedRequest, CompletionHook
 from proxy.hosts import normalize_host
 from proxy.observability.context import PAYMENT_ID, REQUEST_ID, SESSION_ID
-from proxy.observability.logs import FIELDS_ATTR
+from proxy.observability.logs import FIELDS_ATTR, access_sink, plain_value
 
 log = logging.getLogger("x402_proxy.access")
 
@@ -53,11 +59,64 @@ def access_hook(enabled: bool) -> CompletionHook | None:
     """The request handler's completion hook: the access line of a request whose answer is out (None: off)."""
     if not enabled:
         return None
+    sink = access_sink()
+    if sink is None:  # logging not configured by us (embedded use): an ordinary record
+
+        def logged(done: CompletedRequest) -> None:
+            size = done.bytes_sent
+            _line(done.method, done.host, done.status, size, done.started, done.error, done.outcome)
+
+        return logged
+    writer, fmt = sink
+    build = plain_line if fmt == "plain" else json_line
+    enabled_for = log.isEnabledFor
+    add = writer.add
 
     def completed(done: CompletedRequest) -> None:
-        _line(done.method, done.host, done.status, done.bytes_sent, done.started, done.error, done.outcome)
+        if enabled_for(logging.INFO):  # e.g. level = "warning": no line is built
+            add(build(done, time.time()))
 
     return completed
+
+
+def fields_of(
+    method: str,
+    host: str | None,
+    status: int,
+    size: int | None,
+    millis: float,
+    error: str | None,
+    outcome: Outcome | None,
+) -> tuple[str, dict[str, object]]:
+    """(message, fields) of an access line: what docs/logs.md lists, in that order."""
+    session_id = payment_id = None
+    if outcome is not None:
+        for name, value in outcome.extra_headers:  # a few at most: what the stages added
+            lower = name.lower()
+            if lower == _SESSION_HEADER:
+                session_id = value
+            elif lower == _PAYMENT_HEADER:
+                payment_id = value
+            elif lower == _ERROR_HEADER and error is None:
+                error = value
+    host = normalize_host(host) if host else "-"  # the canonical host, as the policy and ledger name it
+    shown: object = size if size is not None else "-"
+    fields: dict[str, object] = {
+        "method": method,
+        "host": host,
+        "status": status,
+        "bytes": shown,
+        "ms": round(millis, 3),
+        "paid": payment_id is not None,
+        "session": session_id is not None,
+    }
+    if error:
+        fields["error"] = error
+    if session_id is not None:
+        fields["session_id"] = session_id
+    if payment_id is not None:
+        fields["payment_id"] = payment_id
+    return f"{method} {host} {status} {shown}", fields
 
 
 def _line(
@@ -72,9 +131,47 @@ def _line(
     if not log.isEnabledFor(logging.INFO):  # e.g. level = "warning": the line would be dropped anyway
         return
     millis = (time.perf_counter() - started) * 1000
+    message, fields = fields_of(method, host, status, size, millis, error, outcome)
+    log.info("%s", message, extra={FIELDS_ATTR: fields})
+
+
+# Timestamps change once a second: the formatted second is kept (local time for plain, UTC for json).
+_plain_second: list[object] = [-1, ""]
+_json_second: list[object] = [-1, ""]
+
+
+def _stamp(cache: list[object], now: float, convert: Callable[[float], time.struct_time], fmt: str) -> str:
+    second = int(now)
+    if cache[0] != second:
+        cache[0], cache[1] = second, time.strftime(fmt, convert(now))
+    return str(cache[1])
+
+
+def _plain(value: object) -> str:
+    """`plain_value`, with the types no quoting ever applies to (digits, a dot, True/False) taken at once."""
+    kind = type(value)
+    if kind is int or kind is bool or kind is float:
+        return str(value)
+    return plain_value(value)
+
+
+# (method, host, status, bytes) -> the message and the "method=... bytes=..." run of a plain line.
+_plain_heads: dict[tuple[str, str, int, int | None], tuple[str, str]] = {}
+_PLAIN_HEADS_MAX = 4096
+
+
+def plain_line(done: CompletedRequest, now: float) -> str:
+    """The access line as `PlainFormatter` writes it, for a record created at `now`.
+
+    Built by hand in the order `fields_of` and the log context give (context ids first, then the
+    fields, an id the stages reported replacing the context's value where both have it); the part
+    that depends only on method, host, status and bytes is kept per combination.
+    """
     session_id = payment_id = None
+    error = done.error
+    outcome = done.outcome
     if outcome is not None:
-        for name, value in outcome.extra_headers:  # a few at most: what the stages added
+        for name, value in outcome.extra_headers:
             lower = name.lower()
             if lower == _SESSION_HEADER:
                 session_id = value
@@ -82,20 +179,113 @@ def _line(
                 payment_id = value
             elif lower == _ERROR_HEADER and error is None:
                 error = value
-    host = normalize_host(host) if host else "-"  # the canonical host, as the policy and ledger name it
-    fields: dict[str, object] = {
-        "method": method,
-        "host": host,
-        "status": status,
-        "bytes": size if size is not None else "-",
-        "ms": round(millis, 3),
-        "paid": payment_id is not None,
-        "session": session_id is not None,
-    }
+    key = (done.method, done.host, done.status, done.bytes_sent)
+    head = _plain_heads.get(key)
+    if head is None:
+        host = normalize_host(done.host) if done.host else "-"
+        shown = done.bytes_sent if done.bytes_sent is not None else "-"
+        method = done.method
+        head = (
+            f"{method} {host} {done.status} {shown}",
+            f"method={plain_value(method)} host={plain_value(host)} "
+            f"status={done.status} bytes={_plain(shown)}",
+        )
+        if len(_plain_heads) >= _PLAIN_HEADS_MAX:
+            _plain_heads.clear()
+        _plain_heads[key] = head
+    request_id, context_session, context_payment = REQUEST_ID.get(), SESSION_ID.get(), PAYMENT_ID.get()
+    millis = round((time.perf_counter() - done.started) * 1000, 3)
+    msecs = int((now - int(now)) * 1000)  # LogRecord.msecs
+    stamp = _stamp(_plain_second, now, time.localtime, "%Y-%m-%d %H:%M:%S")
+    if (
+        request_id is not None
+        and context_session is None
+        and context_payment is None
+        and session_id is None
+        and payment_id is None
+        and not error
+    ):  # the usual request: neither paid nor in a session, no error
+        return (
+            f"{stamp},{msecs:03d} INFO x402_proxy.access {head[0]} request_id={plain_value(request_id)} "
+            f"{head[1]} ms={millis} paid=False session=False\n"
+        )
+    parts: list[str] = []
+    if request_id is not None:
+        parts.append(f"request_id={plain_value(request_id)}")
+    if context_session is not None:
+        parts.append(f"session_id={plain_value(session_id if session_id is not None else context_session)}")
+    if context_payment is not None:
+        parts.append(f"payment_id={_plain(payment_id if payment_id is not None else context_payment)}")
+    parts.append(head[1])
+    parts.append(f"ms={millis} paid={payment_id is not None} session={session_id is not None}")
     if error:
-        fields["error"] = error
-    if session_id is not None:
-        fields["session_id"] = session_id
-    if payment_id is not None:
-        fields["payment_id"] = payment_id
-    log.info("%s %s %s %s", method, host, status, fields["bytes"], extra={FIELDS_ATTR: fields})
+        parts.append(f"error={plain_value(error)}")
+    if session_id is not None and context_session is None:
+        parts.append(f"session_id={plain_value(session_id)}")
+    if payment_id is not None and context_payment is None:
+        parts.append(f"payment_id={plain_value(payment_id)}")
+    return f"{stamp},{msecs:03d} INFO x402_proxy.access {head[0]} {' '.join(parts)}\n"
+
+
+# (method, host, status, bytes) -> the "msg" and the '"method":...,"bytes":...' run of a json line.
+_json_heads: dict[tuple[str, str, int, int | None], tuple[str, str]] = {}
+
+
+def _json(value: object) -> str:
+    """One value as `json.dumps(..., default=str)` writes it."""
+    kind = type(value)
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    return json.dumps(value if kind is str or kind is float else str(value))
+
+
+def json_line(done: CompletedRequest, now: float) -> str:
+    """The access line as `JsonFormatter` writes it, for a record created at `now` (built as `plain_line`)."""
+    session_id = payment_id = None
+    error = done.error
+    outcome = done.outcome
+    if outcome is not None:
+        for name, value in outcome.extra_headers:
+            lower = name.lower()
+            if lower == _SESSION_HEADER:
+                session_id = value
+            elif lower == _PAYMENT_HEADER:
+                payment_id = value
+            elif lower == _ERROR_HEADER and error is None:
+                error = value
+    key = (done.method, done.host, done.status, done.bytes_sent)
+    head = _json_heads.get(key)
+    if head is None:
+        host = normalize_host(done.host) if done.host else "-"
+        shown: object = done.bytes_sent if done.bytes_sent is not None else "-"
+        method = done.method
+        head = (
+            _json(f"{method} {host} {done.status} {shown}"),
+            f'"method":{_json(method)},"host":{_json(host)},"status":{done.status},"bytes":{_json(shown)}',
+        )
+        if len(_json_heads) >= _PLAIN_HEADS_MAX:
+            _json_heads.clear()
+        _json_heads[key] = head
+    msecs = int((now - int(now)) * 1000)
+    stamp = _stamp(_json_second, now, time.gmtime, "%Y-%m-%dT%H:%M:%S")
+    parts = [f'{{"ts":"{stamp}.{msecs:03d}Z","level":"info","logger":"x402_proxy.access","msg":{head[0]}']
+    request_id, context_session, context_payment = REQUEST_ID.get(), SESSION_ID.get(), PAYMENT_ID.get()
+    if request_id is not None:
+        parts.append(f'"request_id":{_json(request_id)}')
+    if context_session is not None:
+        parts.append(f'"session_id":{_json(session_id if session_id is not None else context_session)}')
+    if context_payment is not None:
+        parts.append(f'"payment_id":{_json(payment_id if payment_id is not None else context_payment)}')
+    parts.append(head[1])
+    millis = round((time.perf_counter() - done.started) * 1000, 3)
+    parts.append(f'"ms":{_json(millis)},"paid":{_json(payment_id is not None)}')
+    parts.append(f'"session":{_json(session_id is not None)}')
+    if error:
+        parts.append(f'"error":{_json(error)}')
+    if session_id is not None and context_session is None:
+        parts.append(f'"session_id":{_json(session_id)}')
+    if payment_id is not None and context_payment is None:
+        parts.append(f'"payment_id":{_json(payment_id)}')
+    return ",".join(parts) + "}\n"
