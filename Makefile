@@ -27,10 +27,13 @@ $(STACK)/node_modules/.installed: $(STACK)/package.json $(STACK)/package-lock.js
 
 npm: $(STACK)/node_modules/.installed
 
-# Debian packages the tests use as real clients or peers.
-APT_TEST := curl faketime chromium
+# Debian packages the tests use as real clients or peers. postgresql: the tests start a throwaway server
+# from its binaries in /usr/lib/postgresql/<N>/bin (tests/support/postgres.py), not the system service.
+APT_TEST := curl faketime chromium postgresql
 apt-test:
-	@missing=""; for p in $(APT_TEST); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_TEST); do \
+		if [ "$$p" = postgresql ]; then ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing $$p"; \
+		else command -v $$p >/dev/null || missing="$$missing $$p"; fi; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 lint: $(STAMP)

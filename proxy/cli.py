@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     from proxy.health_cli import add_parser as add_health_parser
 
     add_health_parser(sub, common)
+
+    from proxy.store_cli import add_parser as add_store_parser
+
+    add_store_parser(sub, common)
     return parser
 
 
@@ -110,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "audit": _admin,
         "approvals": _admin,
         "health": _health,
+        "store": _store,
     }[args.command]
     return handler(args, config, home)
 
@@ -208,6 +213,12 @@ def _admin(args: argparse.Namespace, config: Config, home: Path) -> int:
 
 def _health(args: argparse.Namespace, config: Config, home: Path) -> int:
     from proxy.health_cli import run
+
+    return run(args, config, home)
+
+
+def _store(args: argparse.Namespace, config: Config, home: Path) -> int:
+    from proxy.store_cli import run
 
     return run(args, config, home)
 

@@ -17,6 +17,7 @@ from proxy.payments.policy import PolicyConfig
 from proxy.payments.reconcile import ReconcileSettings
 from proxy.payments.wallet import WalletConfig
 from proxy.sessions.settings import SessionSettings
+from proxy.store.settings import StoreSettings, redact_url
 
 __all__ = ["Config", "ConfigError", "LogSettings", "load_config", "redacted"]
 
@@ -43,6 +44,8 @@ class Config:
     rpc: dict[str, str] = field(default_factory=dict)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
+    # Where the ledger lives: the SQLite file in the home directory, or a PostgreSQL URL shared by a fleet.
+    store: StoreSettings = field(default_factory=StoreSettings)
     # Where the config came from, for messages; not a config key.
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -59,6 +62,7 @@ TOP_LEVEL = {
     "reconcile",
     "sessions",
     "admin",
+    "store",
 }
 SECRET_KEYS = ("password", "token", "private_key", "passphrase", "secret")
 
@@ -99,4 +103,7 @@ def redacted(config: Config) -> dict[str, Any]:
         return node
 
     result: dict[str, Any] = scrub(plain)
+    # A database URL may carry a password: show it without (user, host, port, database stay readable).
+    if result.get("store", {}).get("url"):
+        result["store"]["url"] = redact_url(result["store"]["url"])
     return result

@@ -10,6 +10,7 @@ import pytest
 from tests.stack import PyServer, Stack
 from tests.stack.fixtures import x402_stack
 from tests.support.certs import UpstreamCA
+from tests.support.postgres import postgres_server, postgres_url  # noqa: F401
 from tests.support.proxy_process import ProxyProcess
 from tests.support.upstream import Upstream, start_upstream
 

@@ -57,7 +57,7 @@ def test_quickstart_demo_serve_then_env_and_curl() -> None:
     assert code == 0
 
 
-GROUPS = ("ca", "config", "wallet", "sessions")
+GROUPS = ("ca", "config", "wallet", "sessions", "store")
 
 
 def readme_commands() -> set[tuple[str, ...]]:
