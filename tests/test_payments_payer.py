@@ -465,3 +465,17 @@ async def test_on_402_latency(store: SqliteLedgerStore, wallet: Wallet, clock: F
     median_ms = statistics.median(timings) * 1000
     print(f"on_402 median {median_ms:.2f} ms over 200 calls")
     assert median_ms < 100
+
+
+async def test_a_lone_surrogate_in_the_servers_text_is_recorded_not_raised(
+    store: SqliteLedgerStore, wallet: Wallet, clock: FakeClock
+) -> None:
+    # JSON may carry "\ud800", which no UTF-8 database can store: the outcome must still be written.
+    payer = make_payer(store, wallet, clock)
+    plan = await pay(payer)
+    failed = receipt(success=False, errorReason="bad \ud800 reason", transaction="")
+    record = await payer.record_response(plan, 402, {"PAYMENT-RESPONSE": failed})
+    assert record.state is PaymentState.REJECTED and record.reason == "bad ? reason"
+    plan = await pay(payer)
+    record = await payer.record_transport_failure(plan, "reset \udfff")
+    assert record.state is PaymentState.IN_DOUBT and "reset ?" in (record.reason or "")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.payments.headers import PAYMENT_REQUIRED, PAYMENT_RESPONSE, X_PAYMENT_RESPONSE, get_header
+from proxy.store.base import safe_text
 
 MAX_RECEIPT_CHARS = 16 * 1024
 _ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
@@ -108,5 +109,5 @@ def _decode(value: str) -> dict[str, Any] | None:
 
 def _short_text(value: Any, limit: int = 200) -> str | None:
     if isinstance(value, str) and value.strip():
-        return value.strip()[:limit]
+        return safe_text(value.strip()[:limit])
     return None

@@ -428,3 +428,11 @@ def is_async_store(store: object) -> bool:
     import inspect
 
     return inspect.iscoroutinefunction(getattr(store, "insert_pending", None))
+
+
+def safe_text(value: str | None) -> str | None:
+    """Text a database can hold: lone surrogates (JSON allows "\\ud800") become "?". A hostile
+    server's error text must never turn a payment's outcome into an unwritable row."""
+    if value is None:
+        return None
+    return value.encode("utf-8", "replace").decode("utf-8") if not value.isascii() else value

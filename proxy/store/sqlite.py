@@ -31,6 +31,7 @@ from proxy.store.base import (
     PaymentState,
     SpendTotals,
     StoreError,
+    safe_text,
 )
 
 BUSY_TIMEOUT_MS = 5000
@@ -402,7 +403,7 @@ class SqliteLedgerStore:
                     new.valid_before,
                     new.payment_id,
                     new.payer,
-                    new.reason,
+                    safe_text(new.reason),
                     new.session_id,
                     new.need or f"request {new.method.upper()} {new.url}",
                     new.approved_by,
@@ -467,7 +468,7 @@ class SqliteLedgerStore:
                 raise StoreError(f"payment #{payment_id} is {record.state}, not in doubt", "transition")
             conn.execute(
                 "UPDATE payments SET reason = ?, tx_hash = COALESCE(?, tx_hash), updated_at = ? WHERE id = ?",
-                (reason, tx_hash, self._now(now), payment_id),
+                (safe_text(reason), safe_text(tx_hash), self._now(now), payment_id),
             )
             return self._fetch(conn, payment_id)
 
@@ -525,7 +526,14 @@ class SqliteLedgerStore:
             conn.execute(
                 "UPDATE payments SET state = ?, chain_state = ?, reason = ?, tx_hash = COALESCE(?, tx_hash), "
                 "updated_at = ? WHERE id = ?",
-                (state.value, chain_state.value, reason, tx_hash, self._now(now), payment_id),
+                (
+                    state.value,
+                    chain_state.value,
+                    safe_text(reason),
+                    safe_text(tx_hash),
+                    self._now(now),
+                    payment_id,
+                ),
             )
             return self._fetch(conn, payment_id)
 
@@ -555,7 +563,15 @@ class SqliteLedgerStore:
             conn.execute(
                 "UPDATE payments SET state = ?, updated_at = ?, reason = COALESCE(?, reason), "
                 "tx_hash = COALESCE(?, tx_hash), payer = COALESCE(?, payer), delivered = ? WHERE id = ?",
-                (target.value, self._now(now), reason, tx_hash, payer, int(delivered), payment_id),
+                (
+                    target.value,
+                    self._now(now),
+                    safe_text(reason),
+                    safe_text(tx_hash),
+                    safe_text(payer),
+                    int(delivered),
+                    payment_id,
+                ),
             )
             return self._fetch(conn, payment_id)
 
