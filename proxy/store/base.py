@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 
 class PaymentState(StrEnum):
@@ -436,3 +436,39 @@ def safe_text(value: str | None) -> str | None:
     if value is None:
         return None
     return value.encode("utf-8", "replace").decode("utf-8") if not value.isascii() else value
+
+
+def record_from_row(row: Any) -> PaymentRecord:
+    """A ledger row (sqlite3.Row, an asyncpg Record: anything indexed by column name) as a record."""
+    return PaymentRecord(
+        id=int(row["id"]),
+        created_at=float(row["created_at"]),
+        updated_at=float(row["updated_at"]),
+        state=PaymentState(row["state"]),
+        amount=int(row["amount"]),
+        decimals=int(row["decimals"]),
+        asset=row["asset"],
+        network=row["network"],
+        pay_to=row["pay_to"],
+        host=row["host"],
+        method=row["method"],
+        url=row["url"],
+        x402_version=int(row["x402_version"]),
+        scheme=row["scheme"],
+        resource=row["resource"],
+        nonce=row["nonce"],
+        valid_before=None if row["valid_before"] is None else int(row["valid_before"]),
+        payment_id=row["payment_id"],
+        payer=row["payer"],
+        tx_hash=row["tx_hash"],
+        reason=row["reason"],
+        session_id=row["session_id"],
+        need=row["need"],
+        delivered=bool(row["delivered"]),
+        chain_state=None if row["chain_state"] is None else ChainState(row["chain_state"]),
+        presentations=int(row["presentations"]),
+        last_presented_at=None if row["last_presented_at"] is None else float(row["last_presented_at"]),
+        evidence=row["evidence"],
+        approved_by=row["approved_by"],
+        approved_at=None if row["approved_at"] is None else float(row["approved_at"]),
+    )

@@ -47,6 +47,7 @@ from proxy.store.base import (
     PaymentState,
     SpendTotals,
     StoreError,
+    record_from_row,
 )
 from proxy.store.settings import REDACTED, redact_url
 from proxy.store.sqlite import LEDGER_COMPONENT, MAX_LIST_LIMIT, Migration
@@ -497,7 +498,7 @@ class PostgresLedgerStore:
                 self.owner if state is PaymentState.PENDING else None,
             )
             assert row is not None
-            return _record(row)
+            return record_from_row(row)
 
         return await self._write(None, insert)
 
@@ -517,7 +518,7 @@ class PostgresLedgerStore:
                 await self._refuse(
                     conn, payment_id, lambda r: f"payment #{payment_id} is {r.state}, not pending"
                 )
-            return _record(row)
+            return record_from_row(row)
 
         return await self._write(payment_id, update)
 
@@ -595,7 +596,7 @@ class PostgresLedgerStore:
                 await self._refuse(
                     conn, payment_id, lambda r: f"payment #{payment_id} is {r.state}; cannot mark it {target}"
                 )
-            return _record(row)
+            return record_from_row(row)
 
         return await self._write(payment_id, update)
 
@@ -615,7 +616,7 @@ class PostgresLedgerStore:
                 await self._refuse(
                     conn, payment_id, lambda r: f"payment #{payment_id} is {r.state}, not in doubt"
                 )
-            return _record(row)
+            return record_from_row(row)
 
         return await self._write(payment_id, update)
 
@@ -635,7 +636,7 @@ class PostgresLedgerStore:
                 await self._refuse(
                     conn, payment_id, lambda r: f"payment #{payment_id} is {r.state}; it is not presented"
                 )
-            return _record(row)
+            return record_from_row(row)
 
         return await self._write(payment_id, update)
 
@@ -688,7 +689,7 @@ class PostgresLedgerStore:
                         f"the chain's {chain_state} cannot make it {state}"
                     ),
                 )
-            return _record(row)
+            return record_from_row(row)
 
         return await self._write(payment_id, update)
 
@@ -722,7 +723,7 @@ class PostgresLedgerStore:
                 self.owner,
                 OWNER_LOCK_PREFIX,
             )
-            return sorted((_record(row) for row in rows), key=lambda r: r.id)
+            return sorted((record_from_row(row) for row in rows), key=lambda r: r.id)
 
         return await self._write(None, update)
 
@@ -850,43 +851,8 @@ class PostgresLedgerStore:
 
 async def _fetch(conn: asyncpg.Connection, payment_id: int) -> PaymentRecord | None:
     row = await conn.fetchrow(f"SELECT {_COLUMNS} FROM payments WHERE id = $1", payment_id)  # noqa: S608
-    return None if row is None else _record(row)
+    return None if row is None else record_from_row(row)
 
 
 async def _fetch_all(conn: asyncpg.Connection, query: str, *params: Any) -> list[PaymentRecord]:
-    return [_record(row) for row in await conn.fetch(query, *params)]
-
-
-def _record(row: Any) -> PaymentRecord:
-    return PaymentRecord(
-        id=int(row["id"]),
-        created_at=float(row["created_at"]),
-        updated_at=float(row["updated_at"]),
-        state=PaymentState(row["state"]),
-        amount=int(row["amount"]),
-        decimals=int(row["decimals"]),
-        asset=row["asset"],
-        network=row["network"],
-        pay_to=row["pay_to"],
-        host=row["host"],
-        method=row["method"],
-        url=row["url"],
-        x402_version=int(row["x402_version"]),
-        scheme=row["scheme"],
-        resource=row["resource"],
-        nonce=row["nonce"],
-        valid_before=None if row["valid_before"] is None else int(row["valid_before"]),
-        payment_id=row["payment_id"],
-        payer=row["payer"],
-        tx_hash=row["tx_hash"],
-        reason=row["reason"],
-        session_id=row["session_id"],
-        need=row["need"],
-        delivered=bool(row["delivered"]),
-        chain_state=None if row["chain_state"] is None else ChainState(row["chain_state"]),
-        presentations=int(row["presentations"]),
-        last_presented_at=None if row["last_presented_at"] is None else float(row["last_presented_at"]),
-        evidence=row["evidence"],
-        approved_by=row["approved_by"],
-        approved_at=None if row["approved_at"] is None else float(row["approved_at"]),
-    )
+    return [record_from_row(row) for row in await conn.fetch(query, *params)]

@@ -31,6 +31,7 @@ from proxy.store.base import (
     PaymentState,
     SpendTotals,
     StoreError,
+    record_from_row,
     safe_text,
 )
 
@@ -595,7 +596,7 @@ class SqliteLedgerStore:
     def get(self, payment_id: int) -> PaymentRecord | None:
         with self._reading() as conn:
             row = conn.execute("SELECT * FROM payments WHERE id = ?", (payment_id,)).fetchone()
-            return _record(row) if row else None
+            return record_from_row(row) if row else None
 
     def list(
         self,
@@ -621,7 +622,7 @@ class SqliteLedgerStore:
             # `where` is built only from the constant fragments above; every value is a bound parameter.
             query = f"SELECT * FROM payments {where} ORDER BY id DESC LIMIT ?"  # noqa: S608
             rows = conn.execute(query, params)
-            return [_record(row) for row in rows]
+            return [record_from_row(row) for row in rows]
 
     def spent_since(
         self,
@@ -675,7 +676,7 @@ class SqliteLedgerStore:
                 "AND valid_before IS NOT NULL AND valid_before > ? ORDER BY id DESC LIMIT 1",
                 (url, method.upper(), len(RECONCILED_USED), RECONCILED_USED, still_valid_at),
             ).fetchone()
-            return _record(row) if row else None
+            return record_from_row(row) if row else None
 
     def find_blocking(self, method: str, url: str, need: str | None) -> Sequence[PaymentRecord]:
         with self._reading() as conn:
@@ -684,13 +685,13 @@ class SqliteLedgerStore:
                 "ORDER BY id DESC LIMIT 20",
                 (url, method.upper(), need or ""),
             )
-            return [_record(row) for row in rows]
+            return [record_from_row(row) for row in rows]
 
     def list_in_doubt(self) -> Sequence[PaymentRecord]:
         # Not `list()`: that is newest first and capped.
         with self._reading() as conn:
             rows = conn.execute("SELECT * FROM payments WHERE state = 'in_doubt' ORDER BY id")
-            return [_record(row) for row in rows]
+            return [record_from_row(row) for row in rows]
 
     def list_unresolved(self, limit: int = 500) -> Sequence[PaymentRecord]:
         with self._reading() as conn:
@@ -700,13 +701,13 @@ class SqliteLedgerStore:
                 "AND (presentations > 0 OR state = 'in_doubt') ORDER BY id DESC LIMIT ?",
                 (max(1, int(limit)),),
             )
-            return [_record(row) for row in rows]
+            return [record_from_row(row) for row in rows]
 
     def _fetch(self, conn: sqlite3.Connection, payment_id: int) -> PaymentRecord:
         row = conn.execute("SELECT * FROM payments WHERE id = ?", (payment_id,)).fetchone()
         if row is None:
             raise StoreError(f"payment #{payment_id} does not exist", "transition")
-        return _record(row)
+        return record_from_row(row)
 
     def close(self) -> None:
         with self._lock:
@@ -717,38 +718,3 @@ class SqliteLedgerStore:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _record(row: sqlite3.Row) -> PaymentRecord:
-    return PaymentRecord(
-        id=int(row["id"]),
-        created_at=float(row["created_at"]),
-        updated_at=float(row["updated_at"]),
-        state=PaymentState(row["state"]),
-        amount=int(row["amount"]),
-        decimals=int(row["decimals"]),
-        asset=row["asset"],
-        network=row["network"],
-        pay_to=row["pay_to"],
-        host=row["host"],
-        method=row["method"],
-        url=row["url"],
-        x402_version=int(row["x402_version"]),
-        scheme=row["scheme"],
-        resource=row["resource"],
-        nonce=row["nonce"],
-        valid_before=None if row["valid_before"] is None else int(row["valid_before"]),
-        payment_id=row["payment_id"],
-        payer=row["payer"],
-        tx_hash=row["tx_hash"],
-        reason=row["reason"],
-        session_id=row["session_id"],
-        need=row["need"],
-        delivered=bool(row["delivered"]),
-        chain_state=None if row["chain_state"] is None else ChainState(row["chain_state"]),
-        presentations=int(row["presentations"]),
-        last_presented_at=None if row["last_presented_at"] is None else float(row["last_presented_at"]),
-        evidence=row["evidence"],
-        approved_by=row["approved_by"],
-        approved_at=None if row["approved_at"] is None else float(row["approved_at"]),
-    )
