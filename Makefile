@@ -49,7 +49,8 @@ pytest: $(STAMP) npm apt-test
 test: lint typecheck pytest
 
 # Side-by-side throughput/latency/streaming (direct, x402-proxy, tinyproxy, mitmproxy), then the paid-request
-# overhead and session-hit ratios. Figures and method: docs/benchmarks.md.
+# overhead and session-hit ratios, the session index, and start-up time and idle memory against the bare
+# imports (bench/footprint.py). Figures and method: docs/benchmarks.md.
 # Debian packages the benchmark uses: nginx (origin), tinyproxy (contender), wrk, hey, curl (load).
 apt-bench:
 	@bash bench/setup.sh --apt-only
@@ -60,6 +61,7 @@ bench: $(STAMP) npm apt-bench
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 	$(BIN)/python bench/session_hits.py
 	$(BIN)/python bench/session_index.py
+	$(BIN)/python bench/footprint.py
 
 # A newcomer's first sight: local chain, token, facilitator, a paid server; curl pays through the proxy.
 demo: $(STAMP) npm apt-test

@@ -36,6 +36,7 @@ from proxy.store.session_store import SqliteSessionStore
 from proxy.store.sqlite import SqliteLedgerStore
 from proxy.tls.ca import CertificateAuthority
 from proxy.tls.trust import upstream_client_context, write_combined_bundle
+from proxy.warmup import warm_up
 
 log = logging.getLogger("x402_proxy")
 
@@ -160,15 +161,15 @@ async def start(config: Config, home: Path) -> Runtime:
     server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)
     # The access line is written when the answer is out (bytes written, whole duration); None when off.
     server.set_completion_hook(access_hook(config.log.access_log))
-    await server.start()
+    # Bound, not yet accepting: a client that finds the proxy port open finds the admin port open too.
+    await server.bind()
     # Names may resolve to us (a compose service name): the pool checks where each connection landed.
     upstream.own_listeners = server.self_targets
-    # Payments whose money may have moved are resolved from the chain in the background: the proxy
-    # listens at once, and until a row is resolved the in-doubt refusal protects its need.
+    # Payments whose money may have moved are resolved from the chain in the background (started once
+    # the proxy accepts): until a row is resolved the in-doubt refusal protects its need.
     reconciler = Reconciler(
         payer.store, rpc_urls(config, payer.assets.networks), interval=config.reconcile.interval
     )
-    background.append(asyncio.create_task(reconciler.run_forever()))
     if payer.wallet is None:
         log.warning("no wallet configured: 402 challenges are passed to the client unpaid")
     else:
@@ -180,13 +181,23 @@ async def start(config: Config, home: Path) -> Runtime:
         config, home, ca, bundle, upstream, server, store, payer, sessions, background, control, session_stage
     )
     runtime.refusals = refusals
-    if config.admin.enabled:
-        try:
+    try:
+        if config.admin.enabled:
             await start_admin(runtime, metrics)
-        except BaseException:
-            await runtime.stop(drain_timeout=1.0)
-            raise
+        await server.start()
+    except BaseException:
+        await runtime.stop(drain_timeout=1.0)
+        raise
+    background.append(asyncio.create_task(_after_warm_up(payer.wallet is not None, reconciler)))
     return runtime
+
+
+async def _after_warm_up(paying: bool, reconciler: Reconciler) -> None:
+    """With a wallet, load the paid path off the loop (proxy/warmup.py); then reconcile from the chain
+    (its web3 is loaded by then, in the warm-up's thread rather than on the loop)."""
+    if paying:
+        await warm_up()
+    await reconciler.run_forever()
 
 
 async def start_admin(runtime: Runtime, metrics: AdminMetrics) -> None:

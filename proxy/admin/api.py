@@ -22,7 +22,7 @@ from aiohttp.web_protocol import RequestHandler
 from proxy.admin import dashboard, openapi, operations, schemas
 from proxy.admin.auth import ListenerGuard, token_matches
 from proxy.admin.dashboard import is_dashboard_path
-from proxy.admin.mcp_server import McpEndpoint, package_version
+from proxy.admin.mcp_loader import McpEndpoint, package_version  # the MCP SDK loads at the first /mcp call
 from proxy.admin.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from proxy.admin.metrics import AdminMetrics
 from proxy.admin.problems import Problem, problem_response

@@ -27,8 +27,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from eth_utils.address import is_checksum_address
-
 from proxy.payments.amounts import UINT256_MAX
 from proxy.payments.assets import EVM_ADDRESS
 from proxy.payments.headers import PAYMENT_REQUIRED, get_header
@@ -320,6 +318,8 @@ def _amount(entry: Mapping[str, Any], key: str) -> int:
 
 
 def _evm_address(value: str, key: str) -> None:
+    from eth_utils.address import is_checksum_address  # here, not at startup: eth_utils takes ~0.2 s
+
     if EVM_ADDRESS.fullmatch(value) is None:
         raise _InvalidEntry(f"'{key}' is not an EVM address")
     body = value[2:]

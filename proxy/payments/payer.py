@@ -34,8 +34,6 @@ from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
 from typing import Any
 
-from x402.extensions.payment_identifier import generate_payment_id
-
 from proxy.faults import checkpoint
 from proxy.observability.context import PAYMENT_ID
 from proxy.payments.amounts import to_budget_units
@@ -216,6 +214,8 @@ class Payer:
                         )
                     assert self.wallet is not None
                     window = plan_authorization(decision, now)
+                    from x402.extensions.payment_identifier import generate_payment_id  # SDK: after start
+
                     payment_id = generate_payment_id() if offers_payment_identifier(challenge) else None
                     new = self._new_payment(
                         request,

@@ -26,16 +26,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from eth_utils.address import to_checksum_address
-from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER, append_payment_identifier_to_extensions
-from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
-from x402.mechanisms.evm.exact.permit2_utils import create_permit2_payload
-from x402.mechanisms.evm.signers import EthAccountSigner
-from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload, TypedDataField
-from x402.mechanisms.evm.upto.client import UptoEvmScheme
-from x402.mechanisms.evm.utils import create_nonce
-from x402.schemas import PaymentRequirements
-
+# The x402 SDK's EVM package loads web3 (~0.7 s, tens of MiB): its names are imported where they are
+# used, so the proxy starts without it (a warm-up loads it once the listener is up: proxy/warmup.py).
 from proxy.payments.challenge import Challenge
 from proxy.payments.headers import PAYMENT_SIGNATURE, X_PAYMENT
 from proxy.payments.policy import Selection, eip712_domain
@@ -71,11 +63,15 @@ def plan_authorization(selection: Selection, now: float) -> AuthorizationWindow:
     start = int(now)
     valid_before = start + selection.requirement.max_timeout_seconds + CLOCK_SKEW_ALLOWANCE
     if selection.transfer_method == "eip3009":
+        from x402.mechanisms.evm.utils import create_nonce
+
         return AuthorizationWindow(create_nonce(), max(0, start - VALID_AFTER_BACKDATE), valid_before)
     return AuthorizationWindow(None, 0, valid_before)
 
 
 def offers_payment_identifier(challenge: Challenge) -> bool:
+    from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER
+
     return challenge.version == 2 and isinstance(challenge.extensions.get(PAYMENT_IDENTIFIER), dict)
 
 
@@ -129,6 +125,8 @@ def _v2_envelope(
     document["payload"] = inner
     extensions = copy.deepcopy(dict(challenge.extensions))
     if payment_id is not None and offers_payment_identifier(challenge):
+        from x402.extensions.payment_identifier import append_payment_identifier_to_extensions
+
         append_payment_identifier_to_extensions(extensions, payment_id)
     if extensions:
         document["extensions"] = extensions
@@ -136,6 +134,11 @@ def _v2_envelope(
 
 
 def _sign_eip3009(selection: Selection, wallet: Wallet, window: AuthorizationWindow) -> dict[str, Any]:
+    from eth_utils.address import to_checksum_address
+    from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
+    from x402.mechanisms.evm.signers import EthAccountSigner
+    from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload, TypedDataField
+
     if window.nonce is None:
         raise SigningError("EIP-3009 needs a nonce")
     domain_values = eip712_domain(selection.requirement, selection.asset)
@@ -173,6 +176,11 @@ def _sign_permit2(selection: Selection, wallet: Wallet) -> dict[str, Any]:
     are not signed (they need an RPC-capable signer): the wallet must already have approved
     Permit2 for the token.
     """
+    from x402.mechanisms.evm.exact.permit2_utils import create_permit2_payload
+    from x402.mechanisms.evm.signers import EthAccountSigner
+    from x402.mechanisms.evm.upto.client import UptoEvmScheme
+    from x402.schemas import PaymentRequirements
+
     source = selection.requirement
     requirement = PaymentRequirements.model_validate(
         {

@@ -1,0 +1,127 @@
+"""Small and quick to start: the SDKs the proxy needs only later load after the listener is up, the
+warm-up loads everything the first paid request needs, and the proxy port accepts only once the admin
+port does (issue #14, item 5). Figures: bench/footprint.py, docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.support.proxy_process import REPO, ProxyProcess
+
+# Run in a fresh interpreter: the test process has imported everything long ago.
+SCRIPT = r"""
+import asyncio, sys, time
+
+import proxy.app, proxy.cli  # what `x402-proxy run` imports before it listens
+from proxy.admin.api import AdminServer  # the admin listener's app, /mcp route included
+
+heavy = ("web3", "mcp", "mcp.server", "x402.mechanisms.evm", "starlette")
+loaded = [name for name in heavy if name in sys.modules]
+assert not loaded, f"imported before the listener is up: {loaded}"
+
+from proxy.warmup import warm_up
+
+asyncio.run(warm_up())
+assert "web3" in sys.modules and "x402.mechanisms.evm" in sys.modules
+before = set(sys.modules)
+
+from eth_account import Account
+
+from proxy.payments.assets import AssetRegistry
+from proxy.payments.challenge import parse_challenge
+from proxy.payments.networks import NetworkRegistry
+from proxy.payments.policy import PaymentContext, Policy, PolicyConfig, choose_requirement
+from proxy.payments.signer import build_payment_header, plan_authorization
+from proxy.payments.wallet import Wallet
+from tests.test_payments_fixtures import OTHER_PAY_TO, v1_requirement, v1_response, v2_requirement, v2_response
+
+networks = NetworkRegistry()
+assets = AssetRegistry(networks)
+wallet = Wallet(Account.create())
+now = time.time()
+cases = [
+    (v2_response(v2_requirement(payTo="0x" + "Ab" * 20)), {}),  # mixed case: its EIP-55 check runs
+    (v2_response(v2_requirement()), {}),
+    (v1_response(v1_requirement()), {}),
+    (v2_response(v2_requirement(extra={"assetTransferMethod": "permit2", "name": "USDC", "version": "2"})), {}),
+    (v2_response(v2_requirement(scheme="upto", amount="50000", extra={"facilitatorAddress": OTHER_PAY_TO})),
+     {"enable_upto": True}),
+]
+for response, policy in cases:
+    try:
+        challenge = parse_challenge(*response)
+    except Exception:
+        continue  # the mixed-case address fails its checksum: running the check was the point
+    try:
+        selection = choose_requirement(
+            challenge,
+            Policy.compile(PolicyConfig(**policy), networks),
+            assets,
+            PaymentContext("shop.test", "http://shop.test/paid", now, 0, 0),
+        )
+    except Exception:
+        continue
+    assert hasattr(selection, "requirement"), selection
+    window = plan_authorization(selection, now)
+    build_payment_header(challenge, selection, wallet, now, "pay_" + "0" * 32, window)
+
+from x402.extensions.payment_identifier import generate_payment_id
+
+generate_payment_id()
+new = sorted(
+    name for name in set(sys.modules) - before
+    if name != "tests" and not name.startswith(("proxy.", "tests."))
+)
+assert not new, f"the paid path imported after the warm-up: {new}"
+print("ok")
+"""
+
+
+def test_sdks_load_after_the_listener_and_the_warm_up_covers_the_paid_path() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_proxy_port_accepts_only_once_the_admin_port_does(tmp_path: Path) -> None:
+    """Polled every millisecond from exec: the moment the proxy port accepts, the admin port does too
+    (it used to come up after the proxy had started accepting)."""
+    for attempt in range(3):
+        port, admin = _free_port(), _free_port()
+        process = ProxyProcess(tmp_path / f"home{attempt}", f'[admin]\nlisten = "127.0.0.1:{admin}"\n')
+        cmd = [sys.executable, "-m", "proxy", "--home", str(process.home), "--config", str(process.config_path)]
+        proc = subprocess.Popen(
+            [*cmd, "run", "--listen", f"127.0.0.1:{port}"],
+            cwd=REPO,
+            env=process.env,
+            stdout=subprocess.DEVNULL,
+            stderr=process.log_path.open("a"),
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not _accepts(port):
+                assert proc.poll() is None and time.monotonic() < deadline, process.log_text()[-2000:]
+                time.sleep(0.001)
+            assert _accepts(admin), f"attempt {attempt}: the proxy accepted before the admin listener was up"
+        finally:
+            proc.terminate()
+            proc.wait(15)
