@@ -1,7 +1,7 @@
 """The session record: what was paid, where its credentials may go, and for how long. Pure data.
 
-Limits match the seed tools' schema: TTL 60 s .. 30 days (default 3600 s), label <= 100 chars.
-A session's state is derived, never stored: ``ended`` if ``ended_at`` is set, else ``expired``
+Limits (`limits.py`) match the seed tools' schema: TTL 60 s .. 30 days (default 3600 s), label <= 100
+chars. A session's state is derived, never stored: ``ended`` if ``ended_at`` is set, else ``expired``
 once ``now >= expires_at``, else ``active``. Ending a session wipes its credentials (the seed
 tools kept the token of an ended session usable).
 """
@@ -13,48 +13,22 @@ import binascii
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
-if TYPE_CHECKING:
-    from proxy.sessions.scope import Scope
+# The limits and validators live in limits.py, which scope.py imports instead of this module:
+# model -> scope -> limits, no circle. Re-exported here for the modules that import them from here.
+from proxy.sessions.limits import LABEL_MAX as LABEL_MAX
+from proxy.sessions.limits import TTL_DEFAULT as TTL_DEFAULT
+from proxy.sessions.limits import TTL_MAX as TTL_MAX
+from proxy.sessions.limits import TTL_MIN as TTL_MIN
+from proxy.sessions.limits import SessionValueError as SessionValueError
+from proxy.sessions.limits import validate_label as validate_label
+from proxy.sessions.limits import validate_ttl as validate_ttl
+from proxy.sessions.scope import Scope
 
 SessionState = Literal["active", "ended", "expired"]
 CredentialKind = Literal["cookies", "token_headers", "session_token", "siwx"]
 CREDENTIAL_KINDS: frozenset[str] = frozenset({"cookies", "token_headers", "session_token", "siwx"})
-
-TTL_MIN = 60
-TTL_MAX = 30 * 24 * 3600  # 2_592_000
-TTL_DEFAULT = 3600
-LABEL_MAX = 100
-
-
-class SessionValueError(ValueError):
-    """A session parameter is out of range. ``field`` names it (the config loader points at it)."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-def validate_ttl(ttl: object, *, field: str = "ttl_seconds") -> int:
-    if isinstance(ttl, bool) or not isinstance(ttl, int):
-        raise SessionValueError(field, f"{field} must be an integer number of seconds, got {ttl!r}")
-    if not TTL_MIN <= ttl <= TTL_MAX:
-        raise SessionValueError(field, f"{field} must be {TTL_MIN}..{TTL_MAX} seconds (30 days), got {ttl}")
-    return ttl
-
-
-def validate_label(label: object, *, field: str = "label") -> str | None:
-    if label is None:
-        return None
-    if not isinstance(label, str):
-        raise SessionValueError(field, f"{field} must be a string")
-    if len(label) > LABEL_MAX:
-        raise SessionValueError(field, f"{field} must be at most {LABEL_MAX} characters, got {len(label)}")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in label):
-        # Labels end up in logs and status output; no control characters (log injection).
-        raise SessionValueError(field, f"{field} must not contain control characters")
-    return label
 
 
 class StoredCookie(NamedTuple):
@@ -329,8 +303,6 @@ class Session:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Session:
-        from proxy.sessions.scope import Scope  # scope.py imports this module for its validators
-
         cap = data.get("max_session_payment")
         return cls(
             id=str(data["id"]),

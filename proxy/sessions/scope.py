@@ -34,7 +34,7 @@ from urllib.parse import unquote
 
 from proxy.hosts import HostError, canonical_host
 from proxy.payments.amounts import AmountError, parse_decimal
-from proxy.sessions.model import SessionValueError, validate_ttl
+from proxy.sessions.limits import SessionValueError, validate_ttl
 
 ScopeKind = Literal["prefix", "exact"]
 SCOPE_KINDS: tuple[ScopeKind, ...] = ("prefix", "exact")
