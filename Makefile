@@ -37,8 +37,8 @@ apt-test:
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
 lint: $(STAMP)
-	$(BIN)/ruff check proxy tests
-	$(BIN)/ruff format --check proxy
+	$(BIN)/ruff check proxy tests bench scripts
+	$(BIN)/ruff format --check proxy bench scripts
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.procs import clean_env, free_port, preexec, rss_kib  # noqa: E402
+from tests.support.processes import child_setup, free_port, rss_kib, without_proxy_env  # noqa: E402
 
 WORK = ROOT / ".bench" / "footprint"
 BARE = "import aiohttp, uvloop, ssl, httptools, cryptography"
@@ -56,8 +56,8 @@ def bare_round(cpu: set[int] | None, imports: str = BARE) -> dict[str, float]:
         [sys.executable, "-c", code],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
-        env=clean_env(),
-        preexec_fn=preexec(cpu),
+        env=without_proxy_env(),
+        preexec_fn=child_setup(cpu),
     )
     try:
         assert proc.stdout is not None and proc.stdin is not None
@@ -100,7 +100,7 @@ def proxy_round(
     config.write_text(f'[admin]\nlisten = "127.0.0.1:{admin}"\n')
     log_path = home.parent / "proxy.log"
     argv = [exe, "--home", str(home), "--config", str(config), "run", "--listen", f"127.0.0.1:{port}"]
-    env = {k: v for k, v in clean_env().items() if not k.startswith("X402_PROXY_")}
+    env = {k: v for k, v in without_proxy_env().items() if not k.startswith("X402_PROXY_")}
     env["X402_PROXY_PRIVATE_KEY"] = DEV_KEY
     with log_path.open("wb") as log:
         started = time.perf_counter()
@@ -111,7 +111,7 @@ def proxy_round(
             stderr=log,
             env=env,
             start_new_session=True,
-            preexec_fn=preexec(cpu),
+            preexec_fn=child_setup(cpu),
         )
     try:
         deadline = started + timeout

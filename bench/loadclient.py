@@ -84,6 +84,15 @@ def _content_length(head: bytes) -> int:
     return -1
 
 
+def _name(rdns: object) -> dict[str, str]:
+    """A certificate name from `getpeercert()` (a tuple of RDNs of (key, value) pairs) as a dict."""
+    out: dict[str, str] = {}
+    for rdn in rdns if isinstance(rdns, tuple) else ():
+        for key, value in rdn:
+            out[str(key)] = str(value)
+    return out
+
+
 def probe(url: str, proxy: str | None, cafile: str, timeout: float) -> dict[str, object]:
     scheme, host, port, path = _split(url)
     out: dict[str, object] = {"url": url, "proxy": proxy, "cafile": cafile, "ok": False}
@@ -105,12 +114,13 @@ def probe(url: str, proxy: str | None, cafile: str, timeout: float) -> dict[str,
             raise SystemExit("probe is for https urls")
         tls = _ctx(cafile).wrap_socket(sock, server_hostname=host)
         cert = tls.getpeercert() or {}
-        out["leaf_issuer"] = dict(x[0] for x in cert.get("issuer", ()))
-        out["leaf_subject"] = dict(x[0] for x in cert.get("subject", ()))
+        out["leaf_issuer"] = _name(cert.get("issuer", ()))
+        out["leaf_subject"] = _name(cert.get("subject", ()))
         out["tls_version"] = tls.version()
         tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
         head, rest = _read_head(tls)
-        out["status"] = head.split(b"\r\n", 1)[0].decode("latin-1")
+        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        out["status"] = status
         n = _content_length(head)
         while n >= 0 and len(rest) < n:
             chunk = tls.recv(65536)
@@ -118,7 +128,7 @@ def probe(url: str, proxy: str | None, cafile: str, timeout: float) -> dict[str,
                 break
             rest += chunk
         out["body_len"] = len(rest)
-        out["ok"] = out["status"].split()[1:2] == ["200"]
+        out["ok"] = status.split()[1:2] == ["200"]
         tls.close()
     except (OSError, ssl.SSLError, ValueError, IndexError) as e:
         out["error"] = f"{type(e).__name__}: {e}"
@@ -272,7 +282,7 @@ def main() -> None:
         res = probe(a.url, a.proxy, a.cafile, a.timeout)
     else:
         try:
-            import uvloop  # type: ignore[import-not-found]
+            import uvloop
 
             uvloop.install()
         except ImportError:

@@ -32,13 +32,8 @@ from proxy.sessions.model import Session, SessionCredentials  # noqa: E402
 from proxy.sessions.scope import Scope  # noqa: E402
 from proxy.store.session_store import SqliteSessionStore  # noqa: E402
 from proxy.tokens import SessionClaim, make_session_token  # noqa: E402
+from tests.support.processes import die_with_parent, free_port  # noqa: E402
 from tests.support.proxy_process import ProxyProcess  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_nginx(work: Path, port: int) -> subprocess.Popen[bytes]:
@@ -51,7 +46,10 @@ def start_nginx(work: Path, port: int) -> subprocess.Popen[bytes]:
     )
     # On the load generator's CPU, as in bench/run.py (--origin-cpus loadgen): the proxy's CPU is its own.
     proc = subprocess.Popen(
-        ["taskset", "-c", "0", "nginx", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["taskset", "-c", "0", "nginx", "-c", str(conf)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=die_with_parent,  # nginx never outlives the benchmark
     )
     for _ in range(100):
         try:

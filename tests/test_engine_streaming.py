@@ -16,18 +16,11 @@ import httpx
 import requests
 from websockets.asyncio.client import connect as ws_connect
 
+from tests.support.processes import rss_kib
 from tests.support.proxy_process import ProxyProcess
 from tests.support.upstream import Upstream
 
 GIB = 1024 * 1024 * 1024
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def test_one_gib_download_with_bounded_memory(proxy: ProxyProcess, upstream: Upstream) -> None:

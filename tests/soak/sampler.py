@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.processes import proc_status
+
 TASKS_METRIC = "x402_proxy_asyncio_tasks"
 
 
@@ -25,11 +27,7 @@ class Sample:
 
 def read_proc(pid: int) -> tuple[int, int, int]:
     """(VmRSS in KiB, open fds, threads) of a live process."""
-    fields: dict[str, str] = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            name, _, value = line.partition(":")
-            fields[name] = value.strip()
+    fields = proc_status(pid)
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     return int(fields["VmRSS"].split()[0]), fds, int(fields["Threads"])
 

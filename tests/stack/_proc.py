@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +19,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
+
+from tests.support.processes import die_with_parent, tail_lines, without_proxy_env
+from tests.support.processes import free_port as free_port  # re-exported: the stack's callers use it
 
 STACK_DIR = Path(__file__).resolve().parent
 REPO_ROOT = STACK_DIR.parent.parent
@@ -34,25 +35,9 @@ class StackStartupError(RuntimeError):
     """A stack component did not come up; the message carries its log tail."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A currently free loopback port (the OS picks; tiny race until the child binds it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _set_pdeathsig() -> None:
-    # PR_SET_PDEATHSIG = 1: the kernel sends SIGKILL to the child when the spawning thread exits.
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-
-
 def tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "<no log>"
-    return "\n".join(text.splitlines()[-lines:])
+    found = tail_lines(path, lines)
+    return "\n".join(found) if found or path.exists() else "<no log>"
 
 
 class ManagedProcess:
@@ -71,10 +56,8 @@ class ManagedProcess:
         self.argv = list(argv)
         self.log_path = log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        child_env = dict(os.environ)
         # The children talk to loopback only; an inherited proxy setting would reroute them.
-        for key in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-            child_env.pop(key, None)
+        child_env = without_proxy_env()
         child_env["NO_PROXY"] = child_env["no_proxy"] = "127.0.0.1,localhost,::1"
         child_env["PYTHONUNBUFFERED"] = "1"
         child_env.update(env or {})
@@ -89,7 +72,7 @@ class ManagedProcess:
                 cwd=str(cwd),
                 env=child_env,
                 start_new_session=True,  # own process group: stop() kills grandchildren too
-                preexec_fn=_set_pdeathsig if use_pdeathsig else None,
+                preexec_fn=die_with_parent if use_pdeathsig else None,
             )
         with _live_lock:
             _live.add(self)
