@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.support.processes import child_setup, free_port, rss_kib, without_proxy_env  # noqa: E402
+from tests.support.processes import accepts, child_setup, free_port, rss_kib, without_proxy_env  # noqa: E402
 
 WORK = ROOT / ".bench" / "footprint"
 BARE = "import aiohttp, uvloop, ssl, httptools, cryptography"
@@ -84,14 +83,6 @@ def rss_samples(pid: int, n: int = 5, every: float = 0.1) -> list[int]:
     return out
 
 
-def accepting(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 def proxy_round(
     exe: str, home: Path, config: Path, cpu: set[int] | None, timeout: float, warm_timeout: float
 ) -> dict[str, Any]:
@@ -115,12 +106,12 @@ def proxy_round(
         )
     try:
         deadline = started + timeout
-        while not accepting(port):
+        while not accepts(port):
             if proc.poll() is not None or time.perf_counter() > deadline:
                 raise RuntimeError(f"x402-proxy did not accept: {log_path.read_text()[-1500:]}")
             time.sleep(0.002)
         took = time.perf_counter() - started
-        admin_up = accepting(admin)
+        admin_up = accepts(admin)
         at_accept = rss_kib(proc.pid)
         warm_at: float | None = None
         warm_deadline = time.perf_counter() + warm_timeout

@@ -4,12 +4,12 @@ port does (issue #14, item 5). Figures: bench/footprint.py, docs/benchmarks.md."
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from tests.support.processes import accepts, free_port
 from tests.support.proxy_process import REPO, ProxyProcess
 
 # Run in a fresh interpreter: the test process has imported everything long ago.
@@ -88,27 +88,21 @@ def test_sdks_load_after_the_listener_and_the_warm_up_covers_the_paid_path() -> 
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_the_proxy_port_accepts_only_once_the_admin_port_does(tmp_path: Path) -> None:
     """Polled every millisecond from exec: the moment the proxy port accepts, the admin port does too
     (it used to come up after the proxy had started accepting)."""
     for attempt in range(3):
-        port, admin = _free_port(), _free_port()
+        port, admin = free_port(), free_port()
         process = ProxyProcess(tmp_path / f"home{attempt}", f'[admin]\nlisten = "127.0.0.1:{admin}"\n')
-        cmd = [sys.executable, "-m", "proxy", "--home", str(process.home), "--config", str(process.config_path)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "proxy",
+            "--home",
+            str(process.home),
+            "--config",
+            str(process.config_path),
+        ]
         proc = subprocess.Popen(
             [*cmd, "run", "--listen", f"127.0.0.1:{port}"],
             cwd=REPO,
@@ -118,10 +112,10 @@ def test_the_proxy_port_accepts_only_once_the_admin_port_does(tmp_path: Path) ->
         )
         try:
             deadline = time.monotonic() + 60
-            while not _accepts(port):
+            while not accepts(port):
                 assert proc.poll() is None and time.monotonic() < deadline, process.log_text()[-2000:]
                 time.sleep(0.001)
-            assert _accepts(admin), f"attempt {attempt}: the proxy accepted before the admin listener was up"
+            assert accepts(admin), f"attempt {attempt}: the proxy accepted before the admin listener was up"
         finally:
             proc.terminate()
             proc.wait(15)

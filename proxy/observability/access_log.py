@@ -79,16 +79,9 @@ def access_hook(enabled: bool) -> CompletionHook | None:
     return completed
 
 
-def fields_of(
-    method: str,
-    host: str | None,
-    status: int,
-    size: int | None,
-    millis: float,
-    error: str | None,
-    outcome: Outcome | None,
-) -> tuple[str, dict[str, object]]:
-    """(message, fields) of an access line: what docs/logs.md lists, in that order."""
+def stage_ids(outcome: Outcome | None, error: str | None) -> tuple[str | None, str | None, str | None]:
+    """(session id, payment id, error code) the stages reported in the answer's headers; `error` (ours)
+    wins over a stage's code."""
     session_id = payment_id = None
     if outcome is not None:
         for name, value in outcome.extra_headers:  # a few at most: what the stages added
@@ -99,7 +92,26 @@ def fields_of(
                 payment_id = value
             elif lower == _ERROR_HEADER and error is None:
                 error = value
-    host = normalize_host(host) if host else "-"  # the canonical host, as the policy and ledger name it
+    return session_id, payment_id, error
+
+
+def shown_host(host: str | None) -> str:
+    """The canonical host, as the policy and ledger name it; "-" for none."""
+    return normalize_host(host) if host else "-"
+
+
+def fields_of(
+    method: str,
+    host: str | None,
+    status: int,
+    size: int | None,
+    millis: float,
+    error: str | None,
+    outcome: Outcome | None,
+) -> tuple[str, dict[str, object]]:
+    """(message, fields) of an access line: what docs/logs.md lists, in that order."""
+    session_id, payment_id, error = stage_ids(outcome, error)
+    host = shown_host(host)
     shown: object = size if size is not None else "-"
     fields: dict[str, object] = {
         "method": method,
@@ -155,9 +167,42 @@ def _plain(value: object) -> str:
     return plain_value(value)
 
 
-# (method, host, status, bytes) -> the message and the "method=... bytes=..." run of a plain line.
-_plain_heads: dict[tuple[str, str, int, int | None], tuple[str, str]] = {}
-_PLAIN_HEADS_MAX = 4096
+# (method, host, status, bytes) -> (the message, the "method ... bytes" run) of a line, per format: the
+# part of a line that depends on nothing else, built once per combination (a bounded cache).
+_HeadKey = tuple[str, str, int, int | None]
+_plain_heads: dict[_HeadKey, tuple[str, str]] = {}
+_json_heads: dict[_HeadKey, tuple[str, str]] = {}
+_HEADS_MAX = 4096
+
+
+def _head(
+    cache: dict[_HeadKey, tuple[str, str]],
+    done: CompletedRequest,
+    build: Callable[[str, str, int, object], tuple[str, str]],
+) -> tuple[str, str]:
+    key = (done.method, done.host, done.status, done.bytes_sent)
+    head = cache.get(key)
+    if head is None:
+        shown: object = done.bytes_sent if done.bytes_sent is not None else "-"
+        head = build(done.method, shown_host(done.host), done.status, shown)
+        if len(cache) >= _HEADS_MAX:
+            cache.clear()
+        cache[key] = head
+    return head
+
+
+def _plain_head(method: str, host: str, status: int, shown: object) -> tuple[str, str]:
+    return (
+        f"{method} {host} {status} {shown}",
+        f"method={plain_value(method)} host={plain_value(host)} status={status} bytes={_plain(shown)}",
+    )
+
+
+def _json_head(method: str, host: str, status: int, shown: object) -> tuple[str, str]:
+    return (
+        _json(f"{method} {host} {status} {shown}"),
+        f'"method":{_json(method)},"host":{_json(host)},"status":{status},"bytes":{_json(shown)}',
+    )
 
 
 def plain_line(done: CompletedRequest, now: float) -> str:
@@ -167,32 +212,8 @@ def plain_line(done: CompletedRequest, now: float) -> str:
     fields, an id the stages reported replacing the context's value where both have it); the part
     that depends only on method, host, status and bytes is kept per combination.
     """
-    session_id = payment_id = None
-    error = done.error
-    outcome = done.outcome
-    if outcome is not None:
-        for name, value in outcome.extra_headers:
-            lower = name.lower()
-            if lower == _SESSION_HEADER:
-                session_id = value
-            elif lower == _PAYMENT_HEADER:
-                payment_id = value
-            elif lower == _ERROR_HEADER and error is None:
-                error = value
-    key = (done.method, done.host, done.status, done.bytes_sent)
-    head = _plain_heads.get(key)
-    if head is None:
-        host = normalize_host(done.host) if done.host else "-"
-        shown = done.bytes_sent if done.bytes_sent is not None else "-"
-        method = done.method
-        head = (
-            f"{method} {host} {done.status} {shown}",
-            f"method={plain_value(method)} host={plain_value(host)} "
-            f"status={done.status} bytes={_plain(shown)}",
-        )
-        if len(_plain_heads) >= _PLAIN_HEADS_MAX:
-            _plain_heads.clear()
-        _plain_heads[key] = head
+    session_id, payment_id, error = stage_ids(done.outcome, done.error)
+    head = _head(_plain_heads, done, _plain_head)
     request_id, context_session, context_payment = REQUEST_ID.get(), SESSION_ID.get(), PAYMENT_ID.get()
     millis = round((time.perf_counter() - done.started) * 1000, 3)
     msecs = int((now - int(now)) * 1000)  # LogRecord.msecs
@@ -227,10 +248,6 @@ def plain_line(done: CompletedRequest, now: float) -> str:
     return f"{stamp},{msecs:03d} INFO x402_proxy.access {head[0]} {' '.join(parts)}\n"
 
 
-# (method, host, status, bytes) -> the "msg" and the '"method":...,"bytes":...' run of a json line.
-_json_heads: dict[tuple[str, str, int, int | None], tuple[str, str]] = {}
-
-
 def _json(value: object) -> str:
     """One value as `json.dumps(..., default=str)` writes it."""
     kind = type(value)
@@ -243,31 +260,8 @@ def _json(value: object) -> str:
 
 def json_line(done: CompletedRequest, now: float) -> str:
     """The access line as `JsonFormatter` writes it, for a record created at `now` (built as `plain_line`)."""
-    session_id = payment_id = None
-    error = done.error
-    outcome = done.outcome
-    if outcome is not None:
-        for name, value in outcome.extra_headers:
-            lower = name.lower()
-            if lower == _SESSION_HEADER:
-                session_id = value
-            elif lower == _PAYMENT_HEADER:
-                payment_id = value
-            elif lower == _ERROR_HEADER and error is None:
-                error = value
-    key = (done.method, done.host, done.status, done.bytes_sent)
-    head = _json_heads.get(key)
-    if head is None:
-        host = normalize_host(done.host) if done.host else "-"
-        shown: object = done.bytes_sent if done.bytes_sent is not None else "-"
-        method = done.method
-        head = (
-            _json(f"{method} {host} {done.status} {shown}"),
-            f'"method":{_json(method)},"host":{_json(host)},"status":{done.status},"bytes":{_json(shown)}',
-        )
-        if len(_json_heads) >= _PLAIN_HEADS_MAX:
-            _json_heads.clear()
-        _json_heads[key] = head
+    session_id, payment_id, error = stage_ids(done.outcome, done.error)
+    head = _head(_json_heads, done, _json_head)
     msecs = int((now - int(now)) * 1000)
     stamp = _stamp(_json_second, now, time.gmtime, "%Y-%m-%dT%H:%M:%S")
     parts = [f'{{"ts":"{stamp}.{msecs:03d}Z","level":"info","logger":"x402_proxy.access","msg":{head[0]}']

@@ -79,7 +79,18 @@ def free_port(host: str = LOOP, taken: set[int] | None = None) -> int:
             return port
 
 
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None, timeout: float, host: str = LOOP) -> str | None:
+def accepts(port: int, host: str = LOOP, timeout: float = 0.2) -> bool:
+    """Whether `port` accepts a connection right now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_port(
+    port: int, proc: subprocess.Popen[bytes] | None, timeout: float, host: str = LOOP
+) -> str | None:
     """None once `port` accepts connections, else why not (the process exited, or the timeout)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
