@@ -184,10 +184,6 @@ class Approvals:
         waiting = sorted(self._waiting.values(), key=lambda a: a.created_at)
         return [a.describe() for a in waiting] + [a.describe() for a in reversed(self._recent)]
 
-    def active_grants(self) -> list[Grant]:
-        now = self._clock()
-        return [g for g in self._grants if g.until > now]
-
     def _close(
         self, approval: Approval, state: Literal["approved", "denied", "timeout"], via: str | None
     ) -> None:

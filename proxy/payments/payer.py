@@ -36,7 +36,7 @@ from typing import Any
 
 from proxy.faults import checkpoint
 from proxy.observability.context import PAYMENT_ID
-from proxy.payments.amounts import to_budget_units
+from proxy.payments.amounts import BUDGET_DECIMALS, to_budget_units
 from proxy.payments.approvals import Approval, Approvals, new_approval_id
 from proxy.payments.assets import AssetRegistry
 from proxy.payments.challenge import Challenge, MalformedChallenge, parse_challenge
@@ -304,7 +304,7 @@ class Payer:
         """The lowest approval threshold that applies, in budget units (None: never ask)."""
         limits = [self.policy.ask_above_hosts.get(normalize_host(request.host), self.policy.ask_above)]
         if request.ask_above is not None:  # a session rule's
-            limits.append(int(request.ask_above.scaleb(18)))
+            limits.append(int(request.ask_above.scaleb(BUDGET_DECIMALS)))
         present = [limit for limit in limits if limit is not None]
         return min(present) if present else None
 
@@ -327,7 +327,8 @@ class Payer:
             return None
         if self.approvals.granted(normalize_host(request.host), request.need_key) is not None:
             return None
-        return f"price {selection.describe()} is above ask_above {Decimal(limit).scaleb(-18).normalize()}"
+        threshold = Decimal(limit).scaleb(-BUDGET_DECIMALS).normalize()
+        return f"price {selection.describe()} is above ask_above {threshold}"
 
     def _approval_fields(
         self, request: PaymentRequestInfo, selection: Selection, approved: Approval | None

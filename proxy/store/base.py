@@ -168,10 +168,6 @@ class PaymentRecord:
     approved_by: str | None = None
     approved_at: float | None = None
 
-    @property
-    def in_doubt(self) -> bool:
-        return self.state is PaymentState.IN_DOUBT
-
 
 @dataclass(frozen=True)
 class SpendTotals:
