@@ -246,7 +246,7 @@ async def test_chunked_body_assembled_and_connection_reused(make_server) -> None
     await client.close()
 
 
-async def test_head_has_no_body_and_the_connection_stays_usable(make_server) -> None:  # type: ignore[no-untyped-def]
+async def test_head_has_no_body_and_the_connection_after_it_stays_usable(make_server) -> None:  # type: ignore[no-untyped-def]
     async def behave(conn, n, req, reader, writer):  # type: ignore[no-untyped-def]
         if req.method == "HEAD":
             return await answer(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n")
@@ -261,7 +261,43 @@ async def test_head_has_no_body_and_the_connection_stays_usable(make_server) -> 
     assert await fetch(client, request("GET", server.url())) == b"after head"
     assert await fetch(client, request("HEAD", server.url())) == b""
     assert await fetch(client, request("GET", server.url())) == b"after head"
+    # A HEAD answer that declares a body is not reused (the server may send that body anyway, later):
+    # HEAD on 1, GET on 2, HEAD on 2 (reused after the GET), GET on 3.
+    assert server.connections == 3
+    await client.close()
+
+
+async def test_head_answer_without_a_declared_body_keeps_its_connection(make_server) -> None:  # type: ignore[no-untyped-def]
+    async def behave(conn, n, req, reader, writer):  # type: ignore[no-untyped-def]
+        if req.method == "HEAD":
+            return await answer(writer, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        return await answer(writer, ok(b"after head"))
+
+    server = await make_server(behave)
+    client = upstream()
+    assert await fetch(client, request("HEAD", server.url())) == b""
+    assert await fetch(client, request("GET", server.url())) == b"after head"
     assert server.connections == 1
+    await client.close()
+
+
+async def test_body_sent_late_after_head_response_does_not_leak_into_the_next_answer(make_server) -> None:  # type: ignore[no-untyped-def]
+    async def behave(conn, n, req, reader, writer):  # type: ignore[no-untyped-def]
+        if req.method == "HEAD":
+            # Wrong, as aiohttp's StreamResponse does: the body of a HEAD answer, in a later segment,
+            # arriving after the client has already sent its next request on this connection.
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
+            await writer.drain()
+            asyncio.get_running_loop().call_later(0.2, writer.write, b"WRONG")
+            return True
+        await asyncio.sleep(0.4)
+        return await answer(writer, ok(b"clean"))
+
+    server = await make_server(behave)
+    client = upstream()
+    assert await fetch(client, request("HEAD", server.url())) == b""
+    assert await fetch(client, request("GET", server.url())) == b"clean"
+    assert server.connections == 2
     await client.close()
 
 

@@ -339,7 +339,10 @@ class UpstreamConnection(asyncio.Protocol):
                 # and is spent. Reuse the connection only if nothing followed the head.
                 self._keep_alive = _head_keep_alive(parser, self._response)
                 self._parser = None
-                if not data.endswith(_HEAD_END):
+                if not data.endswith(_HEAD_END) or _head_declares_body(self._response):
+                    # Some servers (aiohttp's StreamResponse among them) send the body of a HEAD
+                    # answer anyway, sometimes in a later segment than the head: a connection whose
+                    # HEAD answer declared a body is never reused, or the next answer reads that body.
                     self._reusable = False
                 self._on_message_complete()
             elif isinstance(cause, _Extraneous):
@@ -688,6 +691,15 @@ def _head_keep_alive(parser: httptools.HttpResponseParser, response: PooledRespo
     if parser.get_http_version() == "1.0":
         return "keep-alive" in tokens
     return "close" not in tokens
+
+
+def _head_declares_body(response: PooledResponse | None) -> bool:
+    if response is None:
+        return True
+    headers = response.headers
+    if "Transfer-Encoding" in headers:
+        return True
+    return any(value.strip() not in ("", "0") for value in headers.getall("Content-Length", ()))
 
 
 class UpstreamPool:
