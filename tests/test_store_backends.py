@@ -861,3 +861,160 @@ def test_a_machine_without_postgresql_fails_naming_the_package(tmp_path: Path) -
     with pytest.raises(PostgresMissing) as info:
         find_bin_dir([str(tmp_path)])
     assert "`postgresql` package" in str(info.value)
+
+
+# -- fleet primitives: single flight per need, the payment lock (both backends) ----------------------
+
+
+async def test_state_totals_count_and_sum_by_state_and_asset(store: AsyncLedgerStore) -> None:
+    assert list(await store.state_totals()) == []
+    await row_in(store, PaymentState.SETTLED, amount=10**30)
+    await row_in(store, PaymentState.SETTLED, amount=5, asset=ASSET.upper().replace("0X", "0x"))
+    await row_in(store, PaymentState.IN_DOUBT, amount=7)
+    totals = {
+        (t.state, t.network, t.asset, t.decimals): (t.count, t.amount) for t in await store.state_totals()
+    }
+    assert totals == {
+        ("settled", "eip155:84532", ASSET.lower(), 6): (2, 10**30 + 5),
+        ("in_doubt", "eip155:84532", ASSET.lower(), 6): (1, 7),
+    }
+    await store.ping()
+
+
+async def test_need_lock_is_single_flight_across_two_stores(backend: Backend) -> None:
+    first, second = await backend.open(), await backend.open()
+    try:
+        order: list[str] = []
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with first.need_lock("GET http://shop.test/paid"):
+                order.append("first in")
+                entered.set()
+                await release.wait()
+                order.append("first out")
+
+        async def waiter() -> None:
+            await entered.wait()
+            async with second.need_lock("GET http://shop.test/paid"):
+                order.append("second in")
+
+        tasks = [asyncio.create_task(holder()), asyncio.create_task(waiter())]
+        await entered.wait()
+        await asyncio.sleep(0.5)
+        assert order == ["first in"]  # the second store waits
+        async with asyncio.timeout(3):  # another need is not held up
+            async with second.need_lock("GET http://shop.test/other"):
+                pass
+        release.set()
+        await asyncio.gather(*tasks)
+        assert order == ["first in", "first out", "second in"]
+        # waiting has a limit: StoreError "locked", and the holder is undisturbed
+        async with first.need_lock("need C"):
+            started = time.monotonic()
+            with pytest.raises(StoreError) as info:
+                async with second.need_lock("need C", timeout=0.5):
+                    raise AssertionError("entered a held need")
+            assert info.value.kind == "locked" and time.monotonic() - started < 3
+        async with asyncio.timeout(3):  # released after all that
+            async with second.need_lock("need C"):
+                pass
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_cancelled_waiter_leaves_no_lock_behind(backend: Backend) -> None:
+    first, second = await backend.open(), await backend.open()
+    try:
+        async with first.need_lock("need D"):
+            waiting = asyncio.create_task(second.need_lock("need D").__aenter__())
+            await asyncio.sleep(0.3)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+        for store in (second, first):
+            async with asyncio.timeout(3):
+                async with store.need_lock("need D"):
+                    pass
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_payment_lock_makes_decide_then_insert_atomic_across_stores(backend: Backend) -> None:
+    """Ten payments of 0.01 race from two stores into a budget of 0.03: exactly three rows. Without the lock
+    (the control run) every racer sees the budget free and more than three fit."""
+    first, second = await backend.open(), await backend.open()
+    budget, amount = 30_000, 10_000
+
+    async def attempt(store: AsyncLedgerStore, host: str, locked: bool) -> bool:
+        async def decide_and_insert() -> bool:
+            spent = await store.spent_since(NOW - 10, host, now=NOW)
+            if sum(spent.by_asset.values()) + amount > budget:
+                return False
+            await asyncio.sleep(0.05)  # a decision takes time: policy, balance, approval
+            await store.insert_pending(new_payment(host=host, amount=amount), now=NOW)
+            return True
+
+        if not locked:
+            return await decide_and_insert()
+        async with store.payment_lock():
+            return await decide_and_insert()
+
+    try:
+        paid = await asyncio.gather(
+            *(attempt((first, second)[i % 2], "locked.test", True) for i in range(10))
+        )
+        assert sum(paid) == 3
+        spent = await second.spent_since(NOW - 10, "locked.test", now=NOW)
+        assert sum(spent.by_asset.values()) == budget
+        control = await asyncio.gather(
+            *(attempt((first, second)[i % 2], "free.test", False) for i in range(10))
+        )
+        assert sum(control) > 3  # the race the lock prevents is real
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_killing_the_lock_holders_connection_releases_its_need(postgres_url: str) -> None:
+    first = await PostgresLedgerStore.open(postgres_url)
+    second = await PostgresLedgerStore.open(postgres_url)
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        entered, got = asyncio.Event(), asyncio.Event()
+
+        async def holder() -> None:
+            async with first.need_lock("need E"):
+                entered.set()
+                await asyncio.sleep(30)
+
+        async def waiter() -> None:
+            async with second.need_lock("need E"):
+                got.set()
+
+        held = asyncio.create_task(holder())
+        await entered.wait()
+        waiting = asyncio.create_task(waiter())
+        await asyncio.sleep(0.5)
+        assert not got.is_set()
+        # The holder's replica dies (as a SIGKILL would leave it): the server drops its connection.
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(a.pid)) FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid "
+            "WHERE a.application_name = 'x402-proxy locks' AND l.locktype = 'advisory' AND l.granted"
+        )
+        assert killed == 1
+        async with asyncio.timeout(5):
+            await got.wait()
+        await waiting
+        held.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await held
+        async with asyncio.timeout(3):  # the first store takes locks again on a fresh connection
+            async with first.need_lock("need E"):
+                pass
+    finally:
+        await admin.close()
+        await first.close()
+        await second.close()

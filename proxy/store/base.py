@@ -27,9 +27,15 @@ proved them unused or their authorization expired (a server's 402 is its word, n
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
+
+# How long need_lock / payment_lock wait for a holder elsewhere before StoreError "locked". A need's holder
+# keeps it for a whole payment (the paid retry included); the payment lock only around decide + insert.
+NEED_LOCK_TIMEOUT = 30.0
+PAYMENT_LOCK_TIMEOUT = 10.0
 
 
 class PaymentState(StrEnum):
@@ -167,6 +173,18 @@ class PaymentRecord:
     evidence: str | None = None
     approved_by: str | None = None
     approved_at: float | None = None
+
+
+@dataclass(frozen=True)
+class StateTotal:
+    """Ledger rows of one (state, network, lower-case asset, decimals): how many, their sum (/metrics)."""
+
+    state: str
+    network: str
+    asset: str
+    decimals: int
+    count: int
+    amount: int
 
 
 @dataclass(frozen=True)
@@ -310,6 +328,10 @@ class LedgerStore(Protocol):
         NULL, a nonce, sent at least once), newest first: what the reconciler checks."""
         ...
 
+    def state_totals(self) -> Sequence[StateTotal]:
+        """Rows and amounts by state, network and lower-case asset (the /metrics ledger gauges)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -416,7 +438,30 @@ class AsyncLedgerStore(Protocol):
 
     async def list_unresolved(self, limit: int = 500) -> Sequence[PaymentRecord]: ...
 
-    async def close(self) -> None: ...
+    async def state_totals(self) -> Sequence[StateTotal]:
+        """Rows and amounts by state, network and asset (the /metrics ledger gauges)."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise StoreError promptly when the store cannot be reached (readiness probe)."""
+        ...
+
+    # -- fleet primitives: one replica or many on one database (docs/fleet.md) -----------------------
+
+    def need_lock(
+        self, need: str, *, timeout: float = NEED_LOCK_TIMEOUT
+    ) -> AbstractAsyncContextManager[None]:
+        """Single flight per need across every process using this store: held, no other holder of the
+        same need runs (PostgreSQL: a session advisory lock on a connection of its own, released by the
+        server when that connection dies; SQLite: per process). StoreError ``locked`` after `timeout`
+        seconds of waiting, ``io`` when the store is unreachable. Not reentrant."""
+        ...
+
+    def payment_lock(self, *, timeout: float = PAYMENT_LOCK_TIMEOUT) -> AbstractAsyncContextManager[None]:
+        """Hold around "check the budgets (spent_since, find_blocking), then insert_pending": no other
+        process using this store decides a payment meanwhile, so two replicas never both fit into a
+        budget that fits one. Errors as need_lock."""
+        ...
 
 
 def is_async_store(store: object) -> bool:

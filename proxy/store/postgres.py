@@ -26,11 +26,12 @@ against both. What differs is what several processes sharing one database need:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote
@@ -40,15 +41,19 @@ import asyncpg
 from proxy.store.base import (
     ALLOWED_TRANSITIONS,
     CHAIN_TRANSITIONS,
+    NEED_LOCK_TIMEOUT,
+    PAYMENT_LOCK_TIMEOUT,
     RECONCILED_USED,
     ChainState,
     NewPayment,
     PaymentRecord,
     PaymentState,
     SpendTotals,
+    StateTotal,
     StoreError,
     record_from_row,
 )
+from proxy.store.locks import KeyedLocks
 from proxy.store.settings import REDACTED, redact_url
 from proxy.store.sqlite import LEDGER_COMPONENT, MAX_LIST_LIMIT, Migration
 
@@ -56,6 +61,14 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT = 5.0  # seconds to open a connection (asyncpg's default is 60)
 ACQUIRE_TIMEOUT = 5.0  # seconds to wait for a free pooled connection
+PING_TIMEOUT = 2.0  # readiness probe
+# need_lock / payment_lock hold a connection each for as long as they are held: a pool of their own, so
+# single flights waiting on another replica never starve the ledger's writes.
+DEFAULT_LOCK_POOL_SIZE = 16
+NEED_LOCK_PREFIX = "x402-proxy need "
+PAYMENT_LOCK_NAME = "x402-proxy payment lock"
+# The lock pool waits for advisory locks with a client-side timeout instead of the server's lock_timeout.
+LOCK_SERVER_SETTINGS = {"application_name": "x402-proxy locks", "lock_timeout": "0"}
 COMMAND_TIMEOUT = 10.0  # seconds for one statement, client side
 # A row or advisory lock held elsewhere: give up after this long, like SQLite's busy timeout.
 LOCK_TIMEOUT_MS = 5000
@@ -331,12 +344,22 @@ class PostgresLedgerStore:
     """AsyncLedgerStore on PostgreSQL. Open with ``await PostgresLedgerStore.open(url)``."""
 
     def __init__(
-        self, url: str, pool: asyncpg.Pool, *, owner: str, clock: Callable[[], float] = time.time
+        self,
+        url: str,
+        pool: asyncpg.Pool,
+        *,
+        owner: str,
+        clock: Callable[[], float] = time.time,
+        lock_pool_size: int = DEFAULT_LOCK_POOL_SIZE,
     ) -> None:
         self.url = url
         self.shown_url = redact_url(url)
         self.owner = owner
         self._pool = pool
+        self._lock_pool_size = lock_pool_size
+        self._lock_pool: asyncpg.Pool | None = None
+        self._lock_pool_guard = asyncio.Lock()
+        self._local_locks = KeyedLocks()
         self._clock = clock
         self._owner_conn: asyncpg.Connection | None = None
         self._owner_guard = asyncio.Lock()
@@ -388,6 +411,11 @@ class PostgresLedgerStore:
                 raise describe_postgres_error(exc, url) from None
             raise
         return store
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The ledger's pool; the session and refusal stores of a fleet share it."""
+        return self._pool
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -835,11 +863,120 @@ class PostgresLedgerStore:
         )
         return await self._read(lambda conn: _fetch_all(conn, query, max(1, int(limit))))
 
+    async def state_totals(self) -> Sequence[StateTotal]:
+        rows = await self._read(
+            lambda conn: conn.fetch(
+                "SELECT state, network, lower(asset) AS asset, decimals, COUNT(*) AS n, "
+                "SUM(amount) AS total FROM payments GROUP BY state, network, lower(asset), decimals "
+                'ORDER BY state COLLATE "C", network COLLATE "C", lower(asset) COLLATE "C", decimals'
+            )
+        )
+        return [
+            StateTotal(
+                str(r["state"]),
+                str(r["network"]),
+                str(r["asset"]),
+                int(r["decimals"]),
+                int(r["n"]),
+                int(r["total"]),
+            )
+            for r in rows
+        ]
+
+    async def ping(self) -> None:
+        try:
+            await asyncio.wait_for(self._read(lambda conn: conn.fetchval("SELECT 1")), PING_TIMEOUT)
+        except TimeoutError:
+            raise StoreError(f"store {self.shown_url} unreachable: no answer in time", "io") from None
+
+    # -- fleet locks --------------------------------------------------------------------------------
+
+    def need_lock(
+        self, need: str, *, timeout: float = NEED_LOCK_TIMEOUT
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._held(("need", need), NEED_LOCK_PREFIX + need, timeout, f"single flight for {need!r}")
+
+    def payment_lock(
+        self, *, timeout: float = PAYMENT_LOCK_TIMEOUT
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        return self._held(("payment",), PAYMENT_LOCK_NAME, timeout, "the payment lock")
+
+    @contextlib.asynccontextmanager
+    async def _held(
+        self, local_key: tuple[str, ...], name: str, wait: float, what: str
+    ) -> AsyncIterator[None]:
+        """The process's waiters queue on a local lock first; its one holder then takes the session advisory
+        lock `name` on a lock-pool connection, held until the block ends. The server releases it if that
+        connection dies (the replica was killed, the network cut): another replica then gets it."""
+        deadline = time.monotonic() + wait
+        async with self._local_locks.hold(local_key, wait=wait, what=f"store {self.shown_url}: {what}"):
+            pool = await self._locks_pool()
+            try:
+                conn = await pool.acquire(timeout=max(0.1, min(ACQUIRE_TIMEOUT, deadline - time.monotonic())))
+            except (TimeoutError, *_DRIVER_ERRORS) as exc:
+                raise describe_postgres_error(exc, self.url) from None
+            healthy = False
+            try:
+                try:
+                    await conn.execute(
+                        "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+                        name,
+                        timeout=max(0.05, deadline - time.monotonic()),
+                    )
+                except TimeoutError:
+                    raise StoreError(
+                        f"store {self.shown_url}: {what}: still held by another replica after {wait:g} s",
+                        "locked",
+                    ) from None
+                except _DRIVER_ERRORS as exc:
+                    raise describe_postgres_error(exc, self.url) from None
+                yield
+                try:
+                    healthy = bool(
+                        await conn.fetchval(
+                            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
+                            name,
+                            timeout=COMMAND_TIMEOUT,
+                        )
+                    )
+                except (TimeoutError, *_DRIVER_ERRORS):
+                    healthy = False
+            finally:
+                # Interrupted while waiting (the lock may have been granted just then), or the unlock failed:
+                # close the connection, which releases whatever it holds, rather than pool it.
+                if not healthy:
+                    with contextlib.suppress(Exception):  # already gone with its server process
+                        conn.terminate()
+                with contextlib.suppress(Exception):
+                    await pool.release(conn)
+
+    async def _locks_pool(self) -> asyncpg.Pool:
+        if self._lock_pool is not None:
+            return self._lock_pool
+        async with self._lock_pool_guard:
+            if self._lock_pool is None:
+                if self._closed:
+                    raise StoreError(f"store {self.shown_url} is closed", "io")
+                try:
+                    self._lock_pool = await asyncpg.create_pool(
+                        self.url,
+                        min_size=0,
+                        max_size=max(1, self._lock_pool_size),
+                        timeout=CONNECT_TIMEOUT,
+                        server_settings=LOCK_SERVER_SETTINGS,
+                    )
+                except (*_DRIVER_ERRORS, ValueError) as exc:
+                    raise describe_postgres_error(exc, self.url) from None
+            return self._lock_pool
+
     async def close(self) -> None:
         """Let writes in flight finish (up to the command timeout), then release every connection."""
         self._closed = True
         if self._writes:
             await asyncio.wait(set(self._writes), timeout=COMMAND_TIMEOUT)
+        if self._lock_pool is not None:
+            self._lock_pool.terminate()  # releases every advisory lock still held
+            self._lock_pool = None
         if self._owner_conn is not None:
             self._owner_conn.terminate()  # releases the owner lock
             self._owner_conn = None

@@ -30,6 +30,7 @@ from proxy.store.base import (
     PaymentRecord,
     PaymentState,
     SpendTotals,
+    StateTotal,
     StoreError,
     record_from_row,
     safe_text,
@@ -702,6 +703,17 @@ class SqliteLedgerStore:
                 (max(1, int(limit)),),
             )
             return [record_from_row(row) for row in rows]
+
+    def state_totals(self) -> Sequence[StateTotal]:
+        totals: dict[tuple[str, str, str, int], list[int]] = {}
+        with self._reading() as conn:
+            rows = conn.execute("SELECT state, network, asset, decimals, amount FROM payments")
+            for row in rows:
+                key = (str(row[0]), str(row[1]), str(row[2]).lower(), int(row[3]))
+                entry = totals.setdefault(key, [0, 0])
+                entry[0] += 1
+                entry[1] += int(row[4])
+        return [StateTotal(*key, count, amount) for key, (count, amount) in sorted(totals.items())]
 
     def _fetch(self, conn: sqlite3.Connection, payment_id: int) -> PaymentRecord:
         row = conn.execute("SELECT * FROM payments WHERE id = ?", (payment_id,)).fetchone()

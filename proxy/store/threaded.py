@@ -13,10 +13,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from functools import partial
+from pathlib import Path
 from typing import ParamSpec, TypeVar, cast
 
 from proxy.store.base import (
+    NEED_LOCK_TIMEOUT,
+    PAYMENT_LOCK_TIMEOUT,
     AsyncLedgerStore,
     ChainState,
     LedgerStore,
@@ -24,8 +28,10 @@ from proxy.store.base import (
     PaymentRecord,
     PaymentState,
     SpendTotals,
+    StateTotal,
     is_async_store,
 )
+from proxy.store.locks import KeyedLocks, locks_for
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -37,6 +43,10 @@ class ThreadedLedgerStore:
     def __init__(self, sync: LedgerStore) -> None:
         self.sync = sync
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        # One process owns a SQLite ledger: its single flights and payment lock are this process's, shared
+        # by every store of the process on the same file.
+        path = getattr(sync, "path", None)
+        self._locks = locks_for(str(Path(path).resolve())) if path is not None else KeyedLocks()
 
     async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         loop = asyncio.get_running_loop()
@@ -180,6 +190,20 @@ class ThreadedLedgerStore:
 
     async def list_unresolved(self, limit: int = 500) -> Sequence[PaymentRecord]:
         return await self._run(self.sync.list_unresolved, limit)
+
+    async def state_totals(self) -> Sequence[StateTotal]:
+        return await self._run(self.sync.state_totals)
+
+    async def ping(self) -> None:
+        await self._run(self.sync.get, 0)
+
+    def need_lock(
+        self, need: str, *, timeout: float = NEED_LOCK_TIMEOUT
+    ) -> AbstractAsyncContextManager[None]:
+        return self._locks.hold(("need", need), wait=timeout, what=f"single flight for {need!r}")
+
+    def payment_lock(self, *, timeout: float = PAYMENT_LOCK_TIMEOUT) -> AbstractAsyncContextManager[None]:
+        return self._locks.hold(("payment",), wait=timeout, what="the payment lock")
 
     async def close(self) -> None:
         await self._run(self.sync.close)
