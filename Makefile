@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STACK := tests/stack
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench demo soak fuzz npm apt-test apt-bench clean venv
+.PHONY: run test lint typecheck pytest bench demo soak fuzz npm apt-test apt-bench clean venv mcp1-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || PY=python3; test -d $(VENV) || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -27,6 +27,20 @@ $(STACK)/node_modules/.installed: $(STACK)/package.json $(STACK)/package-lock.js
 
 npm: $(STACK)/node_modules/.installed
 
+# A second venv for the reference SDK's MCP server wrapper (x402.mcp), which imports mcp.server.fastmcp:
+# that exists only in mcp<2, and the proxy itself needs mcp 2.x. tests/stack/server_mcp_x402.py runs from it.
+MCP1_VENV := $(STACK)/.venv-mcp1
+MCP1_PINS := "mcp==1.30.0" "x402[evm]==2.25.0" "uvicorn==0.54.0" "starlette==1.10.0" "httpx==0.28.1" \
+	"pydantic==2.14.4" "web3==7.16.0" "eth-account==0.13.7"
+$(MCP1_VENV)/.installed: Makefile
+	@command -v $(PY) >/dev/null || PY=python3; test -d $(MCP1_VENV) || $(PY) -m venv $(MCP1_VENV) || python3 -m venv $(MCP1_VENV)
+	@echo '*' > $(MCP1_VENV)/.gitignore
+	$(MCP1_VENV)/bin/pip install -q --upgrade pip
+	$(MCP1_VENV)/bin/pip install -q $(MCP1_PINS)
+	@touch $@
+
+mcp1-venv: $(MCP1_VENV)/.installed
+
 # Debian packages the tests use as real clients or peers. postgresql: the tests start a throwaway server
 # from its binaries in /usr/lib/postgresql/<N>/bin (tests/support/postgres.py), not the system service.
 APT_TEST := curl faketime chromium postgresql
@@ -43,7 +57,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-pytest: $(STAMP) npm apt-test
+pytest: $(STAMP) npm apt-test mcp1-venv
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
@@ -80,4 +94,4 @@ soak: $(STAMP) npm
 	$(BIN)/python -m tests.soak $(SOAK_ARGS)
 
 clean:
-	rm -rf $(VENV) $(STACK)/node_modules .pytest_cache .mypy_cache .ruff_cache .bench
+	rm -rf $(VENV) $(STACK)/node_modules $(MCP1_VENV) .pytest_cache .mypy_cache .ruff_cache .bench
