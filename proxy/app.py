@@ -26,9 +26,12 @@ from proxy.payments.assets import AssetRegistry
 from proxy.payments.networks import NetworkRegistry
 from proxy.payments.payer import BalanceLookup, Payer
 from proxy.payments.reconcile import Reconciler
-from proxy.payments.stage import PaymentStage
+from proxy.payments.refusals import RefusalRecorder
 from proxy.payments.wallet import Wallet, load_wallet, token_balance
+from proxy.purchase.flow import PurchaseFlow
+from proxy.purchase.http import HttpPurchase
 from proxy.reload import reload_config
+from proxy.sessions.keeper import SessionKeeper
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.stage import SessionStage
 from proxy.store.refusal_store import SqliteRefusalStore
@@ -139,8 +142,9 @@ async def start(config: Config, home: Path) -> Runtime:
     metrics = AdminMetrics(home / "state.db")
     forwarder.wrap(metrics.latency_stage)  # innermost: times upstream sends only
     refusals = SqliteRefusalStore(home / "state.db")  # every refused 402, bounded (its own table)
-    payments = PaymentStage(payer, refusals)
-    metrics.set_refusal_counts(payments.refusals.counts)
+    # Every refusal the client is answered with is counted and kept (proxy/payments/refusals.py).
+    recorder = RefusalRecorder(refusals, payer.assets, payer.clock)
+    metrics.set_refusal_counts(recorder.counts)
     sessions: SessionManager | None = None
     session_stage: SessionStage | None = None
     background: list[asyncio.Task[None]] = []
@@ -151,11 +155,13 @@ async def start(config: Config, home: Path) -> Runtime:
         restored = sessions.load()
         if restored:
             log.info("restored %d active sessions", restored)
-        session_stage = SessionStage(sessions, payments, config.sessions, payer.wallet)
+        keeper = SessionKeeper(sessions, config.sessions, payer.wallet, payer.store)
+        payments = HttpPurchase(PurchaseFlow(payer, recorder, keeper))
+        session_stage = SessionStage(sessions, payments, config.sessions, payer.wallet, keeper=keeper)
         forwarder.wrap(session_stage)
         background.append(asyncio.create_task(sessions.run_flusher()))
     else:
-        forwarder.wrap(payments)
+        forwarder.wrap(HttpPurchase(PurchaseFlow(payer, recorder)))
     forwarder.wrap(metrics.outcome_stage)  # one count per proxied request
     forwarder.wrap(access_stage(config.log.access_log))  # outermost: log context and the access line
     server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)

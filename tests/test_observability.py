@@ -274,8 +274,8 @@ def test_access_line_text_is_what_the_formatters_write(monkeypatch: Any) -> None
         status, reason, content_length = 200, "OK", 0
         headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
-    paid = Outcome(Answer(), extra_headers=[(SESSION, "s-1"), (PAYMENT, "7")])  # type: ignore[arg-type]
-    refused = Outcome(Answer(), extra_headers=[("X-402-Proxy-Error", "budget_exhausted")])  # type: ignore[arg-type]
+    paid = Outcome(Answer(), session_id="s-1", payment_id=7)  # type: ignore[arg-type]
+    refused = Outcome(Answer(), error_code="budget_exhausted")  # type: ignore[arg-type]
     cases = [
         (CompletedRequest("GET", "Example.COM.", 200, 478, 100.0, None), {}),
         (CompletedRequest("GET", "127.0.0.2", 200, 478, 100.0, None), {"request": "ab12-2"}),  # the usual line

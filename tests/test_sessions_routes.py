@@ -188,7 +188,7 @@ def test_expired_session_leaves_a_routed_url_at_once(tmp_path: Path) -> None:
         outcome = await stage.handle(request(), upstream)
         sent = seen[-1]
         appended = dict(sent.appended.items) if sent.appended is not None else {}
-        return {"headers": {**dict(sent.headers), **appended}, "extra": dict(outcome.extra_headers)}
+        return {"headers": {**dict(sent.headers), **appended}, "extra": dict(outcome.proxy_headers())}
 
     first = asyncio.run(send())
     again = asyncio.run(send())  # the memoised route

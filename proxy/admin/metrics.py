@@ -21,10 +21,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
-from proxy.engine.responses import ERROR_HEADER
 from proxy.engine.upstream import UpstreamError
-from proxy.payments.stage import PAYMENT_HEADER
-from proxy.sessions.stage import SESSION_HEADER
 
 log = logging.getLogger("x402_proxy.admin")
 
@@ -34,19 +31,12 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 def classify(outcome: Outcome) -> str:
-    """One word for what happened to a proxied request."""
-    extra = outcome.extra_headers
+    """One word for what happened to a proxied request (from the outcome's fields)."""
     if outcome.response.status == 402:
-        return "payment_refused" if any(name == ERROR_HEADER for name, _ in extra) else "payment_required"
-    if not extra:  # the common case: no stage added anything
-        return "forwarded"
-    session = False
-    for name, _ in extra:
-        if name == PAYMENT_HEADER:
-            return "paid"
-        if name == SESSION_HEADER:
-            session = True
-    return "session" if session else "forwarded"
+        return "payment_refused" if outcome.error_code is not None else "payment_required"
+    if outcome.payment_id is not None:
+        return "paid"
+    return "session" if outcome.session_id is not None else "forwarded"
 
 
 class _StoreCollector(Collector):

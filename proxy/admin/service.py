@@ -446,7 +446,7 @@ async def _collect(outcome: Outcome) -> FetchedResponse:
     if len(body) > MAX_RETURNED_BODY:
         body, truncated = body[:MAX_RETURNED_BODY], True
     headers = [(k, v) for k, v in response.headers.items() if k.lower() not in ("set-cookie",)]
-    headers += outcome.extra_headers
+    headers += outcome.proxy_headers()
     return FetchedResponse(response.status, headers, body.decode("utf-8", "replace"), truncated)
 
 

@@ -7,7 +7,7 @@ each other like middleware; the innermost one is the plain upstream send.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -128,16 +128,64 @@ class Exchange:
         )
 
 
+# The proxy's own answer headers, rendered from an Outcome's fields at the edge (`proxy_headers`).
+SESSION_HEADER = "X-402-Proxy-Session"
+PAYMENT_HEADER = "X-402-Proxy-Payment"
+ERROR_HEADER = "X-402-Proxy-Error"
+RETRY_AFTER = "Retry-After"
+_NONE: tuple[tuple[str, str], ...] = ()
+
+
 @dataclass(slots=True)
 class Outcome:
+    """An answer and what the stages decided about it, as fields (never as header strings to re-parse).
+
+    `session_id`: the session whose credentials went along (or that this request opened);
+    `payment_id`: the ledger row of a payment sent (or behind a refusal); `error_code`: the reason the
+    proxy did not do what it would have (e.g. `budget_exhausted`); `retry_after`: seconds, with it.
+    """
+
     response: UpstreamResponse
     # Set when a stage already read the body (e.g. to parse a 402 challenge).
     body: bytes | None = None
-    extra_headers: list[tuple[str, str]] = field(default_factory=list)
+    session_id: str | None = None
+    payment_id: int | None = None
+    error_code: str | None = None
+    retry_after: int | None = None
 
     def release_body(self) -> None:
         """Drop an answer we will not forward (its connection is not reused if the body was unread)."""
         self.response.release()
+
+    def refuse(self, code: str, payment_id: int | None = None, retry_after: int | None = None) -> None:
+        """The first reason a stage gives wins (the innermost knows best)."""
+        if self.error_code is None:
+            self.error_code = code
+        if payment_id is not None and self.payment_id is None:
+            self.payment_id = payment_id
+        if retry_after is not None and self.retry_after is None:
+            self.retry_after = retry_after
+
+    def proxy_headers(self) -> tuple[tuple[str, str], ...]:
+        """The fields as answer headers: rendered once, at the edge."""
+        if self.session_id is None and self.payment_id is None and self.error_code is None:
+            return _NONE  # the common case
+        return render_proxy_headers(self.session_id, self.payment_id, self.error_code, self.retry_after)
+
+
+def render_proxy_headers(
+    session_id: str | None, payment_id: int | None, error_code: str | None, retry_after: int | None
+) -> tuple[tuple[str, str], ...]:
+    headers: list[tuple[str, str]] = []
+    if session_id is not None:
+        headers.append((SESSION_HEADER, session_id))
+    if payment_id is not None:
+        headers.append((PAYMENT_HEADER, str(payment_id)))
+    if error_code is not None:
+        headers.append((ERROR_HEADER, error_code))
+    if retry_after is not None:
+        headers.append((RETRY_AFTER, str(retry_after)))
+    return tuple(headers)
 
 
 Exchanger = Callable[[Exchange], Awaitable[Outcome]]

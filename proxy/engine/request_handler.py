@@ -18,7 +18,7 @@ from yarl import URL
 
 from proxy.engine import http_semantics as hs
 from proxy.engine.client_http import ClientBodyError, ClientConnection, ClientRequest, RequestBody
-from proxy.engine.exchange import Outcome
+from proxy.engine.exchange import Outcome, render_proxy_headers
 from proxy.engine.forwarder import Forwarder, Refusal, build_exchange
 from proxy.engine.responses import error_response, serialize_head
 from proxy.engine.splice import Splice
@@ -49,9 +49,9 @@ class CompletedRequest:
     status: int  # the status written; CLIENT_GONE_STATUS if the client left before any answer
     bytes_sent: int  # head and body bytes written to the client for this answer (chunk framing included)
     started: float  # perf_counter() when the server started on the request
-    outcome: Outcome | None  # stage headers (session id, payment id) live in outcome.extra_headers
+    outcome: Outcome | None  # what the stages decided (session id, payment id, error code): its fields
     # The proxy's own error code when the answer is one of its errors or was cut short; None for an
-    # answer relayed from upstream (a stage's code, if any, is in outcome.extra_headers).
+    # answer relayed from upstream (a stage's code, if any, is outcome.error_code).
     error: str | None = None
 
 
@@ -129,7 +129,9 @@ class RequestHandler:
                 outcome = await forwarder.exchanger(exchange)
             except UpstreamError as exc:
                 log.info("upstream failure %s %s: %s", request.method, url.host, exc.message)
-                sent = _send_error(conn, request, exc.status, exc.reason_code, exc.message, exc.extra_headers)
+                sent = _send_error(
+                    conn, request, exc.status, exc.reason_code, exc.message, _payment_named(exc.payment_id)
+                )
                 if reporting:
                     self.completed(request, host, exc.status, sent, started, None, exc.reason_code)
                 return
@@ -176,7 +178,9 @@ class RequestHandler:
             upstream = await self._forwarder.send_upgrade(exchange, request.headers.get("Upgrade", ""))
         except UpstreamError as exc:
             log.info("upstream failure %s %s: %s", request.method, url.host, exc.message)
-            sent = _send_error(conn, request, exc.status, exc.reason_code, exc.message, exc.extra_headers)
+            sent = _send_error(
+                conn, request, exc.status, exc.reason_code, exc.message, _payment_named(exc.payment_id)
+            )
             return exc.status, sent, exc.reason_code, None
         outcome = Outcome(upstream)
         taken = upstream.take_upgraded() if isinstance(upstream, PooledResponse) else None
@@ -274,6 +278,10 @@ def _send_error(
     return len(data)
 
 
+def _payment_named(payment_id: int | None) -> tuple[tuple[str, str], ...]:
+    return () if payment_id is None else render_proxy_headers(None, payment_id, None, None)
+
+
 def _target_host(target: str, conn: ClientConnection) -> str:
     """The host a refused request named (for its report only; "" when there is none to name)."""
     if conn.tunnel is not None:
@@ -319,7 +327,7 @@ def _write_whole(
         upstream.reason if upstream.reason is not None else "",
         upstream.headers.items(),
         hs.connection_tokens(upstream.headers),
-        outcome.extra_headers,
+        outcome.proxy_headers(),
         out_length,
         conn.keep_alive(request),
     )
@@ -365,7 +373,7 @@ async def _respond(
             reason,
             upstream.headers.items(),
             listed,
-            outcome.extra_headers,
+            outcome.proxy_headers(),
             length,
             conn.keep_alive(request),
             chunked=chunked,

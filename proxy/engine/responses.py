@@ -4,7 +4,7 @@ are always plain text with a stable reason code header."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Final
@@ -12,9 +12,10 @@ from typing import Final
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from proxy.engine import http_semantics as hs
+from proxy.engine.exchange import ERROR_HEADER
 from proxy.engine.upstream_pool import encode_head
 
-ERROR_HEADER = "X-402-Proxy-Error"
+__all__ = ["ERROR_HEADER"]
 
 _SKIP: Final = hs.HOP_BY_HOP | {"content-length"}
 
@@ -35,7 +36,7 @@ def serialize_head(
     reason: str,
     upstream_headers: Iterable[tuple[str, str]],
     connection_listed: set[str],
-    extra: list[tuple[str, str]],
+    extra: Sequence[tuple[str, str]],
     content_length: int | None,
     keep_alive: bool,
     chunked: bool = False,

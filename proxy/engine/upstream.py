@@ -47,8 +47,8 @@ class UpstreamError(Exception):
         self.status = status
         self.reason_code = reason_code
         self.message = message
-        # Stages add headers here (e.g. the ledger id of a payment sent before the failure).
-        self.extra_headers: list[tuple[str, str]] = []
+        # The ledger row of a payment sent before the failure (the client is told it with the error).
+        self.payment_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

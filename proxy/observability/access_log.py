@@ -27,10 +27,6 @@ from proxy.observability.logs import FIELDS_ATTR, access_sink, plain_value
 
 log = logging.getLogger("x402_proxy.access")
 
-_SESSION_HEADER = "x-402-proxy-session"
-_PAYMENT_HEADER = "x-402-proxy-payment"
-_ERROR_HEADER = "x-402-proxy-error"
-
 
 def access_stage(enabled: bool) -> object:
     """stage(inner) -> Exchanger: names the request in the log context (the access line itself is
@@ -80,19 +76,12 @@ def access_hook(enabled: bool) -> CompletionHook | None:
 
 
 def stage_ids(outcome: Outcome | None, error: str | None) -> tuple[str | None, str | None, str | None]:
-    """(session id, payment id, error code) the stages reported in the answer's headers; `error` (ours)
+    """(session id, payment id, error code) the stages decided (the outcome's fields); `error` (ours)
     wins over a stage's code."""
-    session_id = payment_id = None
-    if outcome is not None:
-        for name, value in outcome.extra_headers:  # a few at most: what the stages added
-            lower = name.lower()
-            if lower == _SESSION_HEADER:
-                session_id = value
-            elif lower == _PAYMENT_HEADER:
-                payment_id = value
-            elif lower == _ERROR_HEADER and error is None:
-                error = value
-    return session_id, payment_id, error
+    if outcome is None:
+        return None, None, error
+    payment = outcome.payment_id
+    return outcome.session_id, None if payment is None else str(payment), error or outcome.error_code
 
 
 def shown_host(host: str | None) -> str:

@@ -55,14 +55,9 @@ from proxy.payments.policy import (
     normalize_host,
 )
 from proxy.payments.settlement import read_evidence, read_settlement, rejection_reason
-from proxy.payments.signer import (
-    CLOCK_SKEW_ALLOWANCE,
-    SigningError,
-    build_payment_header,
-    offers_payment_identifier,
-    plan_authorization,
-)
+from proxy.payments.signer import CLOCK_SKEW_ALLOWANCE, SigningError, offers_payment_identifier
 from proxy.payments.wallet import Wallet
+from proxy.purchase.schemes import scheme_for
 from proxy.store.base import (
     AsyncLedgerStore,
     LedgerStore,
@@ -192,6 +187,13 @@ class Payer:
                 ReasonCode.BODY_TOO_LARGE_TO_REPLAY,
                 "the request body was not buffered, so the paid request cannot be replayed",
             )
+        return await self.decide(request, challenge)
+
+    async def decide(self, request: PaymentRequestInfo, challenge: Challenge) -> PayerDecision:
+        """A parsed challenge, whatever carried it (HTTP 402, an MCP tool result): refuse, re-present
+        an in-doubt payload, or write the pending row and sign (steps 4-6 above)."""
+        if has_any_header(request.headers, CLIENT_PAYMENT_HEADERS):
+            return PassThrough("the request already carries a payment credential")
         if self.wallet is None and not self.policy.dry_run:
             return Refused(ReasonCode.NO_WALLET, "no wallet configured; the proxy cannot pay")
 
@@ -213,7 +215,8 @@ class Payer:
                             ReasonCode.DRY_RUN, f"dry run: would pay {decision.describe()}", row.id
                         )
                     assert self.wallet is not None
-                    window = plan_authorization(decision, now)
+                    scheme = scheme_for(decision)
+                    window = scheme.window(decision, now)
                     from x402.extensions.payment_identifier import generate_payment_id  # SDK: after start
 
                     payment_id = generate_payment_id() if offers_payment_identifier(challenge) else None
@@ -246,7 +249,7 @@ class Payer:
 
         checkpoint("payment.pending_written")
         try:
-            header = build_payment_header(challenge, decision, self.wallet, now, payment_id, window)
+            header = scheme.sign(challenge, decision, self.wallet, now, payment_id, window)
         except Exception as exc:
             # Nothing left the process: close the row so it neither blocks nor counts.
             detail = str(exc) if isinstance(exc, SigningError) else f"{type(exc).__name__}: {exc}"

@@ -1,4 +1,4 @@
-"""Refusals on record: the one place a refused 402 is written down (called by `PaymentStage.attempt`).
+"""Refusals on record: the one place a refused 402 is written down (called by `proxy/purchase/flow.py`).
 
 Each refusal of the payer (the client gets the server's 402 plus `X-402-Proxy-Error: <reason>`, unless
 the session stage then serves a `payment_undelivered` retry through the session it claims) is counted by

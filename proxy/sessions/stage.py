@@ -10,29 +10,26 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
 from yarl import URL
 
 from proxy.engine.exchange import EncodedHeaders, Exchange, Exchanger, Outcome
-from proxy.engine.responses import ERROR_HEADER
-from proxy.faults import checkpoint
 from proxy.observability.context import SESSION_ID
 from proxy.payments.amounts import parse_decimal
 from proxy.payments.challenge import MalformedChallenge, parse_challenge
 from proxy.payments.doubt import scope_need
-from proxy.payments.stage import PaymentAttempt, PaymentStage
 from proxy.payments.wallet import Wallet
+from proxy.purchase.http import HttpPurchase
+from proxy.purchase.order import Order, SessionTerms
 from proxy.sessions.credentials import (
     SIWX_EXTENSION,
     SIWX_HEADER,
-    capture_credentials,
     credential_headers,
-    merge_credentials,
     siwx_challenge_response,
-    siwx_offer,
 )
+from proxy.sessions.keeper import SessionKeeper
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.model import Session, SessionCredentials
 from proxy.sessions.scope import (
@@ -47,7 +44,6 @@ from proxy.sessions.scope import (
 )
 from proxy.sessions.settings import SessionSettings
 from proxy.store.base import PaymentRecord
-from proxy.tokens import SessionClaim, make_session_token
 
 log = logging.getLogger("x402_proxy.sessions")
 
@@ -71,20 +67,21 @@ class _Route:
     session: Session | None
     credentials: SessionCredentials | None = None
     headers: EncodedHeaders | None = None
-    header: tuple[str, str] = ("", "")  # (SESSION_HEADER, session id) for the answer
 
 
 class SessionStage:
     def __init__(
         self,
         manager: SessionManager,
-        payments: PaymentStage,
+        payments: HttpPurchase,
         settings: SessionSettings,
         wallet: Wallet | None,
         clock: Callable[[], float] = time.time,
+        keeper: SessionKeeper | None = None,
     ) -> None:
         self.manager = manager
         self._payments = payments
+        self._keeper = keeper
         self._settings = settings
         self._kinds = set(settings.credential_kinds)
         self._wallet = wallet
@@ -103,6 +100,8 @@ class SessionStage:
         """A reload (SIGHUP): new sessions follow the new rules; existing sessions keep their scope."""
         self._settings = settings
         self._kinds = set(settings.credential_kinds)
+        if self._keeper is not None:
+            self._keeper.apply_settings(settings)
         self._static.clear()
         self._routes.clear()
 
@@ -128,10 +127,11 @@ class SessionStage:
         if outcome.response.status != 402:
             if session is not None:
                 self.manager.touch(session, now)
-                outcome.extra_headers.append(route.header)  # session is route.session: its pair, built once
+                outcome.session_id = session.id
             return outcome
         if url is None:
-            return (await self._payments.attempt(request, outcome, inner)).outcome
+            payments = self._payments
+            return (await payments.buy(request, outcome, inner, payments.order(request)))[0]
         if session is not None:
             return await self._rejected(
                 request, outcome, session, url, inner, now, renew=self._settings.renew_on_reject
@@ -158,7 +158,7 @@ class SessionStage:
                 return retried
             outcome = retried
         if not renew:
-            outcome.extra_headers.append((ERROR_HEADER, "session_rejected"))
+            outcome.refuse("session_rejected")
             return outcome
         return await self._pay(request, outcome, inner, url, session)
 
@@ -172,8 +172,6 @@ class SessionStage:
             url = None  # no session applies: forwarded without credentials, pays (if asked) without one
         session = self.manager.match(url, now) if url is not None else None
         route = _Route(url, generation, session)
-        if session is not None:
-            route.header = (SESSION_HEADER, session.id)
         if len(raw) <= _ROUTE_CACHE_URL:  # bounded memory: 4096 entries of at most 1 KiB
             routes = self._routes
             if len(routes) >= _ROUTE_CACHE_SIZE:
@@ -221,7 +219,7 @@ class SessionStage:
     def _used(self, session: Session | None, outcome: Outcome, now: float) -> None:
         if session is not None:
             self.manager.touch(session, now)
-            outcome.extra_headers.append((SESSION_HEADER, session.id))
+            outcome.session_id = session.id
 
     async def _siwx_fallback(
         self, request: Exchange, outcome: Outcome, session: Session, url: NormalizedURL, inner: Exchanger
@@ -252,74 +250,61 @@ class SessionStage:
         url: NormalizedURL,
         session: Session | None,
     ) -> Outcome:
+        """Buy the scope this URL falls in (or renew `session`): the purchase flow, then the session."""
         scope, rule = (session.scope, None) if session is not None else scope_for(url, self._settings.rules)
-        payments_seen = len(session.payment_ids) if session is not None else 0
-        async with self.manager.flight(scope.key):
-            now = self._clock()
-            fresh = self.manager.match(url, now)
-            if fresh is not None and (fresh is not session or len(fresh.payment_ids) > payments_seen):
-                # Another request paid for this scope while we waited: use its session, do not pay again.
-                outcome.release_body()
-                retried = await inner(self._attach(request, fresh, url, now))
-                if retried.response.status != 402:
-                    self._used(fresh, retried, now)
-                    return retried
-                outcome, session = retried, fresh
-                payments_seen = len(fresh.payment_ids)
-            paid_for: list[Session] = []
-            renewing = session
-
-            async def save_session(settled: PaymentAttempt) -> None:
-                # Runs before the ledger row says `settled` (see PaymentStage._pay): a crash in between
-                # leaves the session and an in-doubt row, never a settled payment without its session.
-                now = self._clock()
-                if renewing is None:
-                    ttl, session_cap = _rule_terms(rule, settled)
-                    paid_for.append(
-                        await self._open(
-                            scope, url, settled, now, ttl_seconds=ttl, max_session_payment=session_cap
-                        )
-                    )
-                else:
-                    await self._renew(renewing, url, settled, now)
-                    paid_for.append(renewing)
-
-            attempt = await self._payments.attempt(
+        payments = self._payments
+        order = replace(
+            payments.order(
                 request,
-                outcome,
-                inner,
-                max_amount=_remaining(session, rule),
                 session_id=session.id if session else None,
-                on_settled=save_session,
+                max_amount=_remaining(session, rule),
                 need=scope_need(scope.key),
                 ask_above=_ask_above(rule),
-            )
-            if not paid_for:
-                if attempt.refusal == UNDELIVERED and attempt.refused_payment is not None and session is None:
-                    claimed = await self._claim_undelivered(request, attempt, inner, url, scope, rule)
-                    if claimed is not None:
-                        return claimed
-                return attempt.outcome
-            self._used(paid_for[0], attempt.outcome, self._clock())
-            return attempt.outcome
+            ),
+            scope=scope,
+            url=url,
+            renewing=session,
+            payments_seen=len(session.payment_ids) if session is not None else 0,
+            terms=_rule_terms(rule),
+        )
+        answer, purchase = await payments.buy(request, outcome, inner, order, self._attach_session)
+        if purchase.session is not None:
+            self._used(purchase.session, answer, self._clock())
+            return answer
+        refused = purchase.refusal
+        if (
+            refused is not None
+            and refused.reason_code.value == UNDELIVERED
+            and refused.ledger_id is not None
+            and order.renewing is None
+        ):
+            claimed = await self._claim_undelivered(request, answer, refused.ledger_id, inner, url, order)
+            if claimed is not None:
+                return claimed
+        return answer
+
+    def _attach_session(self, request: Exchange, session: Session) -> Exchange:
+        url = routable_url(request.url)
+        return self._attach(request, session, url, self._clock())
 
     async def _claim_undelivered(
         self,
         request: Exchange,
-        attempt: PaymentAttempt,
+        outcome: Outcome,
+        payment_id: int,
         inner: Exchanger,
         url: NormalizedURL,
-        scope: Scope,
-        rule: SessionRule | None,
+        order: Order,
     ) -> Outcome | None:
         """The need's money moved but its answer was lost: where the server offers Sign-In-With-X,
         sign in as the wallet that paid and, if it grants access, open the session that payment bought."""
-        outcome = attempt.outcome
         extension = _challenge_extensions(outcome).get(SIWX_EXTENSION)
-        record = await self._payments.payer.store.get(attempt.refused_payment or 0)
+        record = await self._payments.payer.store.get(payment_id)
         if (
             not isinstance(extension, dict)
             or self._wallet is None
+            or self._keeper is None
+            or order.scope is None
             or "siwx" not in self._kinds
             or record is None
         ):
@@ -334,52 +319,23 @@ class SessionStage:
         outcome.release_body()
         retried = await inner(request.with_headers({SIWX_HEADER: header}))
         if not 200 <= retried.response.status < 400:
-            retried.extra_headers.extend((n, v) for n, v in outcome.extra_headers if n == ERROR_HEADER)
+            if outcome.error_code is not None:
+                retried.refuse(outcome.error_code)
             return retried
-        now = self._clock()
-        claimed = PaymentAttempt(retried, record, outcome.response.headers)
-        ttl, session_cap = _rule_terms(rule, claimed)
-        session = await self._open(scope, url, claimed, now, ttl_seconds=ttl, max_session_payment=session_cap)
+        terms = order.terms
+        cap = terms.max_session_payment
+        session = await self._keeper.open(
+            order.scope,
+            url,
+            record,
+            retried.response.headers.items(),
+            _challenge_extensions(outcome),
+            ttl_seconds=terms.ttl_seconds,
+            max_session_payment=None if cap is None else int(cap.scaleb(record.decimals)),
+        )
         log.info("payment #%s was undelivered; Sign-In-With-X claimed it: session %s", record.id, session.id)
-        self._used(session, retried, now)
+        self._used(session, retried, self._clock())
         return retried
-
-    async def _open(
-        self,
-        scope: Scope,
-        url: NormalizedURL,
-        attempt: PaymentAttempt,
-        now: float,
-        *,
-        ttl_seconds: int | None = None,
-        label: str | None = None,
-        max_session_payment: int | None = None,
-    ) -> Session:
-        record = attempt.record
-        assert record is not None
-        session = Session.create(
-            scope,
-            now=now,
-            ttl_seconds=ttl_seconds or self._settings.default_ttl,
-            label=label,
-            asset=record.asset,
-            network=record.network,
-            decimals=record.decimals,
-            pay_to=record.pay_to,
-            payer=self._wallet.address if self._wallet else None,
-            max_session_payment=max_session_payment,
-        )
-        session.record_payment(record.id, record.amount)
-        session.credentials = self._capture(url, attempt, record.network, now)
-        self._sign_token(session, record.tx_hash)
-        checkpoint("session.before_save")
-        self.manager.add(session)
-        checkpoint("session.saved")
-        await self._payments.payer.store.attach_session(record.id, session.id)
-        log.info(
-            "session %s opened for %s %s (payment #%s)", session.id, scope.kind, scope.to_url(), record.id
-        )
-        return session
 
     # -- control plane (admin API, CLI, MCP tools) ---------------------------------------------------
 
@@ -399,40 +355,20 @@ class SessionStage:
         outcome = await inner(request)
         if outcome.response.status != 402:
             return StartResult(outcome)
-        async with self.manager.flight(scope.key):
-            opened: list[Session] = []
-
-            async def save_session(
-                settled: PaymentAttempt,
-            ) -> None:  # before the row says settled, as in _pay
-                assert settled.record is not None
-                cap = None if max_amount is None else int(max_amount.scaleb(settled.record.decimals))
-                opened.append(
-                    await self._open(
-                        scope,
-                        url,
-                        settled,
-                        self._clock(),
-                        ttl_seconds=ttl_seconds,
-                        label=label,
-                        max_session_payment=cap,
-                    )
-                )
-
-            attempt = await self._payments.attempt(
-                request,
-                outcome,
-                inner,
-                max_amount=max_amount,
-                on_settled=save_session,
-                need=scope_need(scope.key),
-            )
-            if not opened:
-                return StartResult(
-                    attempt.outcome, None, attempt.record, attempt.refusal, payment_required=True
-                )
-            self._used(opened[0], attempt.outcome, self._clock())
-            return StartResult(attempt.outcome, opened[0], attempt.record, None, payment_required=True)
+        payments = self._payments
+        order = replace(
+            payments.order(request, max_amount=max_amount, need=scope_need(scope.key)),
+            scope=scope,
+            url=url,
+            terms=SessionTerms(ttl_seconds, label, max_amount),
+            reuse_sessions=False,
+        )
+        answer, purchase = await payments.buy(request, outcome, inner, order, self._attach_session)
+        refusal = purchase.refusal.reason_code.value if purchase.refusal is not None else None
+        if purchase.session is None:
+            return StartResult(answer, None, purchase.record, refusal, payment_required=True)
+        self._used(purchase.session, answer, self._clock())
+        return StartResult(answer, purchase.session, purchase.record, None, payment_required=True)
 
     async def fetch(
         self, session: Session, request: Exchange, inner: Exchanger, *, allow_renew: bool
@@ -452,57 +388,6 @@ class SessionStage:
         """Credential headers for `url` (e.g. the upstream DELETE when a session ends)."""
         signer = self._wallet.account if self._wallet is not None else None
         return credential_headers(session, url, [], self._kinds, self._clock(), signer)
-
-    async def _renew(self, session: Session, url: NormalizedURL, attempt: PaymentAttempt, now: float) -> None:
-        record = attempt.record
-        assert record is not None
-        session.record_payment(record.id, record.amount)
-        session.renewals += 1
-        session.expires_at = now + session.ttl_seconds
-        captured = self._capture(url, attempt, record.network, now)
-        if captured.siwx is None and session.credentials.siwx is not None:
-            # merge_credentials keeps the stored parameters: an offer we cannot use never replaces them
-            # (a hostile one would otherwise switch proactive SIWX off for the rest of the session).
-            problem = self._siwx_offer_problem(url, attempt, record.network)
-            if problem is not None:
-                log.warning(
-                    "session %s keeps its Sign-In-With-X parameters: the renewal's offer is unusable (%s)",
-                    session.id,
-                    problem,
-                )
-        session.credentials = merge_credentials(session.credentials, captured, now)
-        self._sign_token(session, record.tx_hash)
-        self.manager.renewed(session)
-        await self._payments.payer.store.attach_session(record.id, session.id)
-        log.info("session %s renewed (payment #%s)", session.id, record.id)
-
-    def _siwx_offer_problem(self, url: NormalizedURL, attempt: PaymentAttempt, network: str) -> str | None:
-        """Why the SIWX offer of a paid 402 was not taken (None: there was none, or it was taken)."""
-        offer = _challenge_extensions_from(attempt).get(SIWX_EXTENSION) if "siwx" in self._kinds else None
-        if not isinstance(offer, dict):
-            return None
-        verdict = siwx_offer(offer, url, network)
-        return verdict if isinstance(verdict, str) else None
-
-    def _capture(
-        self, url: NormalizedURL, attempt: PaymentAttempt, network: str, now: float
-    ) -> SessionCredentials:
-        extensions = _challenge_extensions_from(attempt)
-        siwx = extensions.get(SIWX_EXTENSION) if "siwx" in self._kinds else None
-        return capture_credentials(
-            attempt.outcome.response.headers.items(),
-            self._settings.token_headers,
-            url,
-            now=now,
-            siwx_extension=siwx if isinstance(siwx, dict) else None,
-            network=network,
-        )
-
-    def _sign_token(self, session: Session, tx_hash: str | None) -> None:
-        if "session_token" not in self._kinds or self._wallet is None:
-            return
-        claim = SessionClaim.for_session(session, address=self._wallet.address, tx_hash=tx_hash)
-        session.credentials.session_token = make_session_token(claim, self._wallet.account)
 
 
 def routable_url(url: URL) -> NormalizedURL:
@@ -530,18 +415,14 @@ class StartResult:
     payment_required: bool = False
 
 
-def _rule_terms(rule: SessionRule | None, attempt: PaymentAttempt) -> tuple[int | None, int | None]:
-    """(ttl, cap in atomic units) a matching rule sets for a new session."""
+def _rule_terms(rule: SessionRule | None) -> SessionTerms:
+    """The ttl and cap a matching rule sets for a new session."""
     if rule is None:
-        return None, None
-    cap = None
-    if rule.max_session_payment is not None and attempt.record is not None:
-        cap = int(
-            parse_decimal(rule.max_session_payment, what="max_session_payment").scaleb(
-                attempt.record.decimals
-            )
-        )
-    return rule.ttl_seconds, cap
+        return SessionTerms()
+    cap = rule.max_session_payment
+    return SessionTerms(
+        rule.ttl_seconds, None, None if cap is None else parse_decimal(cap, what="max_session_payment")
+    )
 
 
 def _ask_above(rule: SessionRule | None) -> Decimal | None:
@@ -561,16 +442,6 @@ def _remaining(session: Session | None, rule: SessionRule | None) -> Decimal | N
 def _challenge_extensions(outcome: Outcome) -> dict[str, object]:
     try:
         challenge = parse_challenge(402, outcome.response.headers, outcome.body or b"")
-    except MalformedChallenge:
-        return {}
-    return dict(challenge.extensions) if challenge is not None and challenge.extensions else {}
-
-
-def _challenge_extensions_from(attempt: PaymentAttempt) -> dict[str, object]:
-    if attempt.challenge_headers is None:
-        return {}
-    try:
-        challenge = parse_challenge(402, attempt.challenge_headers, b"")
     except MalformedChallenge:
         return {}
     return dict(challenge.extensions) if challenge is not None and challenge.extensions else {}

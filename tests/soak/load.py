@@ -28,9 +28,7 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDict
 
-from proxy.engine.responses import ERROR_HEADER
-from proxy.payments.stage import PAYMENT_HEADER
-from proxy.sessions.stage import SESSION_HEADER
+from proxy.engine.exchange import ERROR_HEADER, PAYMENT_HEADER, SESSION_HEADER
 from tests.soak.rig import Rig
 
 TIMEOUT = aiohttp.ClientTimeout(total=60)

@@ -1,0 +1,194 @@
+"""The purchase flow: one order, one readable path, whatever carried the challenge.
+
+    credential for the scope         (the session stage, before anything is sent: a hit never gets here)
+    -> challenge                      carrier.challenge(): read, bounded, parsed
+    -> single flight per need         one purchase per need at a time (per process; a fleet store adds
+                                      its own lock across replicas)
+    -> re-check                       a session bought meanwhile by another request is used instead
+    -> policy, ledger row, sign       Payer.decide: doubt, budgets, approval, pending row, signature
+    -> present                        carrier.present(plan): the same request again, with the payment
+    -> verdict                        read by the carrier from the answer (receipt, status)
+    -> session saved                  SessionKeeper.open/renew, before the row is final
+    -> row final                      Payer.record_verdict
+
+Nothing is called back up the stack: the result (`Purchase`) says what happened, and the carrier's
+owner renders it (HTTP headers, an MCP `_meta`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from proxy.faults import checkpoint
+from proxy.payments.challenge import Challenge
+from proxy.payments.payer import PassThrough, Payer, PaymentPlan, Refused, Verdict
+from proxy.payments.refusals import RefusalRecorder
+from proxy.purchase.order import Answer, Carrier, Order, Presented, Purchase
+from proxy.sessions.keeper import SessionKeeper
+from proxy.sessions.model import Session
+from proxy.store.base import PaymentRecord, StoreError
+
+log = logging.getLogger("x402_proxy.payments")
+
+
+class KeyedLocks:
+    """One asyncio.Lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            # A released lock with waiters still looks unlocked: count users, or a second flight could start.
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
+
+
+class PurchaseFlow:
+    def __init__(self, payer: Payer, refusals: RefusalRecorder, keeper: SessionKeeper | None = None) -> None:
+        self.payer = payer
+        self.refusals = refusals
+        self.keeper = keeper
+        self.flights = KeyedLocks()
+
+    async def buy(self, order: Order, carrier: Carrier[Answer]) -> Purchase[Answer]:
+        """Pay at most once for `order`; never raises for a refusal.
+
+        Raises `StoreError` when the pending row cannot be written (nothing was signed) and whatever
+        the carrier raises when presenting fails (the payment is then recorded in doubt first).
+        """
+        async with self.flights.hold(order.need):
+            keeper = self.keeper
+            if keeper is not None and order.url is not None and order.reuse_sessions:
+                fresh = keeper.bought_meanwhile(order.url, order.renewing, order.payments_seen)
+                if fresh is not None:
+                    if await carrier.with_session(fresh):
+                        return Purchase(session=fresh, reused=True)
+                    order = order.renewing_session(fresh)  # its credentials were refused: renew it
+            challenge = await carrier.challenge()
+            if isinstance(challenge, Refused):
+                self._refused(order, challenge, carrier)
+                return Purchase(refusal=challenge)
+            if isinstance(challenge, PassThrough):
+                return Purchase()
+            decision = await self.payer.decide(order.info, challenge)
+            if isinstance(decision, Refused):
+                self._refused(order, decision, carrier)
+                return Purchase(refusal=decision, challenge=challenge)
+            if isinstance(decision, PassThrough):
+                return Purchase(challenge=challenge)
+            return await self._pay(order, challenge, decision, carrier)
+
+    async def _pay(
+        self, order: Order, challenge: Challenge, plan: PaymentPlan, carrier: Carrier[Answer]
+    ) -> Purchase[Answer]:
+        try:
+            presented = await carrier.present(plan)
+        except asyncio.CancelledError:
+            # The drain deadline passed (or the client left) while the paid request was out: it may
+            # still settle, so the row says in doubt now rather than waiting for the next start.
+            await self._record_failure(plan, "cancelled while the paid request was in flight")
+            raise
+        except Exception as exc:
+            await self._record_failure(plan, _failure_text(exc))
+            raise
+        checkpoint("payment.answered")
+        session = await self._save_session(order, challenge, plan, presented)
+        try:
+            record = await self.payer.record_verdict(plan, presented.verdict)
+        except StoreError as exc:
+            # The money has moved and the answer is here: hand it over rather than lose what was paid
+            # for. The payer keeps the payment in doubt, so this need is not paid for again.
+            log.error("payment #%s: outcome not recorded: %s", plan.ledger_id, exc)
+            return Purchase(
+                presented.answer, None, plan, session=session, unrecorded=True, challenge=challenge
+            )
+        checkpoint("payment.recorded")
+        return Purchase(presented.answer, record, plan, session=session, challenge=challenge)
+
+    async def _save_session(
+        self, order: Order, challenge: Challenge, plan: PaymentPlan, presented: Presented[Answer]
+    ) -> Session | None:
+        """What was paid for (a session) is saved before the row says `settled`: killed in between, the
+        row is in doubt at restart (a retry is refused) and the session is back."""
+        keeper, verdict = self.keeper, presented.verdict
+        if keeper is None or order.scope is None or order.url is None:
+            return None
+        if not (verdict.delivered and presented.success):
+            return None
+        settled = _as_settled(plan.record, verdict)
+        try:
+            if order.renewing is not None:
+                return await keeper.renew(
+                    order.renewing, order.url, settled, presented.headers, challenge.extensions
+                )
+            terms = order.terms
+            cap = terms.max_session_payment
+            return await keeper.open(
+                order.scope,
+                order.url,
+                settled,
+                presented.headers,
+                challenge.extensions,
+                ttl_seconds=terms.ttl_seconds,
+                label=terms.label,
+                max_session_payment=None if cap is None else int(cap.scaleb(settled.decimals)),
+            )
+        except Exception:  # the payment is recorded whatever happens to what it bought
+            log.exception("payment #%s: saving what it paid for failed", plan.ledger_id)
+            return None
+
+    def _refused(self, order: Order, refused: Refused, carrier: Carrier[Answer]) -> None:
+        """The one place a refusal that becomes the client's answer is put on record; never raises."""
+        headers, body = carrier.evidence()
+        info = order.info
+        self.refusals.record(
+            reason=refused.reason_code.value,
+            detail=refused.detail,
+            method=info.method,
+            url=info.url,
+            host=info.host,
+            headers=headers,
+            body=body,
+            payment_id=refused.ledger_id,
+            session_id=info.session_id,
+        )
+
+    async def _record_failure(self, plan: PaymentPlan, reason: str) -> None:
+        try:
+            await self.payer.record_transport_failure(plan, reason)
+        except StoreError as exc:  # the payer keeps it in doubt in memory; the row says pending
+            log.error("payment #%s: transport failure not recorded: %s", plan.ledger_id, exc)
+
+
+def _as_settled(record: PaymentRecord, verdict: Verdict) -> PaymentRecord:
+    """The row as it is about to be written (the session names its payment and transaction)."""
+    return replace(
+        record,
+        state=verdict.state,
+        tx_hash=verdict.tx_hash or record.tx_hash,
+        payer=verdict.payer or record.payer,
+    )
+
+
+def _failure_text(exc: Exception) -> str:
+    code, message = getattr(exc, "reason_code", None), getattr(exc, "message", None)
+    if isinstance(code, str) and isinstance(message, str):
+        return f"{code}: {message}"  # an UpstreamError: its code and message, as before
+    return f"{type(exc).__name__}: {exc}"
