@@ -10,7 +10,7 @@ const here = dirname(fileURLToPath(import.meta.url))
 const require = createRequire(import.meta.url)
 const solc = require('solc')
 
-const CONTRACTS = ['TestUSDC', 'LocalMulticall']
+const CONTRACTS = ['TestUSDC', 'LocalMulticall', 'BatchSettlement', 'ERC3009DepositCollector']
 
 const sources = Object.fromEntries(
   CONTRACTS.map((name) => [`${name}.sol`, { content: readFileSync(join(here, `${name}.sol`), 'utf8') }])
