@@ -9,6 +9,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from cachetools import TTLCache
 
@@ -34,12 +35,14 @@ from proxy.reload import reload_config
 from proxy.sessions.keeper import SessionKeeper
 from proxy.sessions.manager import SessionManager
 from proxy.sessions.stage import SessionStage
-from proxy.store.refusal_store import SqliteRefusalStore
-from proxy.store.session_store import SqliteSessionStore
-from proxy.store.sqlite import SqliteLedgerStore
+from proxy.store.base import AsyncLedgerStore
+from proxy.store.factory import Stores, open_stores
 from proxy.tls.ca import CertificateAuthority
 from proxy.tls.trust import upstream_client_context, write_combined_bundle
 from proxy.warmup import warm_up
+
+if TYPE_CHECKING:
+    from proxy.store.refusal_store import AsyncRefusalStore, SqliteRefusalStore
 
 log = logging.getLogger("x402_proxy")
 
@@ -54,7 +57,7 @@ class Runtime:
     bundle: Path
     upstream: Upstream
     server: ProxyServer
-    store: SqliteLedgerStore
+    store: AsyncLedgerStore
     payer: Payer
     sessions: SessionManager | None
     background: list[asyncio.Task[None]]
@@ -62,7 +65,8 @@ class Runtime:
     session_stage: SessionStage | None = None
     admin: AdminServer | None = None
     admin_token: AdminToken | None = None
-    refusals: SqliteRefusalStore | None = None
+    refusals: AsyncRefusalStore | None = None
+    stores: Stores | None = None
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
         self.control.draining = True
@@ -72,12 +76,12 @@ class Runtime:
         for task in self.background:
             task.cancel()
         if self.sessions is not None:
-            self.sessions.flush()
-            self.sessions.store.close()
+            await self.sessions.close()
         await self.upstream.close()
-        if self.refusals is not None:
-            self.refusals.close()
-        self.store.close()
+        if self.stores is not None:
+            await self.stores.close()
+        else:
+            await self.store.close()
 
 
 def rpc_urls(config: Config, networks: NetworkRegistry) -> dict[str, str]:
@@ -112,14 +116,10 @@ def balance_lookup(config: Config, networks: NetworkRegistry, wallet: Wallet | N
     return lookup
 
 
-def build_payer(
-    config: Config, home: Path, env: dict[str, str] | None = None
-) -> tuple[Payer, SqliteLedgerStore]:
+def build_payer(config: Config, store: AsyncLedgerStore, wallet: Wallet | None) -> Payer:
     networks = NetworkRegistry(extra=config.networks)
     assets = AssetRegistry(networks, config.assets)
-    wallet = load_wallet(config.wallet, os.environ if env is None else env)
-    store = SqliteLedgerStore(home / "state.db")
-    payer = Payer(
+    return Payer(
         config.policy,
         assets,
         wallet,
@@ -128,7 +128,6 @@ def build_payer(
         chain_checked=frozenset(rpc_urls(config, networks)),
         recheck_after=config.reconcile.interval,
     )
-    return payer, store
 
 
 async def start(config: Config, home: Path) -> Runtime:
@@ -136,23 +135,50 @@ async def start(config: Config, home: Path) -> Runtime:
     ca = CertificateAuthority.load_or_create(home)
     bundle = write_combined_bundle(home, ca.ca_pem_path)
     upstream = Upstream(config.upstream, upstream_client_context(config.upstream.extra_ca_bundle))
-    payer, store = build_payer(config, home)
+    wallet = load_wallet(config.wallet, os.environ)
+    # The ledger, sessions and refusals: <home>/state.db, or the fleet's PostgreSQL ([store] url). A
+    # database that cannot be reached or migrated is a StoreError here: `run` exits 2 naming it.
+    stores = await open_stores(
+        config,
+        home,
+        sessions=config.sessions.enabled,
+        session_secret=bytes(wallet.account.key) if wallet is not None else None,
+    )
+    try:
+        return await _start(config, home, ca, bundle, upstream, wallet, stores)
+    except BaseException:
+        await stores.close()  # a no-op when runtime.stop() closed them already
+        raise
+
+
+async def _start(
+    config: Config,
+    home: Path,
+    ca: CertificateAuthority,
+    bundle: Path,
+    upstream: Upstream,
+    wallet: Wallet | None,
+    stores: Stores,
+) -> Runtime:
+    store = stores.ledger
+    payer = build_payer(config, store, wallet)
     await payer.recover()
     forwarder = Forwarder(config.proxy, upstream, [])
     metrics = AdminMetrics(home / "state.db")
     forwarder.wrap(metrics.latency_stage)  # innermost: times upstream sends only
-    refusals = SqliteRefusalStore(home / "state.db")  # every refused 402, bounded (its own table)
+    # Every refused 402, bounded (its own table). The recorder names the SQLite class; it only calls
+    # `add`, which every AsyncRefusalStore has.
+    refusals = stores.refusals
     # Every refusal the client is answered with is counted and kept (proxy/payments/refusals.py).
-    recorder = RefusalRecorder(refusals, payer.assets, payer.clock)
+    recorder = RefusalRecorder(cast("SqliteRefusalStore", refusals), payer.assets, payer.clock)
     metrics.set_refusal_counts(recorder.counts)
     sessions: SessionManager | None = None
     session_stage: SessionStage | None = None
     background: list[asyncio.Task[None]] = []
-    if config.sessions.enabled:
-        sessions = SessionManager(
-            SqliteSessionStore(home / "state.db"), flush_interval=config.sessions.flush_interval
-        )
-        restored = sessions.load()
+    if config.sessions.enabled and stores.sessions is not None:
+        sessions = SessionManager(stores.sessions, flush_interval=config.sessions.flush_interval)
+        stores.sessions_handed_over = True
+        restored = await sessions.restore()  # a restarted replica rebuilds its index from the store
         if restored:
             log.info("restored %d active sessions", restored)
         keeper = SessionKeeper(sessions, config.sessions, payer.wallet, payer.store)
@@ -160,6 +186,8 @@ async def start(config: Config, home: Path) -> Runtime:
         session_stage = SessionStage(sessions, payments, config.sessions, payer.wallet, keeper=keeper)
         forwarder.wrap(session_stage)
         background.append(asyncio.create_task(sessions.run_flusher()))
+        if sessions.shared:  # other replicas' opens, renewals and ends (PostgreSQL LISTEN + poll)
+            background.append(asyncio.create_task(sessions.run_watcher()))
     else:
         forwarder.wrap(HttpPurchase(PurchaseFlow(payer, recorder)))
     forwarder.wrap(metrics.outcome_stage)  # one count per proxied request
@@ -183,10 +211,12 @@ async def start(config: Config, home: Path) -> Runtime:
     control = ControlPlane(payer, sessions, session_stage, forwarder.send_upstream)
     control.reconciler = reconciler
     control.refusals = refusals
+    metrics.read_through(store, sessions)  # the ledger gauges read the store, whichever it is
     runtime = Runtime(
         config, home, ca, bundle, upstream, server, store, payer, sessions, background, control, session_stage
     )
     runtime.refusals = refusals
+    runtime.stores = stores
     try:
         if config.admin.enabled:
             await start_admin(runtime, metrics)
@@ -216,6 +246,8 @@ async def start_admin(runtime: Runtime, metrics: AdminMetrics) -> None:
         raise OSError(f"admin listener: {exc}") from None
     metrics.set_ready_probe(lambda: not runtime.control.draining)
     admin = AdminServer(runtime.control, token.value, metrics, runtime.ca.ca_pem_path, host, port)
+    # /readyz (no token): the proxy listener accepting and the store reachable.
+    admin.set_readiness(runtime.server.self_targets, runtime.store.ping)
     try:
         await admin.start()
     except OSError as exc:

@@ -60,14 +60,36 @@ def test_startup_prints_address_and_token_file_never_the_token(admin: AdminProxy
     assert admin.token not in admin.log_text()
 
 
+PROBES = ["/healthz", "/readyz"]
+
+
 @pytest.mark.parametrize("path", [*GET_ROUTES, "/nope", "/sessions/x"])
 def test_every_route_needs_the_token(admin: AdminProxy, path: str) -> None:
-    for headers in ({}, {"Authorization": "Bearer wrong-token-wrong-token"}, {"Authorization": f"Basic {admin.token}"},
-                    {"Authorization": "Bearer"}, {"Authorization": f"Bearer {admin.token}x"}):
+    # The probes answer a request without an Authorization header (below); a wrong token is refused everywhere.
+    anonymous = [] if path in PROBES else [{}]
+    for headers in (*anonymous, {"Authorization": "Bearer wrong-token-wrong-token"},
+                    {"Authorization": f"Basic {admin.token}"}, {"Authorization": "Bearer"},
+                    {"Authorization": f"Bearer {admin.token}x"}, {"Authorization": ""}):
         response = requests.get(f"{admin.admin_url}{path}", headers=headers, timeout=10)
         body = assert_problem(response, 401, "unauthorized")
         assert response.headers["WWW-Authenticate"].startswith("Bearer")
         assert admin.token not in json.dumps(body)
+
+
+@pytest.mark.parametrize("path", PROBES)
+def test_the_probes_answer_without_the_token_and_reveal_nothing(admin: AdminProxy, path: str) -> None:
+    response = requests.get(f"{admin.admin_url}{path}", timeout=10)
+    assert response.status_code == 200, response.text[:300]
+    assert response.json() == {"status": "ok" if path == "/healthz" else "ready"}
+    assert set(response.headers) <= {"Content-Type", "Content-Length", "Date", "Server", "Connection",
+                                     "Keep-Alive", "Cache-Control", "X-Content-Type-Options"}, response.headers
+    # only GET, only these two paths: the same path with another method, or a neighbour, still needs it
+    assert_problem(requests.post(f"{admin.admin_url}{path}", timeout=10), 401, "unauthorized")
+    for other in (f"{path}/", f"{path}x", f"{path}?x=1".replace("?x=1", "/../budget")):
+        assert requests.get(f"{admin.admin_url}{other}", timeout=10).status_code in (401, 404), other
+    # the Host/Origin guard still applies
+    assert_problem(requests.get(f"{admin.admin_url}{path}", headers={"Host": "evil.example"}, timeout=10),
+                   421, "misdirected_request")
 
 
 @pytest.mark.parametrize("path", GET_ROUTES)
@@ -162,7 +184,11 @@ def test_openapi_describes_every_route(admin: AdminProxy) -> None:
     assert routes == expected
     for (path, method) in expected - {("/mcp", "post"), ("/mcp", "get"), ("/mcp", "delete")}:
         responses = doc["paths"][path][method]["responses"]
+        if path in PROBES:  # no token needed: the probes say so and never answer 401
+            assert doc["paths"][path][method]["security"] == [] and "401" not in responses, path
+            continue
         assert "401" in responses and "default" in responses, (path, method)
+        assert "security" not in doc["paths"][path][method], path
     start = doc["components"]["schemas"]["StartSessionRequest"]
     assert start["additionalProperties"] is False and start["required"] == ["endpoint"]
     assert "max_payment" in start["properties"] and "max_payment_eth" not in start["properties"]

@@ -7,6 +7,7 @@ replica's rows alone, the server stopped under a store. SQLite specifics stay in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +24,9 @@ import asyncpg
 import pytest
 
 from proxy.config import Config, ConfigError, load_config, redacted
+from proxy.sessions.manager import SessionManager
+from proxy.sessions.model import Session, SessionCredentials
+from proxy.sessions.scope import Scope
 from proxy.store.base import (
     ALLOWED_TRANSITIONS,
     CHAIN_TRANSITIONS,
@@ -41,6 +45,9 @@ from proxy.store.postgres import (
     ledger_schema_status,
     migrate_ledger,
 )
+from proxy.store.postgres_sessions import PostgresSessionStore
+from proxy.store.session_crypto import SessionCipher
+from proxy.store.session_store import AsyncSessionStore, SqliteSessionStore, ThreadedSessionStore
 from proxy.store.settings import StoreSettings, redact_url
 from proxy.store.sqlite import LEDGER_MIGRATIONS, SqliteLedgerStore
 from proxy.store.threaded import ThreadedLedgerStore
@@ -1018,3 +1025,186 @@ async def test_killing_the_lock_holders_connection_releases_its_need(postgres_ur
         await admin.close()
         await first.close()
         await second.close()
+
+
+# -- sessions shared by replicas (both backends; what needs two processes on one database: PostgreSQL) ---
+
+
+async def open_sessions(
+    backend: Backend, ledger: AsyncLedgerStore, secret: bytes = b"k" * 32
+) -> AsyncSessionStore:
+    if backend.name == "sqlite":
+        return ThreadedSessionStore(SqliteSessionStore(Path(backend.location)))
+    assert isinstance(ledger, PostgresLedgerStore)
+    return await PostgresSessionStore.open(ledger, SessionCipher.from_secret(secret))
+
+
+def fresh_session(url: str = "https://api.shop.test/v1", ttl: int = 600) -> Session:
+    session = Session.create(Scope.from_url(url, "prefix"), now=time.time(), ttl_seconds=ttl)
+    session.credentials = SessionCredentials(token_headers={"x-x402-lease": "secret-lease"})
+    return session
+
+
+async def until(condition: Callable[[], bool], within: float) -> float:
+    """Seconds until `condition` held; fails after `within`."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < within, f"not within {within} s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+@dataclass
+class Replica:
+    ledger: AsyncLedgerStore
+    manager: SessionManager
+    watcher: asyncio.Task[None]
+
+    async def close(self) -> None:
+        self.watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.watcher
+        await self.manager.close()
+        await self.ledger.close()
+
+
+async def replica(backend: Backend, **overrides: object) -> Replica:
+    ledger = await backend.open()
+    store = await open_sessions(backend, ledger)
+    for name, value in overrides.items():
+        setattr(store, name, value)
+    manager = SessionManager(store)
+    await manager.restore()
+    return Replica(ledger, manager, asyncio.create_task(manager.run_watcher()))
+
+
+async def test_sessions_are_shared_restored_and_their_calls_add_up(backend: Backend) -> None:
+    a, b = await replica(backend), await replica(backend)
+    try:
+        session = fresh_session()
+        a.manager.add(session)
+        await a.manager.written()
+        stored = await b.manager.fetch(session.id)
+        assert stored is not None and stored.credentials == session.credentials
+        # calls on both replicas add up (flushed as increments, never overwritten by a save)
+        theirs = await b.manager.fetch(session.id)
+        assert theirs is not None
+        for _ in range(3):
+            a.manager.touch(session, time.time())
+        for _ in range(2):
+            b.manager.touch(theirs, time.time())
+        await a.manager.flush_async()
+        await b.manager.flush_async()
+        a.manager.save(session)  # a later save (a renewal) keeps the counts
+        await a.manager.written()
+        counted = await b.manager.list_stored()
+        assert [s.call_count for s in counted if s.id == session.id] == [5]
+        # a restarted replica rebuilds its index from the database
+        c = await replica(backend)
+        try:
+            found = c.manager.match("https://api.shop.test/v1/items")
+            assert found is not None and found.id == session.id and found.call_count == 5
+        finally:
+            await c.close()
+        assert await a.manager.count_active() == 1
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_an_end_on_one_replica_reaches_the_others_within_a_second(postgres_url: str) -> None:
+    backend = Backend("postgres", postgres_url)
+    replicas = [await replica(backend) for _ in range(3)]
+    a, others = replicas[0], replicas[1:]
+    try:
+        session = fresh_session()
+        a.manager.add(session)
+        await a.manager.written()
+        url = "https://api.shop.test/v1/items"
+        for other in others:  # opened on one replica: used by all
+            await until(lambda o=other: o.manager.match(url) is not None, 1.0)
+        held = [o.manager.match(url) for o in others]  # what a request routed just now holds
+        await a.manager.end_session(session.id, "ended by admin")
+        for other in others:
+            took = await until(lambda o=other: o.manager.match(url) is None, 1.0)
+            assert took < 1.0
+        assert all(
+            h is not None and not h.is_active(time.time()) and h.credentials.kinds() == [] for h in held
+        )
+        # renewed elsewhere: the new credentials replace the old ones
+        renewed = fresh_session("https://api.shop.test/v2")
+        others[0].manager.add(renewed)
+        await others[0].manager.written()
+        await until(lambda: a.manager.match("https://api.shop.test/v2/x") is not None, 1.0)
+        renewed.credentials = SessionCredentials(token_headers={"x-x402-lease": "second-lease"})
+        others[0].manager.renewed(renewed)
+        await others[0].manager.written()
+
+        def second_lease() -> bool:
+            found = a.manager.match("https://api.shop.test/v2/x")
+            return found is not None and found.credentials.token_headers == {"x-x402-lease": "second-lease"}
+
+        await until(second_lease, 1.0)
+    finally:
+        for r in replicas:
+            await r.close()
+
+
+async def test_without_the_listener_a_poll_still_delivers_the_end(postgres_url: str) -> None:
+    backend = Backend("postgres", postgres_url)
+    a = await replica(backend)
+    # b can never LISTEN (its listener connects to a closed port): only the poll through its pool is left.
+    dead = f"postgresql://x402@127.0.0.1:{free_port()}/none"
+    b = await replica(backend, url=dead)
+    admin = await asyncpg.connect(postgres_url)
+    try:
+        session = fresh_session()
+        a.manager.add(session)
+        await a.manager.written()
+        url = "https://api.shop.test/v1/items"
+        await until(lambda: b.manager.match(url) is not None, 1.0)
+        await a.manager.end_session(session.id, "ended by admin")
+        assert await until(lambda: b.manager.match(url) is None, 1.0) < 1.0
+        # a's listener connection cut: a reconnects (or polls meanwhile) and still sees b's changes
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'x402-proxy sessions listener'"
+        )
+        other = fresh_session("https://api.shop.test/v3")
+        b.manager.add(other)
+        await b.manager.written()
+        await until(lambda: a.manager.match("https://api.shop.test/v3/x") is not None, 1.5)
+    finally:
+        await admin.close()
+        await a.close()
+        await b.close()
+
+
+async def test_session_documents_are_sealed_at_rest(postgres_url: str) -> None:
+    ledger = await PostgresLedgerStore.open(postgres_url)
+    try:
+        store = await PostgresSessionStore.open(ledger, SessionCipher.from_secret(b"wallet key " * 3))
+        session = fresh_session()
+        await store.save([session])
+        raw = await asyncpg.connect(postgres_url)
+        try:
+            data = await raw.fetchval("SELECT data FROM sessions WHERE id = $1", session.id)
+            # a sealed document copied onto another row does not open
+            twin = fresh_session()
+            await store.save([twin])
+            await raw.execute("UPDATE sessions SET data = $1 WHERE id = $2", data, twin.id)
+        finally:
+            await raw.close()
+        assert (
+            data.startswith("x402-sealed-v1:") and "secret-lease" not in data and "api.shop.test" not in data
+        )
+        assert (await store.get(session.id)).credentials == session.credentials  # type: ignore[union-attr]
+        with pytest.raises(StoreError) as info:
+            await store.get(twin.id)
+        assert info.value.kind == "corrupt"
+        other = await PostgresSessionStore.open(ledger, SessionCipher.from_secret(b"another wallet" * 3))
+        with pytest.raises(StoreError) as info:
+            await other.get(session.id)
+        assert info.value.kind == "corrupt" and "secret-lease" not in str(info.value)
+    finally:
+        await ledger.close()

@@ -2,7 +2,8 @@
 
 Every route first passes the Host/Origin guard (`auth.ListenerGuard`: 421 for a Host that does not name
 this listener, 403 for another origin), then needs `Authorization: Bearer <token>` (compared in
-constant time). Input is JSON checked
+constant time), except the orchestrators' probes `GET /healthz` and `GET /readyz`, which answer
+without it (a token that is sent must be right) and say only ok / ready / not ready. Input is JSON checked
 against the schemas in `schemas.py` (unknown fields refused); every error is a problem document. The
 listener is never reachable through the proxy listener: its address joins the proxy's self-target list.
 """
@@ -10,6 +11,7 @@ listener is never reachable through the proxy listener: its address joins the pr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -28,12 +30,16 @@ from proxy.admin.metrics import AdminMetrics
 from proxy.admin.problems import Problem, problem_response
 from proxy.admin.service import ControlError, ControlPlane
 from proxy.engine.responses import classify_request_error
-from proxy.store.base import PaymentState
+from proxy.store.base import PaymentState, StoreError
 
 log = logging.getLogger("x402_proxy.admin")
 
 MAX_BODY = 1024 * 1024
 BEARER_CHALLENGE = 'Bearer realm="x402-proxy-admin"'
+# Answered without the bearer token: liveness and readiness, nothing else (see _auth).
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+READY_STORE_TIMEOUT = 2.0  # seconds for the store's ping
+READY_CONNECT_TIMEOUT = 1.0  # seconds for the proxy listener to accept
 JSON = "application/json"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -165,7 +171,15 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         self._addresses: list[tuple[str, int]] = []
         self._guard: ListenerGuard | None = None  # set once the listener's ports are known
+        # /readyz: where the proxy listens (it must accept a connection) and the store's ping.
+        self._listeners: Callable[[], list[tuple[str, int]]] | None = None
+        self._store_ping: Callable[[], Awaitable[None]] | None = None
         self.app = self._build_app()
+
+    def set_readiness(
+        self, listeners: Callable[[], list[tuple[str, int]]], store_ping: Callable[[], Awaitable[None]]
+    ) -> None:
+        self._listeners, self._store_ping = listeners, store_ping
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -258,6 +272,11 @@ class AdminServer:
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if is_dashboard_path(request.path):  # static page and script only: every API call sends the token
             return await handler(request)
+        if request.path in PROBE_PATHS and request.method == "GET" and "Authorization" not in request.headers:
+            # Orchestrators' probes (a compose health check, a Kubernetes httpGet) carry no secret; the
+            # answers say ok / ready / not ready and nothing else. A token that is sent is still checked:
+            # a wrong one is refused, never ignored.
+            return await handler(request)
         if not token_matches(request.headers.get("Authorization"), self._token):
             raise Problem(
                 "unauthorized",
@@ -288,12 +307,12 @@ class AdminServer:
                 "origin": {"type": "string", "maxLength": 2048},
             },
         )
-        sessions = self.control.list_sessions(state=query.get("state"), origin=query.get("origin"))
+        sessions = await self.control.list_sessions(state=query.get("state"), origin=query.get("origin"))
         return _json_response({"sessions": sessions})
 
     async def _get_session(self, request: web.Request) -> web.StreamResponse:
         _query(request, {})
-        return _json_response(self.control.get_session(request.match_info["id"]))
+        return _json_response(await self.control.get_session(request.match_info["id"]))
 
     async def _end_session(self, request: web.Request) -> web.StreamResponse:
         query = _query(request, {"notify_upstream": {"type": "string", "enum": ["true", "false", "1", "0"]}})
@@ -332,7 +351,7 @@ class AdminServer:
 
     async def _refusals(self, request: web.Request) -> web.StreamResponse:
         query = _query(request, schemas.REFUSALS_QUERY)
-        refusals = self.control.list_refusals(
+        refusals = await self.control.list_refusals(
             host=query.get("host"),
             reason=query.get("reason"),
             since=query.get("since"),
@@ -375,11 +394,22 @@ class AdminServer:
         return _json_response({"status": "ok"})
 
     async def _readyz(self, request: web.Request) -> web.StreamResponse:
+        # Open to anyone who reaches the listener: say whether, never why (the log says why).
         if self.control.draining:
-            raise Problem("not_ready", 503, "draining: finishing in-flight requests before stopping")
+            raise Problem("not_ready", 503, "not ready")
+        if self._listeners is not None and not await _accepting(self._listeners()):
+            log.warning("readyz: the proxy listener does not accept connections")
+            raise Problem("not_ready", 503, "not ready")
+        if self._store_ping is not None:
+            try:
+                await asyncio.wait_for(self._store_ping(), READY_STORE_TIMEOUT)
+            except (StoreError, TimeoutError) as exc:
+                log.warning("readyz: the store does not answer: %s", exc)
+                raise Problem("not_ready", 503, "not ready") from None
         return _json_response({"status": "ready"})
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        await self.metrics.refresh()
         response = web.Response(body=self.metrics.render())
         response.headers["Content-Type"] = METRICS_CONTENT_TYPE
         return response
@@ -395,6 +425,22 @@ class AdminServer:
     async def _mcp(self, request: web.Request) -> web.StreamResponse:
         body = await read_body(request) if request.method == "POST" else b""
         return await self.mcp.handle(request, body)
+
+
+async def _accepting(addresses: list[tuple[str, int]]) -> bool:
+    """Does the proxy's first listening address accept a TCP connection (a wildcard bind via loopback)?"""
+    if not addresses:
+        return False
+    host, port = addresses[0]
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), READY_CONNECT_TIMEOUT)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
 
 
 def _http_exception_problem(request: web.Request, exc: web.HTTPException) -> web.Response:

@@ -243,9 +243,9 @@ class McpTools:
             if name == "x402_session_status":
                 checked = schemas.validate(schemas.TOOL_STATUS, args)
                 if checked.get("session_id") is not None:
-                    one = {"session": self.control.get_session(checked["session_id"])}
+                    one = {"session": await self.control.get_session(checked["session_id"])}
                     return _ok(status_text(one), one)
-                listing = {"sessions": self.control.list_sessions(state="active")}
+                listing = {"sessions": await self.control.list_sessions(state="active")}
                 return _ok(status_text(listing), listing)
             if name == "x402_session_end":
                 checked = schemas.validate(schemas.TOOL_END, args)

@@ -13,8 +13,9 @@ import bisect
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -22,6 +23,11 @@ from prometheus_client.registry import Collector
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.engine.upstream import UpstreamError
+from proxy.store.base import StateTotal, StoreError
+
+if TYPE_CHECKING:
+    from proxy.sessions.manager import SessionManager
+    from proxy.store.base import AsyncLedgerStore
 
 log = logging.getLogger("x402_proxy.admin")
 
@@ -47,6 +53,11 @@ class _StoreCollector(Collector):
         self._ready = ready
         self._clock = clock
 
+    # Set by `AdminMetrics.read_through`: the gauges come from the store's own interface (read before each
+    # scrape by `refresh`), whichever backend it is, instead of opening state.db.
+    snapshot: tuple[Sequence[StateTotal], int] | None = None
+    reads_through = False
+
     def collect(self) -> Iterable[Metric]:
         ready = GaugeMetricFamily("x402_proxy_ready", "1 while the proxy takes new work, 0 while draining")
         ready.add_metric([], 1.0 if self._ready() else 0.0)
@@ -64,6 +75,19 @@ class _StoreCollector(Collector):
         sessions = GaugeMetricFamily(
             "x402_proxy_sessions_active", "Sessions that are neither ended nor expired"
         )
+        if self.reads_through:
+            if self.snapshot is None:  # the store did not answer this scrape: no ledger gauges
+                return
+            totals, active = self.snapshot
+            for total in totals:
+                labels = [total.state, total.network, total.asset]
+                count.add_metric(labels, float(total.count))
+                amount.add_metric(labels, total.amount / 10**total.decimals)
+            sessions.add_metric([], float(active))
+            yield count
+            yield amount
+            yield sessions
+            return
         try:
             self._read(count, amount, sessions)
         except sqlite3.Error as exc:
@@ -185,9 +209,29 @@ class AdminMetrics:
         self._refusals = _RefusalCollector()
         self.registry.register(self._refusals)
         self.registry.register(_TaskCollector())
+        self._ledger: AsyncLedgerStore | None = None
+        self._sessions: SessionManager | None = None
 
     def set_ready_probe(self, ready: Callable[[], bool]) -> None:
         self._store._ready = ready
+
+    def read_through(self, ledger: AsyncLedgerStore, sessions: SessionManager | None) -> None:
+        """Read the ledger and session gauges through the stores (SQLite or PostgreSQL), via `refresh`."""
+        self._ledger, self._sessions = ledger, sessions
+        self._store.reads_through = True
+
+    async def refresh(self) -> None:
+        """Before a scrape: read the gauges from the stores (a store that fails: logged, gauges left out)."""
+        if not self._store.reads_through or self._ledger is None:
+            return
+        try:
+            totals = await self._ledger.state_totals()
+            active = await self._sessions.count_active() if self._sessions is not None else 0
+        except StoreError as exc:
+            log.warning("metrics: cannot read the store: %s", exc)
+            self._store.snapshot = None
+            return
+        self._store.snapshot = (totals, active)
 
     def set_refusal_counts(self, counts: Mapping[str, int]) -> None:
         """The refusal recorder's live counts (read at scrape time, never copied)."""

@@ -26,6 +26,13 @@ def _problems(*statuses: int) -> dict[str, Any]:
     return out
 
 
+def _probe_problems(*statuses: int) -> dict[str, Any]:
+    """The probes need no token, so never answer 401; the Host/Origin checks still apply."""
+    out = _problems(*statuses)
+    del out["401"]
+    return out
+
+
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema, "description": description}
 
@@ -254,15 +261,18 @@ def build(server_url: str, version: str) -> dict[str, Any]:
         "/healthz": {
             "get": {
                 "operationId": "healthz",
-                "summary": "200 while the process runs",
-                "responses": {"200": _json(_ref("Health"), "Alive"), **_problems()},
+                "summary": "200 while the process runs (no token needed: for orchestrators' probes)",
+                "security": [],
+                "responses": {"200": _json(_ref("Health"), "Alive"), **_probe_problems()},
             }
         },
         "/readyz": {
             "get": {
                 "operationId": "readyz",
-                "summary": "200 while taking new work; 503 (not_ready) while draining",
-                "responses": {"200": _json(_ref("Health"), "Ready"), **_problems(503)},
+                "summary": "200 while taking new work: the proxy listener accepts and the store answers; "
+                "503 (not_ready) while draining or when either does not (no token needed)",
+                "security": [],
+                "responses": {"200": _json(_ref("Health"), "Ready"), **_probe_problems(503)},
             }
         },
         "/metrics": {

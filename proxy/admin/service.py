@@ -34,7 +34,7 @@ from proxy.sessions.model import Session, SessionValueError, validate_label, val
 from proxy.sessions.scope import ScopeError, normalize_url
 from proxy.sessions.stage import SessionStage, routable_url
 from proxy.store.base import PaymentRecord, PaymentState
-from proxy.store.refusal_store import RefusalRecord, SqliteRefusalStore
+from proxy.store.refusal_store import AsyncRefusalStore, RefusalRecord
 
 # Initial/fetched response bodies are returned up to this many bytes (the rest is cut, and said so).
 MAX_RETURNED_BODY = 64 * 1024
@@ -101,7 +101,7 @@ class ControlPlane:
         self._clock = clock
         self.draining = False
         self.reconciler: Reconciler | None = None  # set by the app once the reconciler runs
-        self.refusals: SqliteRefusalStore | None = None  # set by the app: refused 402s on record
+        self.refusals: AsyncRefusalStore | None = None  # set by the app: refused 402s on record
 
     # -- sessions ----------------------------------------------------------------------------------
 
@@ -112,7 +112,9 @@ class ControlPlane:
             )
         return self.sessions, self.stage
 
-    def list_sessions(self, state: str | None = None, origin: str | None = None) -> list[dict[str, Any]]:
+    async def list_sessions(
+        self, state: str | None = None, origin: str | None = None
+    ) -> list[dict[str, Any]]:
         manager, _ = self._require_sessions()
         if state not in (None, "active", "expired", "ended"):
             raise ControlError("invalid_parameter", 400, "state must be active, expired or ended")
@@ -122,14 +124,15 @@ class ControlPlane:
             except ScopeError as exc:
                 raise ControlError("invalid_parameter", 400, f"origin: {exc}") from None
         now = self._clock()
-        return [s.describe(now) for s in manager.store.list(now=now, state=state, origin=origin)]
+        stored = await manager.list_stored(state=state, origin=origin)
+        return [s.describe(now) for s in stored]
 
-    def get_session(self, session_id: str) -> dict[str, Any]:
-        return self._session(session_id).describe(self._clock())
+    async def get_session(self, session_id: str) -> dict[str, Any]:
+        return (await self._session(session_id)).describe(self._clock())
 
-    def _session(self, session_id: str) -> Session:
+    async def _session(self, session_id: str) -> Session:
         manager, _ = self._require_sessions()
-        session = manager.get(session_id)
+        session = await manager.fetch(session_id)
         if session is None:
             raise ControlError("session_not_found", 404, f"no session {session_id!r}")
         return session
@@ -188,7 +191,7 @@ class ControlPlane:
         allow_renew: bool = False,
     ) -> dict[str, Any]:
         _, stage = self._require_sessions()
-        session = self._session(session_id)
+        session = await self._session(session_id)
         now = self._clock()
         state = session.state(now)
         if state != "active":
@@ -208,11 +211,12 @@ class ControlPlane:
     async def end_session(self, session_id: str, notify_upstream: bool = False) -> dict[str, Any]:
         """Mirror of `x402_session_end`; the local session ends whatever the upstream says."""
         manager, stage = self._require_sessions()
-        session = self._session(session_id)
+        session = await self._session(session_id)
         upstream: dict[str, Any] | None = None
         if notify_upstream and session.is_active(self._clock()):
             upstream = await self._notify_upstream(stage, session)
-        ended, already = manager.end(session_id, "ended by admin")
+        # Durable (and so announced to every replica sharing the store) before this answers.
+        ended, already = await manager.end_session(session_id, "ended by admin")
         assert ended is not None
         summary = ended.describe(self._clock())
         return {
@@ -251,7 +255,7 @@ class ControlPlane:
         rows = await self.payer.store.list(state=wanted, host=host, since=since, limit=limit)
         return [_payment_dict(r) for r in rows]
 
-    def list_refusals(
+    async def list_refusals(
         self, host: str | None = None, reason: str | None = None, since: float | None = None, limit: int = 100
     ) -> list[dict[str, Any]]:
         """Refused 402s on record (newest first; the newest 10 000, none older than 30 days)."""
@@ -263,7 +267,9 @@ class ControlPlane:
         if self.refusals is None:
             return []
         wanted = normalize_host(host) if host is not None else None  # one canonical host (proxy/hosts.py)
-        rows = self.refusals.list(host=wanted, reason=reason, since=since, limit=limit, now=self._clock())
+        rows = await self.refusals.list(
+            host=wanted, reason=reason, since=since, limit=limit, now=self._clock()
+        )
         return [_refusal_dict(r) for r in rows]
 
     async def budget(self) -> dict[str, Any]:
@@ -279,7 +285,7 @@ class ControlPlane:
         }
         hosts = {normalize_host(h): v for h, v in spent_by_host.items() if v > 0}
         # Refusals per host: a host that was only ever refused is listed too (spent 0).
-        refused = self.refusals.count_by_host(since) if self.refusals is not None else {}
+        refused = await self.refusals.count_by_host(since) if self.refusals is not None else {}
         for host in refused:
             hosts.setdefault(host, 0)
         scale = Decimal(10) ** 18

@@ -463,6 +463,8 @@ class AsyncLedgerStore(Protocol):
         budget that fits one. Errors as need_lock."""
         ...
 
+    async def close(self) -> None: ...
+
 
 def is_async_store(store: object) -> bool:
     """Is `store` an AsyncLedgerStore (its calls awaitable) rather than a blocking LedgerStore?"""

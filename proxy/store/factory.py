@@ -7,6 +7,7 @@ check|migrate`. Every failure is a StoreError whose message names the store with
 from __future__ import annotations
 
 import asyncio
+import inspect
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from proxy.store.base import StoreError
+from proxy.store.refusal_store import AsyncRefusalStore, SqliteRefusalStore, ThreadedRefusalStore
+from proxy.store.session_store import AsyncSessionStore, SqliteSessionStore
 from proxy.store.settings import StoreSettings, redact_url
 from proxy.store.sqlite import (
     LEDGER_COMPONENT,
@@ -38,6 +41,68 @@ def sqlite_path(home: Path) -> Path:
 def describe_store(settings: StoreSettings, home: Path) -> str:
     """How messages name the store: its redacted URL, or the SQLite file."""
     return redact_url(settings.url) if settings.is_postgres else f"sqlite {sqlite_path(home)}"
+
+
+@dataclass
+class Stores:
+    """Everything the running proxy keeps: the ledger, the sessions (None when disabled), the refusals."""
+
+    ledger: AsyncLedgerStore
+    sessions: SqliteSessionStore | AsyncSessionStore | None
+    refusals: AsyncRefusalStore
+    shown: str  # how messages name the store (no password)
+    close_ledger: Closer
+
+    # Set once a SessionManager took the sessions store: the manager closes it (it flushes first).
+    sessions_handed_over: bool = False
+    closed: bool = False
+
+    async def close(self) -> None:
+        """Sessions (unless handed over), refusals, then the ledger, whose pool the PostgreSQL side tables
+        share. Closing twice does nothing."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            if self.sessions is not None and not self.sessions_handed_over:
+                result = self.sessions.close()
+                if inspect.isawaitable(result):
+                    await result
+            await self.refusals.close()
+        finally:
+            await self.close_ledger()
+
+
+async def open_stores(
+    config: Config, home: Path, *, sessions: bool, session_secret: bytes | None = None
+) -> Stores:
+    """Open the ledger (migrations applied, under an advisory lock on PostgreSQL so replicas starting
+    together apply them once), then the session and refusal tables beside it. `session_secret` (the
+    wallet's key) seals the session documents in PostgreSQL (proxy/store/session_crypto.py)."""
+    ledger, close_ledger = await open_ledger(config, home)
+    shown = describe_store(config.store, home)
+    try:
+        if config.store.is_postgres:
+            from proxy.store.postgres import PostgresLedgerStore
+            from proxy.store.postgres_refusals import PostgresRefusalStore
+            from proxy.store.postgres_sessions import PostgresSessionStore
+            from proxy.store.session_crypto import SessionCipher
+
+            assert isinstance(ledger, PostgresLedgerStore)
+            cipher = SessionCipher.from_secret(session_secret) if session_secret else None
+            session_store: SqliteSessionStore | AsyncSessionStore | None = (
+                await PostgresSessionStore.open(ledger, cipher) if sessions else None
+            )
+            refusals: AsyncRefusalStore = await PostgresRefusalStore.open(ledger)
+        else:
+            path = sqlite_path(home)
+            # The blocking session store, written through as before; the refusals' reads on a thread.
+            session_store = SqliteSessionStore(path) if sessions else None
+            refusals = ThreadedRefusalStore(SqliteRefusalStore(path))
+    except BaseException:
+        await close_ledger()
+        raise
+    return Stores(ledger, session_store, refusals, shown, close_ledger)
 
 
 async def open_ledger(config: Config, home: Path) -> tuple[AsyncLedgerStore, Closer]:

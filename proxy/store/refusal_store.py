@@ -15,14 +15,17 @@ Reads never return a row past the age either.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from proxy.store.sqlite import Migration, apply_migrations, describe_sqlite_error, open_database
 
@@ -99,6 +102,33 @@ class RefusalRecord:
     pay_to: str | None
     payment_id: int | None
     session_id: str | None
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class AsyncRefusalStore(Protocol):
+    """The refusals table as the running proxy uses it (SQLite: ThreadedRefusalStore; PostgreSQL:
+    proxy/store/postgres_refusals.py). `add` is called on the request path and never waits long: on
+    SQLite it writes at once (a 250 ms busy timeout at most, as before), on PostgreSQL it queues the row
+    for a writer task (dropped, with a log line, when the database cannot take it)."""
+
+    def add(self, new: NewRefusal, *, now: float | None = None) -> int | None: ...
+
+    async def list(
+        self,
+        *,
+        host: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        now: float | None = None,
+    ) -> list[RefusalRecord]: ...
+
+    async def count_by_host(self, since: float) -> dict[str, int]: ...
+
+    async def close(self) -> None: ...
 
 
 class SqliteRefusalStore:
@@ -225,6 +255,40 @@ class SqliteRefusalStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+class ThreadedRefusalStore:
+    """AsyncRefusalStore over a SqliteRefusalStore: `add` as before (on the caller's thread), reads on a
+    thread of their own."""
+
+    def __init__(self, sync: SqliteRefusalStore) -> None:
+        self.sync = sync
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refusals")
+
+    async def _run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, partial(fn, *args, **kwargs))
+
+    def add(self, new: NewRefusal, *, now: float | None = None) -> int | None:
+        return self.sync.add(new, now=now)
+
+    async def list(
+        self,
+        *,
+        host: str | None = None,
+        reason: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+        now: float | None = None,
+    ) -> list[RefusalRecord]:
+        return await self._run(self.sync.list, host=host, reason=reason, since=since, limit=limit, now=now)
+
+    async def count_by_host(self, since: float) -> dict[str, int]:
+        return await self._run(self.sync.count_by_host, since)
+
+    async def close(self) -> None:
+        await self._run(self.sync.close)
+        self._executor.shutdown(wait=False)
 
 
 def _record(row: tuple[Any, ...]) -> RefusalRecord:
