@@ -130,6 +130,13 @@ class ChannelStack:
             raise RuntimeError(f"claim_and_settle: {data}")
         return data
 
+    def settle(self) -> dict[str, Any]:
+        r = httpx.post(f"{self.server}/__settle", timeout=120, trust_env=False)
+        data: dict[str, Any] = r.json()
+        if r.status_code != 200:
+            raise RuntimeError(f"settle: {data}")
+        return data
+
     def seller_refund(self) -> list[dict[str, Any]]:
         r = httpx.post(f"{self.server}/__refund", timeout=120, trust_env=False)
         data: list[dict[str, Any]] = r.json()

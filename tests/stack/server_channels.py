@@ -17,6 +17,7 @@ Two subcommands, each one process (started by `tests/stack/channels.py`):
       Seller controls (the seller's side of a channel, driven by tests):
         GET  /__channels           the server's channel records (SDK `Channel.to_dict()`)
         POST /__claim_settle       channel manager: claim every unclaimed voucher, then settle
+        POST /__settle             channel manager: settle what is claimed (e.g. by a refund batch)
         POST /__refund             channel manager: refund every idle channel's unclaimed rest
         GET  /__stats              handler invocations and settle results seen
 
@@ -291,6 +292,15 @@ def create_server_app(cfg: ServerConfig) -> FastAPI:
                 "settle": None if settle is None else {"transaction": settle.transaction},
             }
         )
+
+    @app.post("/__settle")
+    def settle_only() -> JSONResponse:
+        try:
+            result = manager.settle()
+        except Exception as exc:
+            log.exception("settle failed")
+            return JSONResponse({"error": str(exc)}, 500)
+        return JSONResponse({"transaction": result.transaction})
 
     @app.post("/__refund")
     def refund_all() -> JSONResponse:
