@@ -200,7 +200,9 @@ class Payer:
         balances = await self._balances(challenge)
         approved: Approval | None = None
         while True:
-            async with self._lock:
+            # One decision at a time in this process, and across every replica on the same store:
+            # two payments can never both fit into a budget that fits one.
+            async with self._lock, self.store.payment_lock():
                 now = self.clock()
                 decided = await self._decide(request, challenge, now, balances)
                 if not isinstance(decided, Selection):

@@ -30,7 +30,7 @@ from proxy.payments.refusals import RefusalRecorder
 from proxy.purchase.order import Answer, Carrier, Order, Presented, Purchase
 from proxy.sessions.keeper import SessionKeeper
 from proxy.sessions.model import Session
-from proxy.store.base import PaymentRecord, StoreError
+from proxy.store.base import NEED_LOCK_TIMEOUT, PaymentRecord, StoreError
 
 log = logging.getLogger("x402_proxy.payments")
 
@@ -73,10 +73,14 @@ class PurchaseFlow:
         Raises `StoreError` when the pending row cannot be written (nothing was signed) and whatever
         the carrier raises when presenting fails (the payment is then recorded in doubt first).
         """
-        async with self.flights.hold(order.need):
+        # Per process first (no database round trip for a waiter here), then across the fleet (the
+        # store's lock: PostgreSQL advisory lock; SQLite: this process only). A payment may wait for a
+        # person's approval while it holds the need, so the fleet wait allows for that.
+        wait = max(NEED_LOCK_TIMEOUT, self.payer.policy.ask_timeout + NEED_LOCK_TIMEOUT)
+        async with self.flights.hold(order.need), self.payer.store.need_lock(order.need, timeout=wait):
             keeper = self.keeper
             if keeper is not None and order.url is not None and order.reuse_sessions:
-                fresh = keeper.bought_meanwhile(order.url, order.renewing, order.payments_seen)
+                fresh = await keeper.bought_meanwhile(order.url, order.renewing, order.payments_seen)
                 if fresh is not None:
                     if await carrier.with_session(fresh):
                         return Purchase(session=fresh, reused=True)

@@ -44,12 +44,20 @@ class SessionKeeper:
         self._settings = settings
         self._kinds = set(settings.credential_kinds)
 
-    def bought_meanwhile(
+    async def bought_meanwhile(
         self, url: NormalizedURL, renewing: Session | None, payments_seen: int
     ) -> Session | None:
         """A session another request opened or renewed for this URL while this one waited its turn."""
-        fresh = self.manager.match(url, self._clock())
-        if fresh is not None and (fresh is not renewing or len(fresh.payment_ids) > payments_seen):
+        manager = self.manager
+        if manager.shared:
+            # Another replica may have bought it while this one waited for the need's lock: on the paid
+            # path the database is the truth (its announcement may not have reached us yet).
+            for stored in await manager.list_stored(state="active", origin=url.origin_str, limit=100):
+                await manager.apply_remote(stored.id)
+        fresh = manager.match(url, self._clock())
+        if fresh is None:
+            return None
+        if renewing is None or fresh.id != renewing.id or len(fresh.payment_ids) > payments_seen:
             return fresh
         return None
 
@@ -83,6 +91,7 @@ class SessionKeeper:
         self._sign_token(session, record.tx_hash)
         checkpoint("session.before_save")
         self.manager.add(session)
+        await self.manager.written()  # durable (and announced to other replicas) before the row is final
         checkpoint("session.saved")
         await self._ledger.attach_session(record.id, session.id)
         log.info(
@@ -116,6 +125,7 @@ class SessionKeeper:
         session.credentials = merge_credentials(session.credentials, captured, now)
         self._sign_token(session, record.tx_hash)
         self.manager.renewed(session)
+        await self.manager.written()
         await self._ledger.attach_session(record.id, session.id)
         log.info("session %s renewed (payment #%s)", session.id, record.id)
         return session
