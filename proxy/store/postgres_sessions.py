@@ -205,7 +205,17 @@ class PostgresSessionStore:
                 float(now),
             )
         )
-        return [self._session(row) for row in rows]
+        return self._readable(rows)
+
+    def _readable(self, rows: Sequence[Any]) -> list[Session]:
+        """Sessions of a listing; a row this replica cannot open (another wallet's key) is logged, skipped."""
+        out: list[Session] = []
+        for row in rows:
+            try:
+                out.append(self._session(row))
+            except StoreError as exc:
+                log.error("session %s skipped: %s", row["id"], exc)
+        return out
 
     async def list(
         self, *, now: float, state: str | None = None, origin: str | None = None, limit: int = 1000
@@ -227,7 +237,7 @@ class PostgresSessionStore:
         params.append(int(limit))
         query = f"SELECT {_COLUMNS} FROM sessions {where} ORDER BY created_at DESC LIMIT ${len(params)}"  # noqa: S608
         rows = await self._run(lambda conn: conn.fetch(query, *params))
-        return [self._session(row) for row in rows]
+        return self._readable(rows)
 
     async def count_active(self, now: float) -> int:
         value = await self._run(
