@@ -22,6 +22,7 @@ from proxy.engine.forwarder import Forwarder
 from proxy.engine.server import ProxyServer
 from proxy.engine.upstream import Upstream
 from proxy.home import ensure_home
+from proxy.mcp_pay.stage import McpStage
 from proxy.observability.access_log import access_hook, access_stage
 from proxy.payments.assets import AssetRegistry
 from proxy.payments.networks import NetworkRegistry
@@ -175,6 +176,7 @@ async def _start(
     sessions: SessionManager | None = None
     session_stage: SessionStage | None = None
     background: list[asyncio.Task[None]] = []
+    keeper: SessionKeeper | None = None
     if config.sessions.enabled and stores.sessions is not None:
         sessions = SessionManager(stores.sessions, flush_interval=config.sessions.flush_interval)
         stores.sessions_handed_over = True
@@ -182,14 +184,20 @@ async def _start(
         if restored:
             log.info("restored %d active sessions", restored)
         keeper = SessionKeeper(sessions, config.sessions, payer.wallet, payer.store)
-        payments = HttpPurchase(PurchaseFlow(payer, recorder, keeper))
-        session_stage = SessionStage(sessions, payments, config.sessions, payer.wallet, keeper=keeper)
+    # One purchase flow, whatever carries the challenge: a single flight per need across HTTP and MCP.
+    flow = PurchaseFlow(payer, recorder, keeper)
+    mcp = McpStage(flow, config.mcp, payer.assets.networks)
+    forwarder.wrap(mcp)  # tool calls answered with a payment-required result (x402 over MCP)
+    if sessions is not None and keeper is not None:
+        session_stage = SessionStage(
+            sessions, HttpPurchase(flow), config.sessions, payer.wallet, keeper=keeper
+        )
         forwarder.wrap(session_stage)
         background.append(asyncio.create_task(sessions.run_flusher()))
         if sessions.shared:  # other replicas' opens, renewals and ends (PostgreSQL LISTEN + poll)
             background.append(asyncio.create_task(sessions.run_watcher()))
     else:
-        forwarder.wrap(HttpPurchase(PurchaseFlow(payer, recorder)))
+        forwarder.wrap(HttpPurchase(flow))
     forwarder.wrap(metrics.outcome_stage)  # one count per proxied request
     forwarder.wrap(access_stage(config.log.access_log))  # outermost: log context and the access line
     server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from proxy.admin.settings import AdminSettings
 from proxy.config_loader import ConfigError, Layer, build, env_layer, file_layer, merge_layers, to_plain
 from proxy.engine.settings import ProxySettings, UpstreamSettings
+from proxy.mcp_pay.settings import McpSettings
 from proxy.payments.assets import AssetConfig
 from proxy.payments.networks import NetworkConfig
 from proxy.payments.policy import PolicyConfig
@@ -46,6 +47,8 @@ class Config:
     admin: AdminSettings = field(default_factory=AdminSettings)
     # Where the ledger lives: the SQLite file in the home directory, or a PostgreSQL URL shared by a fleet.
     store: StoreSettings = field(default_factory=StoreSettings)
+    # x402 over MCP: tool calls answered with a payment-required result are paid (docs/mcp.md).
+    mcp: McpSettings = field(default_factory=McpSettings)
     # Where the config came from, for messages; not a config key.
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -63,6 +66,7 @@ TOP_LEVEL = {
     "sessions",
     "admin",
     "store",
+    "mcp",
 }
 SECRET_KEYS = ("password", "token", "private_key", "passphrase", "secret")
 

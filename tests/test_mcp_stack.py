@@ -1,4 +1,5 @@
-"""x402 over MCP on the local stack (issue 16), without the proxy paying anything yet.
+"""x402 over MCP on the local stack (issue 16): the servers and clients, the codec on their wire, and
+(at the end) the proxy paying a tool call for a client that knows nothing of x402.
 
 Proves the pieces the proxy's MCP payments will be built and tested on:
   * the paid MCP servers (tests/stack/server_mcp_x402.py: the reference SDK's `x402.mcp` on FastMCP, mcp 1.x,
@@ -7,8 +8,8 @@ Proves the pieces the proxy's MCP payments will be built and tested on:
   * a paid tool answers the payment-required result; paying it directly (x402Client + `_meta["x402/payment"]`)
     returns the paid result and moves exactly one price on chain;
   * proxy.mcp_pay's codec reads what these real servers put on the wire, and its re-sent request pays;
-  * through a running x402-proxy today (plain HTTP), MCP calls pass unchanged and nothing is paid. The tests
-    marked TODAY assert that behaviour: they change when the proxy pays MCP calls (issue 16, the wiring).
+  * through a running x402-proxy (plain HTTP), free calls pass unchanged and a paid call is paid once
+    (tests/test_mcp_payments.py has the refusals, faults, HTTPS and concurrency).
 """
 
 from __future__ import annotations
@@ -411,12 +412,12 @@ def test_a_server_that_never_answers_the_paid_call_moves_nothing(
     assert money.moved() == (0, 0)
 
 
-# -- through a running x402-proxy, today (plain HTTP) -----------------------------------------------------
+# -- through a running x402-proxy (plain HTTP) ----------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def proxy_with_wallet(x402_stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
-    """A proxy that could pay (wallet, policy, the stack's asset): today it does not look inside MCP."""
+    """A proxy that pays (wallet, policy, the stack's asset): it pays MCP tool calls too."""
     proxy = start_paying_proxy(x402_stack, tmp_path_factory.mktemp("mcp-proxy") / "home")
     yield proxy
     proxy.stop()
@@ -466,7 +467,7 @@ def test_through_the_proxy_free_calls_work_and_notifications_stream(
 
 @pytest.mark.parametrize("client", list(CLIENT_RUNNERS))
 @pytest.mark.parametrize("kind", KINDS)
-def test_TODAY_through_the_proxy_the_payment_required_result_passes_unchanged_and_nothing_is_paid(
+def test_through_the_proxy_a_paid_tool_call_is_paid_once_and_answered(
     request: pytest.FixtureRequest,
     x402_stack: Stack,
     proxy_with_wallet: ProxyProcess,
@@ -474,9 +475,13 @@ def test_TODAY_through_the_proxy_the_payment_required_result_passes_unchanged_an
     kind: str,
     client: str,
 ) -> None:
+    """Was `test_TODAY_...` (before the proxy paid MCP calls, the payment-required result went to the
+    client unchanged and nothing was paid). Now: the client, which knows nothing of x402, gets the
+    tool's result; the proxy paid one price, once, and says so in `_meta`."""
     server = server_of(request, kind)
     tool, args = server.paid_tool
     direct = CLIENT_RUNNERS[client](server.mcp_url, tool, args, direct_env())["result"]
+    assert direct["isError"] is True and extract_payment_required(as_response(direct)) is not None
     money = Money(x402_stack)
     rows_before = ledger(proxy_with_wallet)
     seen_before = len(server.stats().get("messages", []))
@@ -484,19 +489,20 @@ def test_TODAY_through_the_proxy_the_payment_required_result_passes_unchanged_an
     out = CLIENT_RUNNERS[client](server.mcp_url, tool, args, proxied_env)
 
     result = out["result"]
-    # TODAY: the client gets the server's payment-required result exactly as without the proxy. Once the proxy
-    # pays MCP calls this becomes the paid result with _meta["x402/payment-response"] and
-    # _meta["x402-proxy/payment"] (or, refused, this result plus _meta["x402-proxy/error"]).
-    assert result == direct
-    assert result["isError"] is True and extract_payment_required(as_response(result)) is not None
-    assert PROXY_PAYMENT_META not in result.get("_meta", {}) and PROXY_ERROR_META not in result.get(
-        "_meta", {}
-    )
-    # TODAY: no ledger row, no money moved, and no request reached the server with a payment.
-    assert ledger(proxy_with_wallet) == rows_before
-    assert money.moved() == (0, 0)
+    assert result != direct and result.get("isError") is not True, result
+    assert extract_payment_required(as_response(result)) is None
+    meta = result["_meta"]
+    assert PROXY_ERROR_META not in meta and PAYMENT_META not in meta  # what we signed stays ours
+    receipt = meta[PAYMENT_RESPONSE_META]  # the server's receipt, kept as it sent it
+    assert receipt["success"] is True and receipt["transaction"].startswith("0x")
+    rows = ledger(proxy_with_wallet)
+    [row] = rows[len(rows_before) :]  # one ledger row, named by our id in the result
+    assert meta[PROXY_PAYMENT_META] == str(row["id"])
+    assert row["state"] == "settled" and row["tx_hash"] == receipt["transaction"]
+    assert row["resource"] == f"mcp://tool/{tool}" and row["url"] == server.mcp_url
+    assert int(row["amount"]) == server.price
+    assert money.moved() == (server.price, server.price)  # one price on chain, payer to payee
     if kind == "sse":
         seen = server.stats()["messages"][seen_before:]
-        assert seen and not any(m["params"].get("paid") for m in seen)
-    else:
-        assert PAYMENT_META not in json.dumps(result)
+        assert sum(1 for m in seen if m["params"].get("paid")) == 1
+        assert [p["progress"] for p in out["progress"]][-3:] == [1, 2, 3]

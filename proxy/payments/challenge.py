@@ -200,6 +200,13 @@ def _sniff_body(body: bytes) -> dict[str, Any] | None:
     return document
 
 
+def challenge_from_document(
+    document: dict[str, Any], networks: NetworkRegistry, *, source: str = "an MCP tool result"
+) -> Challenge:
+    """A PaymentRequired that did not come in an HTTP 402 (an MCP tool result): the same checks."""
+    return _from_document(document, networks, source=source)
+
+
 def _from_document(document: dict[str, Any], networks: NetworkRegistry, *, source: str) -> Challenge:
     version = document.get("x402Version", 2 if source.startswith("PAYMENT-REQUIRED") else None)
     if isinstance(version, bool) or version not in (1, 2):

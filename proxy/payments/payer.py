@@ -54,7 +54,7 @@ from proxy.payments.policy import (
     host_allowed,
     normalize_host,
 )
-from proxy.payments.settlement import read_evidence, read_settlement, rejection_reason
+from proxy.payments.settlement import SettlementReceipt, read_evidence, read_settlement, rejection_reason
 from proxy.payments.signer import CLOCK_SKEW_ALLOWANCE, SigningError, offers_payment_identifier
 from proxy.payments.wallet import Wallet
 from proxy.purchase.schemes import scheme_for
@@ -92,6 +92,9 @@ class PaymentRequestInfo:
     need: str | None = None
     # A session rule's approval threshold in the asset's units, on top of the policy's ask_above.
     ask_above: Decimal | None = None
+    # What the ledger row names as bought when it is not the requirement's resource (an MCP tool:
+    # mcp://tool/NAME at the server `url`).
+    resource: str | None = None
 
     @property
     def need_key(self) -> str:
@@ -575,7 +578,7 @@ class Payer:
             url=request.url,
             x402_version=challenge.version,
             scheme=requirement.scheme,
-            resource=requirement.resource_url or challenge.resource_url,
+            resource=request.resource or requirement.resource_url or challenge.resource_url,
             nonce=nonce,
             valid_before=valid_before,
             payment_id=payment_id,
@@ -605,8 +608,23 @@ def settlement_verdict(status: int, resp_headers: Mapping[str, str], body: bytes
     moved (rejected/unsettled; budgets keep counting it until the chain agrees or it expires).
     """
     receipt = read_settlement(resp_headers)
+    return verdict_for(
+        status,
+        receipt,
+        read_evidence(resp_headers, receipt),
+        lambda: rejection_reason(resp_headers, body),
+    )
+
+
+def verdict_for(
+    status: int,
+    receipt: SettlementReceipt | None,
+    evidence: str | None,
+    rejected_because: Callable[[], str],
+) -> Verdict:
+    """`settlement_verdict` for any carrier: a status (HTTP, or what an MCP answer amounts to), the
+    receipt, the evidence, and where the reason for a refusal (402 again) is read from."""
     delivered = status < 400
-    evidence = read_evidence(resp_headers, receipt)
     tx = receipt.transaction if receipt is not None else None
     if receipt is not None and receipt.success is True and tx:
         if delivered:
@@ -634,9 +652,7 @@ def settlement_verdict(status: int, resp_headers: Mapping[str, str], body: bytes
             PaymentState.IN_DOUBT, reason=_clip(f"HTTP {status} {what}"), delivered=True, evidence=evidence
         )
     if status == 402:
-        reason = (
-            receipt.error_reason if receipt and receipt.error_reason else rejection_reason(resp_headers, body)
-        )
+        reason = receipt.error_reason if receipt and receipt.error_reason else rejected_because()
         return Verdict(PaymentState.REJECTED, reason=_clip(reason), evidence=evidence)
     if receipt is not None and receipt.success is False:
         reason = f"HTTP {status}; settlement failed: {receipt.error_reason or 'no reason given'}"

@@ -63,6 +63,8 @@ class ReasonCode(StrEnum):
     # A price of 0: under every cap, but a zero-value authorization buys nothing and costs the
     # facilitator gas to settle, so there is nothing worth signing.
     ZERO_AMOUNT = "zero_amount"
+    # An MCP tool an [[mcp.tools]] rule says is never paid (allowed = false).
+    TOOL_NOT_ALLOWED = "tool_not_allowed"
 
 
 TESTNETS_KEYWORD = "testnets"

@@ -39,6 +39,11 @@ def read_settlement(headers: Mapping[str, str]) -> SettlementReceipt | None:
     document = _decode(value)
     if document is None:
         return None
+    return receipt_of(document)
+
+
+def receipt_of(document: Mapping[str, Any]) -> SettlementReceipt:
+    """A SettleResponse document (decoded from a header, or an MCP result's `_meta`), read leniently."""
     success = document.get("success")
     if isinstance(success, str):
         success = {"true": True, "false": False}.get(success.strip().lower())
