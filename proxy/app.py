@@ -43,6 +43,7 @@ from proxy.tls.trust import upstream_client_context, write_combined_bundle
 from proxy.warmup import warm_up
 
 if TYPE_CHECKING:
+    from proxy.channels.holder import ChannelHolder
     from proxy.store.refusal_store import AsyncRefusalStore, SqliteRefusalStore
 
 log = logging.getLogger("x402_proxy")
@@ -193,6 +194,10 @@ async def _start(
             sessions, HttpPurchase(flow), config.sessions, payer.wallet, keeper=keeper
         )
         forwarder.wrap(session_stage)
+        channels = _channel_holder(config, home, payer, sessions)
+        if channels is not None:  # batch-settlement channels as sessions (proxy/channels/)
+            flow.channels = session_stage.channels = channels
+            background.append(asyncio.create_task(channels.run()))
         background.append(asyncio.create_task(sessions.run_flusher()))
         if sessions.shared:  # other replicas' opens, renewals and ends (PostgreSQL LISTEN + poll)
             background.append(asyncio.create_task(sessions.run_watcher()))
@@ -234,6 +239,24 @@ async def _start(
         raise
     background.append(asyncio.create_task(_after_warm_up(payer.wallet is not None, reconciler)))
     return runtime
+
+
+def _channel_holder(
+    config: Config, home: Path, payer: Payer, sessions: SessionManager
+) -> ChannelHolder | None:
+    """`[channels] enabled` with a wallet, on the SQLite store (a channel is held by one process)."""
+    if not config.channels.enabled or payer.wallet is None:
+        return None
+    if config.store.url:
+        raise OSError("[channels] enabled needs the SQLite store: channels are not shared by a fleet yet")
+    from proxy.channels.book import ChannelBook
+    from proxy.channels.holder import ChannelHolder
+
+    urls = rpc_urls(config, payer.assets.networks)
+    rpc = next(iter(urls.values()), None)
+    holder = ChannelHolder(config.channels, payer, sessions, ChannelBook(home / "channels.db"), rpc)
+    holder.recover()
+    return holder
 
 
 async def _after_warm_up(paying: bool, reconciler: Reconciler) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from proxy.admin.settings import AdminSettings
+from proxy.channels.settings import ChannelSettings
 from proxy.config_loader import ConfigError, Layer, build, env_layer, file_layer, merge_layers, to_plain
 from proxy.engine.settings import ProxySettings, UpstreamSettings
 from proxy.mcp_pay.settings import McpSettings
@@ -49,6 +50,8 @@ class Config:
     store: StoreSettings = field(default_factory=StoreSettings)
     # x402 over MCP: tool calls answered with a payment-required result are paid (docs/mcp.md).
     mcp: McpSettings = field(default_factory=McpSettings)
+    # x402 batch-settlement channels held as sessions (proxy/channels/; off by default).
+    channels: ChannelSettings = field(default_factory=ChannelSettings)
     # Where the config came from, for messages; not a config key.
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -67,6 +70,7 @@ TOP_LEVEL = {
     "admin",
     "store",
     "mcp",
+    "channels",
 }
 SECRET_KEYS = ("password", "token", "private_key", "passphrase", "secret")
 

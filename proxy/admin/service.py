@@ -125,10 +125,18 @@ class ControlPlane:
                 raise ControlError("invalid_parameter", 400, f"origin: {exc}") from None
         now = self._clock()
         stored = await manager.list_stored(state=state, origin=origin)
-        return [s.describe(now) for s in stored]
+        return [self._with_channel(s.id, s.describe(now)) for s in stored]
 
     async def get_session(self, session_id: str) -> dict[str, Any]:
-        return (await self._session(session_id)).describe(self._clock())
+        return self._with_channel(session_id, (await self._session(session_id)).describe(self._clock()))
+
+    def _with_channel(self, session_id: str, summary: dict[str, Any]) -> dict[str, Any]:
+        """A channel session (proxy/channels/) also shows deposit, claimed, refunded and net spend."""
+        channels = self.stage.channels if self.stage is not None else None
+        shown = channels.describe_session(session_id) if channels is not None else None
+        if shown is not None:
+            summary["channel"] = shown
+        return summary
 
     async def _session(self, session_id: str) -> Session:
         manager, _ = self._require_sessions()
@@ -218,7 +226,9 @@ class ControlPlane:
         # Durable (and so announced to every replica sharing the store) before this answers.
         ended, already = await manager.end_session(session_id, "ended by admin")
         assert ended is not None
-        summary = ended.describe(self._clock())
+        if stage.channels is not None:  # a channel session: its unused deposit comes back now
+            await stage.channels.end_session(session_id)
+        summary = self._with_channel(session_id, ended.describe(self._clock()))
         return {
             "ended": True,
             "already_ended": already,

@@ -22,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from proxy.faults import checkpoint
 from proxy.payments.challenge import Challenge
@@ -31,6 +32,9 @@ from proxy.purchase.order import Answer, Carrier, Order, Presented, Purchase
 from proxy.sessions.keeper import SessionKeeper
 from proxy.sessions.model import Session
 from proxy.store.base import NEED_LOCK_TIMEOUT, PaymentRecord, StoreError
+
+if TYPE_CHECKING:
+    from proxy.channels.holder import ChannelHolder
 
 log = logging.getLogger("x402_proxy.payments")
 
@@ -66,6 +70,8 @@ class PurchaseFlow:
         self.refusals = refusals
         self.keeper = keeper
         self.flights = KeyedLocks()
+        # batch-settlement channels (proxy/channels/holder.py), set by the wiring when [channels] enabled.
+        self.channels: ChannelHolder | None = None
 
     async def buy(self, order: Order, carrier: Carrier[Answer]) -> Purchase[Answer]:
         """Pay at most once for `order`; never raises for a refusal.
@@ -91,6 +97,9 @@ class PurchaseFlow:
                 return Purchase(refusal=challenge)
             if isinstance(challenge, PassThrough):
                 return Purchase()
+            channel = self.channels.wants(challenge) if self.channels is not None else None
+            if channel is not None and self.channels is not None:  # a deposit, then vouchers
+                return await self.channels.open(self, order, challenge, channel, carrier)
             decision = await self.payer.decide(order.info, challenge)
             if isinstance(decision, Refused):
                 self._refused(order, decision, carrier)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from yarl import URL
 
@@ -44,6 +45,9 @@ from proxy.sessions.scope import (
 )
 from proxy.sessions.settings import SessionSettings
 from proxy.store.base import PaymentRecord
+
+if TYPE_CHECKING:
+    from proxy.channels.holder import ChannelHolder
 
 log = logging.getLogger("x402_proxy.sessions")
 
@@ -95,6 +99,8 @@ class SessionStage:
         # its throughput. Keyed by the URL object (equal URLs have the same text): no str() per request.
         self._index = manager.index
         self._routes: dict[URL, _Route] = {}
+        # batch-settlement channels (proxy/channels/holder.py): a channel session's hit pays a voucher.
+        self.channels: ChannelHolder | None = None
 
     def apply_settings(self, settings: SessionSettings) -> None:
         """A reload (SIGHUP): new sessions follow the new rules; existing sessions keep their scope."""
@@ -123,6 +129,12 @@ class SessionStage:
             if session is not None:
                 SESSION_ID.set(session.id)  # log lines of this request name its session
         url = route.url
+        channels = self.channels
+        if channels is not None and session is not None and channels.holds(session.id):
+            voucher = await channels.request(self._attach(request, session, url, now, route), session, inner)
+            if voucher is not None:
+                return voucher
+            session = None if not session.is_active(now) else session
         outcome = await inner(self._attach(request, session, url, now, route))
         if outcome.response.status != 402:
             if session is not None:

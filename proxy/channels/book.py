@@ -1,0 +1,267 @@
+"""The proxy's record of its channels: one row per channel, written before anything leaves.
+
+`ChannelBook` is a table of ours in `<home>/channels.db` (SQLite, WAL, synchronous=FULL: every write is
+durable when the call returns). A row holds what the proxy itself knows: the channel id and salt, the
+URL and requirements it was opened for, the deposit (and its ledger row), the highest cumulative
+voucher *signed* (persisted before that voucher is sent), the cumulative amount the seller *charged*
+(from its answers), what a refund *claimed* and *refunded*, and the state:
+
+    opening   deposit signed (or about to be); its answer not seen yet
+    open      deposit confirmed; vouchers ride on it
+    closing   to be refunded (session over, channel exhausted, or recovered without a session)
+    refunded  refund confirmed; nothing left in the channel for us
+    void      nothing was deposited (the deposit never settled)
+
+`BookStorage(book)` is the SDK's `ClientChannelStorage` over the same table (the SDK's own context
+kept as JSON in the row), so the SDK's view and ours live in one place and survive a restart.
+
+PostgreSQL (a fleet's shared store) is not implemented: `[channels]` refuses to start with a
+`[store] url` (a channel must be held by one process: its vouchers are serialized by a local lock).
+"""
+
+# ruff: noqa: S608  (column lists and placeholders are ours; every value is a bound parameter)
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from x402.mechanisms.evm.batch_settlement.client import BatchSettlementClientContext
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS channels (
+    channel_id   TEXT PRIMARY KEY,
+    session_id   TEXT,
+    salt         TEXT NOT NULL,
+    url          TEXT NOT NULL,
+    requirements TEXT NOT NULL,
+    resource     TEXT,
+    network      TEXT NOT NULL,
+    asset        TEXT NOT NULL,
+    decimals     INTEGER NOT NULL,
+    price        INTEGER NOT NULL,
+    deposit      INTEGER NOT NULL,
+    ledger_id    INTEGER,
+    signed       INTEGER NOT NULL DEFAULT 0,
+    charged      INTEGER NOT NULL DEFAULT 0,
+    claimed      INTEGER,
+    refunded     INTEGER,
+    refund_tx    TEXT,
+    state        TEXT NOT NULL,
+    detail       TEXT,
+    context      TEXT,
+    opened_at    REAL NOT NULL,
+    ended_at     REAL
+);
+CREATE INDEX IF NOT EXISTS channels_session ON channels(session_id);
+CREATE INDEX IF NOT EXISTS channels_state ON channels(state);
+"""
+
+STATES = ("opening", "open", "closing", "refunded", "void")
+
+
+@dataclass
+class Channel:
+    channel_id: str
+    session_id: str | None
+    salt: str
+    url: str
+    requirements: dict[str, Any]
+    resource: Any
+    network: str
+    asset: str
+    decimals: int
+    price: int
+    deposit: int
+    ledger_id: int | None
+    signed: int
+    charged: int
+    claimed: int | None
+    refunded: int | None
+    refund_tx: str | None
+    state: str
+    detail: str | None
+    opened_at: float
+    ended_at: float | None
+
+    @property
+    def net_spend(self) -> int | None:
+        """What the channel cost the wallet: deposit - refunded, once refunded (None before)."""
+        return None if self.refunded is None else self.deposit - self.refunded
+
+    def describe(self) -> dict[str, Any]:
+        """The channel for the admin API (amounts as atomic-unit strings, like the ledger)."""
+        return {
+            "channel_id": self.channel_id,
+            "state": self.state,
+            "network": self.network,
+            "asset": self.asset,
+            "decimals": self.decimals,
+            "price": str(self.price),
+            "deposit": str(self.deposit),
+            "signed": str(self.signed),
+            "charged": str(self.charged),
+            "claimed": None if self.claimed is None else str(self.claimed),
+            "refunded": None if self.refunded is None else str(self.refunded),
+            "net_spend": None if self.net_spend is None else str(self.net_spend),
+            "refund_tx": self.refund_tx,
+            "deposit_payment_id": self.ledger_id,
+            "detail": self.detail,
+        }
+
+
+_COLUMNS = (
+    "channel_id, session_id, salt, url, requirements, resource, network, asset, decimals, price, deposit, "
+    "ledger_id, signed, charged, claimed, refunded, refund_tx, state, detail, opened_at, ended_at"
+)
+
+
+def _row(row: sqlite3.Row) -> Channel:
+    data = dict(row)
+    data["requirements"] = json.loads(data["requirements"])
+    data["resource"] = json.loads(data["resource"]) if data["resource"] else None
+    return Channel(**data)
+
+
+class ChannelBook:
+    """Blocking, thread-safe; every write committed (durable) before it returns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+        try:
+            path.chmod(0o600)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    def insert(
+        self,
+        *,
+        channel_id: str,
+        salt: str,
+        url: str,
+        requirements: dict[str, Any],
+        resource: Any,
+        network: str,
+        asset: str,
+        decimals: int,
+        price: int,
+        deposit: int,
+        ledger_id: int,
+        now: float | None = None,
+    ) -> Channel:
+        self._exec(
+            "INSERT INTO channels (channel_id, salt, url, requirements, resource, network, asset, decimals, "
+            "price, deposit, ledger_id, state, opened_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,'opening',?)",
+            (
+                channel_id.lower(),
+                salt,
+                url,
+                json.dumps(requirements),
+                json.dumps(resource) if resource is not None else None,
+                network,
+                asset,
+                decimals,
+                price,
+                deposit,
+                ledger_id,
+                time.time() if now is None else now,
+            ),
+        )
+        found = self.get(channel_id)
+        assert found is not None
+        return found
+
+    def get(self, channel_id: str) -> Channel | None:
+        rows = self._exec(f"SELECT {_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id.lower(),))
+        return _row(rows[0]) if rows else None
+
+    def for_session(self, session_id: str) -> list[Channel]:
+        rows = self._exec(
+            f"SELECT {_COLUMNS} FROM channels WHERE session_id = ? ORDER BY opened_at", (session_id,)
+        )
+        return [_row(r) for r in rows]
+
+    def in_state(self, *states: str) -> list[Channel]:
+        marks = ",".join("?" * len(states))
+        rows = self._exec(
+            f"SELECT {_COLUMNS} FROM channels WHERE state IN ({marks}) ORDER BY opened_at", states
+        )
+        return [_row(r) for r in rows]
+
+    def all(self, limit: int = 1000) -> list[Channel]:
+        rows = self._exec(f"SELECT {_COLUMNS} FROM channels ORDER BY opened_at DESC LIMIT ?", (limit,))
+        return [_row(r) for r in rows]
+
+    def signing(self, channel_id: str, cumulative: int) -> None:
+        """Before a voucher leaves: the highest cumulative amount we ever signed (never lowered)."""
+        self._exec(
+            "UPDATE channels SET signed = MAX(signed, ?) WHERE channel_id = ?",
+            (cumulative, channel_id.lower()),
+        )
+
+    def update(self, channel_id: str, **fields: Any) -> None:
+        allowed = {"session_id", "charged", "claimed", "refunded", "refund_tx", "state", "detail", "ended_at"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"cannot update {sorted(set(fields) - allowed)}")
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        self._exec(f"UPDATE channels SET {sets} WHERE channel_id = ?", (*fields.values(), channel_id.lower()))
+
+    # -- the SDK's context (ClientChannelStorage) ---------------------------------------------------
+
+    def context(self, channel_id: str) -> BatchSettlementClientContext | None:
+        rows = self._exec("SELECT context FROM channels WHERE channel_id = ?", (channel_id.lower(),))
+        if not rows or not rows[0]["context"]:
+            return None
+        return BatchSettlementClientContext.from_dict(json.loads(rows[0]["context"]))
+
+    def set_context(self, channel_id: str, context: BatchSettlementClientContext | None) -> None:
+        text = None if context is None else json.dumps(context.to_dict())
+        self._exec("UPDATE channels SET context = ? WHERE channel_id = ?", (text, channel_id.lower()))
+        if context is not None and context.charged_cumulative_amount is not None:
+            self._exec(
+                "UPDATE channels SET charged = ? WHERE channel_id = ?",
+                (int(context.charged_cumulative_amount), channel_id.lower()),
+            )
+
+
+class BookStorage:
+    """The SDK's `ClientChannelStorage` over our table. Keys are lower-case channel ids; a context for
+    a channel we have no row for (the SDK's recovery probing a salt we never used) is kept in memory."""
+
+    def __init__(self, book: ChannelBook) -> None:
+        self._book = book
+        self._loose: dict[str, BatchSettlementClientContext] = {}
+
+    def get(self, key: str) -> BatchSettlementClientContext | None:
+        found = self._book.context(key)
+        return found if found is not None else self._loose.get(key.lower())
+
+    def set(self, key: str, context: BatchSettlementClientContext) -> None:
+        if self._book.get(key) is None:
+            self._loose[key.lower()] = context.copy()
+            return
+        self._book.set_context(key, context)
+
+    def delete(self, key: str) -> None:
+        self._loose.pop(key.lower(), None)
+        if self._book.get(key) is not None:
+            self._book.set_context(key, None)
