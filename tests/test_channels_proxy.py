@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -116,7 +115,8 @@ def test_concurrent_requests_on_one_channel_are_serialized(
 ) -> None:
     stack = x402_channel_stack
     payer_before = stack.balance_of(stack.payer_address)
-    assert get(proxy, f"{stack.server}/paid/ch").status_code == 200  # the deposit
+    # The deposit, on the scope the burst uses (the session's scope is the paid URL's path).
+    assert get(proxy, f"{stack.server}/paid/slow?delay=0").status_code == 200
 
     async def burst() -> list[int]:
         async with httpx.AsyncClient(proxy=proxy.url, timeout=60, trust_env=False) as client:

@@ -90,6 +90,7 @@ class ChannelHolder:
         self.clock = clock
         self._live: dict[str, _Live] = {}  # channel id -> open channel
         self._by_session: dict[str, str] = {}  # session id -> its current channel id
+        self._opening: dict[str, _Live] = {}  # deposited, its session not linked yet
         self._deposits: dict[str, int] = {}  # channel id -> the deposit its ledger row names
         self._refund_failures: dict[str, int] = {}
         self._signer: Any = None
@@ -272,11 +273,13 @@ class ChannelHolder:
         wrapped: _OpeningCarrier[Answer] = _OpeningCarrier(carrier, self, row)
         purchase = await flow._pay(order, challenge, plan, wrapped)
         session = purchase.session
-        if session is not None and channel_id in self._live:
+        live = self._opening.pop(channel_id, None)
+        if session is not None and live is not None:
             await asyncio.to_thread(self.book.update, channel_id, session_id=session.id)
-            self._live[channel_id].row.session_id = session.id
+            live.row.session_id = session.id
+            self._live[channel_id] = live  # only now the sweep sees it (with its session)
             self._by_session[session.id] = channel_id
-        elif channel_id in self._live:  # deposited, but nothing holds it: give it back
+        elif live is not None:  # deposited, but nothing holds it: give it back
             self._retire(channel_id, "no session holds it")
         return purchase
 
@@ -302,7 +305,9 @@ class ChannelHolder:
             fresh = self.book.get(row.channel_id)
             assert fresh is not None
             requirements = parse_payment_requirements(2, fresh.requirements)
-            self._live[row.channel_id] = _Live(fresh, self._scheme(fresh.salt), requirements, asyncio.Lock())
+            self._opening[row.channel_id] = _Live(
+                fresh, self._scheme(fresh.salt), requirements, asyncio.Lock()
+            )
         elif verdict.state in (PaymentState.REJECTED, PaymentState.UNSETTLED) and not verdict.tx_hash:
             self.book.update(row.channel_id, state="void", detail=verdict.reason)
         else:  # money may have moved: the refund (which reads the chain) decides
