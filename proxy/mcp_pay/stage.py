@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from multidict import CIMultiDictProxy
@@ -231,9 +231,12 @@ class PaidAnswer:
     scanner: AnswerScanner
     chunks: AsyncIterator[bytes] | None
     outcome: Outcome
+    after: list[bytes] = field(default_factory=list)
 
     async def rest(self) -> AsyncIterator[bytes]:
         try:
+            for raw in self.after:
+                yield raw
             if self.chunks is not None:
                 async for chunk in self.chunks:
                     for piece in self.scanner.feed(chunk):
@@ -332,30 +335,40 @@ class McpCarrier:
         scanner = AnswerScanner(self.call.id, framing)
         chunks = response.content.iter_chunked(STREAM_CHUNK).__aiter__()
         answer: Answer | None = None
-        async for chunk in chunks:
-            for piece in scanner.feed(chunk):
-                if isinstance(piece, Answer) and answer is None:
-                    answer = piece
-                elif answer is None:
-                    self._queue.put_nowait(piece.raw)  # progress, logs: to the client now
-                else:
-                    self._queue.put_nowait(piece.raw)
-            if answer is not None:
-                break
-        if answer is None:
-            for piece in scanner.finish():
-                if isinstance(piece, Answer):
-                    answer = piece
-                else:
-                    self._queue.put_nowait(piece.raw)
-            chunks_left: AsyncIterator[bytes] | None = None
-        else:
-            chunks_left = chunks
+        after: list[bytes] = []  # what followed the result in the same chunk: relayed after it
+        try:
+            async for chunk in chunks:
+                for piece in scanner.feed(chunk):
+                    if isinstance(piece, Answer) and answer is None:
+                        answer = piece
+                    elif answer is None:
+                        self._queue.put_nowait(piece.raw)  # progress, logs: to the client now
+                    else:
+                        after.append(piece.raw)
+                if answer is not None:
+                    break
+            else:
+                for piece in scanner.finish():
+                    if isinstance(piece, Answer) and answer is None:
+                        answer = piece
+                    elif answer is None:
+                        self._queue.put_nowait(piece.raw)
+                    else:
+                        after.append(piece.raw)
+        except Exception as exc:  # cut or silent mid-answer: the payment left, so it is in doubt
+            response.release()
+            failure = UpstreamError(502, "upstream_error", f"the paid tool call failed: {type(exc).__name__}")
+            failure.payment_id = plan.ledger_id
+            raise failure from exc
         if answer is None:
             response.release()
-            raise UpstreamError(502, "upstream_disconnected", "the paid tool call ended without its result")
+            failure = UpstreamError(
+                502, "upstream_disconnected", "the paid tool call ended without its result"
+            )
+            failure.payment_id = plan.ledger_id
+            raise failure
         verdict = _verdict(answer.message)
-        paid = PaidAnswer(answer.message, answer.event, framing, scanner, chunks_left, outcome)
+        paid = PaidAnswer(answer.message, answer.event, framing, scanner, chunks, outcome, after)
         return Presented(paid, verdict, success=verdict.delivered)
 
 
