@@ -144,7 +144,7 @@ async def start(config: Config, home: Path) -> Runtime:
         config,
         home,
         sessions=config.sessions.enabled,
-        session_secret=bytes(wallet.account.key) if wallet is not None else None,
+        session_secret=wallet.secret_bytes() if wallet is not None else None,
     )
     try:
         return await _start(config, home, ca, bundle, upstream, wallet, stores)
@@ -237,7 +237,7 @@ async def _start(
     except BaseException:
         await runtime.stop(drain_timeout=1.0)
         raise
-    background.append(asyncio.create_task(_after_warm_up(payer.wallet is not None, reconciler)))
+    background.append(asyncio.create_task(_after_warm_up(payer.wallet, reconciler)))
     return runtime
 
 
@@ -259,11 +259,11 @@ def _channel_holder(
     return holder
 
 
-async def _after_warm_up(paying: bool, reconciler: Reconciler) -> None:
-    """With a wallet, load the paid path off the loop (proxy/warmup.py); then reconcile from the chain
-    (its web3 is loaded by then, in the warm-up's thread rather than on the loop)."""
-    if paying:
-        await warm_up()
+async def _after_warm_up(wallet: Wallet | None, reconciler: Reconciler) -> None:
+    """With a wallet, load the paid path and its signing account off the loop (proxy/warmup.py); then
+    reconcile from the chain (its web3 is loaded by then, in the warm-up's thread rather than on the loop)."""
+    if wallet is not None:
+        await warm_up(prepare=lambda: wallet.account)
     await reconciler.run_forever()
 
 

@@ -31,14 +31,13 @@ import json
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
-
-from eth_account import Account
-from eth_account.messages import encode_defunct
-from eth_account.signers.local import LocalAccount
+from typing import TYPE_CHECKING, Any, Literal
 
 from proxy.sessions.model import Session
 from proxy.sessions.scope import Scope, ScopeError, ScopeKind, normalize_url
+
+if TYPE_CHECKING:  # eth-account loads when a token is first signed or verified (after the start)
+    from eth_account.signers.local import LocalAccount
 
 TOKEN_VERSION = 1
 HEADER_TOKEN = "X-Session-Token"  # noqa: S105 (a header name)
@@ -143,6 +142,8 @@ def make_session_token(claim: SessionClaim, account: LocalAccount) -> str:
         raise ValueError("claim address is not the signing account's address")
     _check_claim(claim)
     payload = claim.canonical_json()
+    from eth_account.messages import encode_defunct
+
     signed = account.sign_message(encode_defunct(primitive=payload))
     return f"{_b64url_encode(payload)}.0x{bytes(signed.signature).hex()}"
 
@@ -238,6 +239,9 @@ def verify_session_token(
 ) -> SessionClaim:
     """Verify signature, signer, validity window and (optionally) scope, wallet and session id."""
     claim, payload, signature = decode_session_token(token)
+    from eth_account import Account
+    from eth_account.messages import encode_defunct
+
     try:
         signer = Account.recover_message(encode_defunct(primitive=payload), signature=signature)
     except Exception:  # eth-account raises several types for bad v/r/s

@@ -14,12 +14,15 @@ import gc
 import importlib
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 log = logging.getLogger("x402_proxy.warmup")
 
 PAID_PATH = (
+    "eth_account",
+    "eth_account.messages",
     "eth_utils.address",
+    "x402.extensions.sign_in_with_x",
     "x402.extensions.payment_identifier",
     "x402.schemas",
     "x402.mechanisms.evm",
@@ -45,12 +48,23 @@ def _import_all(modules: Iterable[str], optional: Iterable[str]) -> None:
             log.debug("warm-up: %s not installed", name)
 
 
-async def warm_up(modules: Iterable[str] = PAID_PATH, optional: Iterable[str] = BACKENDS) -> float:
-    """Import `modules` (and what of `optional` is installed) off the event loop; returns the seconds."""
+async def warm_up(
+    modules: Iterable[str] = PAID_PATH,
+    optional: Iterable[str] = BACKENDS,
+    prepare: Callable[[], object] | None = None,
+) -> float:
+    """Import `modules` (and what of `optional` is installed) off the event loop, then run `prepare`
+    there too (the wallet's signing account); returns the seconds."""
     started = time.perf_counter()
     names = (*modules, *optional)
+
+    def load() -> None:
+        _import_all(tuple(modules), tuple(optional))
+        if prepare is not None:
+            prepare()
+
     try:
-        await asyncio.to_thread(_import_all, tuple(modules), tuple(optional))
+        await asyncio.to_thread(load)
     except Exception:  # the paid path imports them again and reports what is wrong there
         log.exception("warm-up import failed")
         return time.perf_counter() - started

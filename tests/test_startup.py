@@ -19,7 +19,7 @@ import asyncio, sys, time
 import proxy.app, proxy.cli  # what `x402-proxy run` imports before it listens
 from proxy.admin.api import AdminServer  # the admin listener's app, /mcp route included
 
-heavy = ("web3", "mcp", "mcp.server", "x402.mechanisms.evm", "starlette")
+heavy = ("web3", "mcp", "mcp.server", "x402.mechanisms.evm", "starlette", "eth_account", "x402.extensions")
 loaded = [name for name in heavy if name in sys.modules]
 assert not loaded, f"imported before the listener is up: {loaded}"
 

@@ -208,3 +208,36 @@ async def test_token_balance_reads_balance_of_over_json_rpc() -> None:
             await token_balance("http://127.0.0.1:9/", token, owner, rpc_timeout=1.0)
     finally:
         await runner.cleanup()
+
+
+def test_a_raw_key_gives_eth_accounts_address_without_loading_its_account() -> None:
+    """The address of a key-file or env wallet is derived at once (coincurve + keccak), the eth-account
+    LocalAccount only when first used: both must name the same account."""
+    import secrets as _secrets
+
+    from eth_account import Account as _Account
+
+    from proxy.payments.wallet import SECP256K1_N, Wallet, checksum_address_of
+
+    keys = [_secrets.token_bytes(32) for _ in range(40)] + [
+        (1).to_bytes(32, "big"),
+        (SECP256K1_N - 1).to_bytes(32, "big"),
+    ]
+    for key in keys:
+        expected = _Account.from_key(key).address
+        assert checksum_address_of(key) == expected
+        wallet = Wallet.from_key(key)
+        assert wallet.address == expected and wallet._account is None  # not derived yet
+        assert wallet.account.address == expected and bytes(wallet.account.key) == key
+        assert wallet.secret_bytes() == key
+
+
+@pytest.mark.parametrize(
+    "value", ["0" * 64, "f" * 64, "FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141"]
+)
+def test_a_key_outside_the_curve_order_is_refused_at_load(value: str) -> None:
+    from proxy.payments.wallet import WalletConfig, WalletError, load_wallet
+
+    with pytest.raises(WalletError, match="not hold a valid secp256k1 private key") as raised:
+        load_wallet(WalletConfig(), {"X402_PROXY_PRIVATE_KEY": value})
+    assert value not in str(raised.value)

@@ -14,13 +14,14 @@ import json
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
+if TYPE_CHECKING:  # eth-account takes ~0.3 s to import: loaded when the key first signs (warm-up)
+    from eth_account.signers.local import LocalAccount
 
 DEFAULT_KEY_ENV = "X402_PROXY_PRIVATE_KEY"
 DEFAULT_PASSPHRASE_ENV = "X402_PROXY_KEYSTORE_PASSPHRASE"  # noqa: S105 (a variable name, not a secret)
@@ -50,22 +51,57 @@ class WalletConfig:
     key_env: str = DEFAULT_KEY_ENV  # name of the env var that may hold a hex private key
 
 
-class Wallet:
-    """An eth-account LocalAccount that keeps its key to itself."""
+# The order of secp256k1's group: a private key is an integer in [1, N).
+SECP256K1_N = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
 
-    __slots__ = ("_account",)
+
+class Wallet:
+    """An eth-account LocalAccount that keeps its key to itself.
+
+    Built from a raw key (`Wallet.from_key`), it derives its address at once (coincurve and keccak, a few
+    ms) and its LocalAccount only when first asked (eth-account's import costs ~0.3 s: the warm-up thread
+    pays it after the listener is up, not the start).
+    """
+
+    __slots__ = ("_account", "_address", "_key", "_lock")
 
     def __init__(self, account: LocalAccount) -> None:
-        self._account = account
+        self._account: LocalAccount | None = account
+        self._address = str(account.address)
+        self._key: bytes | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_key(cls, key: bytes) -> Wallet:
+        wallet = cls.__new__(cls)
+        wallet._account = None
+        wallet._key = bytes(key)
+        wallet._address = checksum_address_of(key)
+        wallet._lock = threading.Lock()
+        return wallet
 
     @property
     def address(self) -> str:
-        return str(self._account.address)
+        return self._address
 
     @property
     def account(self) -> LocalAccount:
-        """For the signer only. Do not log it."""
-        return self._account
+        """For the signers only. Do not log it."""
+        account = self._account
+        if account is None:
+            with self._lock:  # the warm-up thread and the loop may ask at once
+                if self._account is None:
+                    from eth_account import Account
+
+                    self._account = Account.from_key(self._key)
+                    self._key = None
+                account = self._account
+        assert account is not None
+        return account
+
+    def secret_bytes(self) -> bytes:
+        """The private key, for deriving the sessions' at-rest key (proxy/store/session_crypto.py) only."""
+        return self._key if self._key is not None else bytes(self.account.key)
 
     def __repr__(self) -> str:
         return f"Wallet(address={self.address})"
@@ -98,11 +134,11 @@ def load_wallet(cfg: WalletConfig, env: Mapping[str, str]) -> Wallet | None:
         raise WalletError(f"more than one wallet source configured ({'; '.join(sources)}); keep exactly one")
     if cfg.key_file is not None:
         text = _read_private_file(cfg.key_file).decode("utf-8", errors="replace")
-        return Wallet(_account_from_hex(text, f"key file {cfg.key_file}"))
+        return Wallet.from_key(_key_from_hex(text, f"key file {cfg.key_file}"))
     if cfg.keystore is not None:
         return Wallet(_account_from_keystore(cfg.keystore, cfg.passphrase_env, env))
     if env_key:
-        return Wallet(_account_from_hex(env_key, f"environment variable {cfg.key_env}"))
+        return Wallet.from_key(_key_from_hex(env_key, f"environment variable {cfg.key_env}"))
     return None
 
 
@@ -135,20 +171,31 @@ def _read_private_file(path: Path) -> bytes:
         os.close(fd)
 
 
-def _account_from_hex(text: str, where: str) -> LocalAccount:
+def _key_from_hex(text: str, where: str) -> bytes:
     candidate = text.strip()
     body = candidate[2:] if candidate[:2].lower() == "0x" else candidate
     if len(body) != 64 or any(c not in "0123456789abcdefABCDEF" for c in body):
         raise WalletError(f"{where} does not hold a 32-byte hex private key")
-    try:
-        account: LocalAccount = Account.from_key("0x" + body)
-    except Exception:
-        # eth-account messages may quote the input; replace them and drop the chained context.
-        raise WalletError(f"{where} does not hold a valid secp256k1 private key") from None
-    return account
+    key = bytes.fromhex(body)
+    if not 0 < int.from_bytes(key, "big") < SECP256K1_N:
+        raise WalletError(f"{where} does not hold a valid secp256k1 private key")
+    return key
+
+
+def checksum_address_of(key: bytes) -> str:
+    """The EIP-55 address of a secp256k1 private key (what eth-account derives, without its import)."""
+    from coincurve import PrivateKey
+    from Crypto.Hash import keccak
+
+    public = PrivateKey(key).public_key.format(compressed=False)[1:]
+    plain = keccak.new(digest_bits=256, data=public).hexdigest()[-40:]
+    mask = keccak.new(digest_bits=256, data=plain.encode("ascii")).hexdigest()
+    return "0x" + "".join(c.upper() if int(m, 16) >= 8 else c for c, m in zip(plain, mask[:40], strict=True))
 
 
 def _account_from_keystore(path: Path, passphrase_env: str, env: Mapping[str, str]) -> LocalAccount:
+    from eth_account import Account  # a keystore is decrypted at start anyway (scrypt costs more)
+
     passphrase = env.get(passphrase_env)
     if not passphrase:
         raise WalletError(f"keystore {path} needs its passphrase in environment variable {passphrase_env}")
@@ -182,6 +229,8 @@ def create_key_file(path: Path) -> str:
     path = Path(path)
     if path.exists() or path.is_symlink():
         raise WalletError(f"{path} already exists; refusing to overwrite a key")
+    from eth_account import Account
+
     account: LocalAccount = Account.from_key(secrets.token_bytes(32))
     data = ("0x" + bytes(account.key).hex() + "\n").encode("ascii")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
@@ -208,6 +257,8 @@ def create_key_file(path: Path) -> str:
 
 def encrypt_keystore(wallet: Wallet, passphrase: str, path: Path) -> None:
     """Write `wallet` as an eth-account keystore (scrypt) at `path`, mode 0600, never overwriting."""
+    from eth_account import Account
+
     document = Account.encrypt(wallet.account.key, passphrase)
     data = json.dumps(document).encode("utf-8")
     try:

@@ -22,10 +22,10 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from proxy.faults import checkpoint
-from proxy.payments.challenge import Challenge
+from proxy.payments.challenge import Challenge, Requirement
 from proxy.payments.payer import PassThrough, Payer, PaymentPlan, Refused, Verdict
 from proxy.payments.refusals import RefusalRecorder
 from proxy.purchase.order import Answer, Carrier, Order, Presented, Purchase
@@ -33,8 +33,22 @@ from proxy.sessions.keeper import SessionKeeper
 from proxy.sessions.model import Session
 from proxy.store.base import NEED_LOCK_TIMEOUT, PaymentRecord, StoreError
 
-if TYPE_CHECKING:
-    from proxy.channels.holder import ChannelHolder
+
+class ChannelOpener(Protocol):
+    """A payment kind that holds state across requests (proxy/channels/holder.py: batch-settlement):
+    it takes over the order at the challenge step when it wants the challenge."""
+
+    def wants(self, challenge: Challenge) -> Requirement | None: ...
+
+    async def open(
+        self,
+        flow: PurchaseFlow,
+        order: Order,
+        challenge: Challenge,
+        req: Requirement,
+        carrier: Carrier[Answer],
+    ) -> Purchase[Answer]: ...
+
 
 log = logging.getLogger("x402_proxy.payments")
 
@@ -71,7 +85,7 @@ class PurchaseFlow:
         self.keeper = keeper
         self.flights = KeyedLocks()
         # batch-settlement channels (proxy/channels/holder.py), set by the wiring when [channels] enabled.
-        self.channels: ChannelHolder | None = None
+        self.channels: ChannelOpener | None = None
 
     async def buy(self, order: Order, carrier: Carrier[Answer]) -> Purchase[Answer]:
         """Pay at most once for `order`; never raises for a refusal.

@@ -23,21 +23,15 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
-
-from eth_account.messages import encode_defunct
-from eth_account.signers.local import LocalAccount
-from x402.extensions.sign_in_with_x import (
-    SIWxPayload,
-    create_siwx_message,
-    encode_siwx_header,
-    extract_evm_chain_id,
-)
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from proxy.hosts import HostError, canonical_host
 from proxy.sessions.model import CREDENTIAL_KINDS, Session, SessionCredentials, StoredCookie, intern_siwx
 from proxy.sessions.scope import NormalizedURL, ScopeError, normalize_url, path_covers
 from proxy.tokens import session_token_headers
+
+if TYPE_CHECKING:  # eth-account and the SDK's SIWX module load when a session first signs in
+    from eth_account.signers.local import LocalAccount
 
 SIWX_HEADER = "SIGN-IN-WITH-X"
 SIWX_EXTENSION = "sign-in-with-x"
@@ -51,7 +45,7 @@ MAX_COOKIE_BYTES = 4096
 HeaderSource = Mapping[str, str] | Iterable[tuple[str, str]]
 # An eth-account account, or a callable signing EIP-191 text and returning 0x-hex (its address is
 # then taken from ``session.payer``).
-SiwxSigner = LocalAccount | Callable[[str], str]
+SiwxSigner: TypeAlias = "LocalAccount | Callable[[str], str]"
 
 
 def _header_pairs(headers: HeaderSource) -> Iterable[tuple[str, str]]:
@@ -378,17 +372,21 @@ def _iso(ts: float) -> str:
 
 
 def _sign_text(signer: SiwxSigner, message: str) -> str:
-    if isinstance(signer, LocalAccount):
-        return "0x" + bytes(signer.sign_message(encode_defunct(text=message)).signature).hex()
-    return signer(message)
+    if callable(signer):
+        return signer(message)
+    from eth_account.messages import encode_defunct
+
+    return "0x" + bytes(signer.sign_message(encode_defunct(text=message)).signature).hex()
 
 
 def _signer_address(signer: SiwxSigner, fallback: str | None) -> str | None:
-    return str(signer.address) if isinstance(signer, LocalAccount) else fallback
+    return fallback if callable(signer) else str(signer.address)
 
 
 def _siwx_header(complete_info: Mapping[str, Any], signer: SiwxSigner, address: str) -> str:
     """Through the SDK builder end to end (its validators included): for the rare 402 fallback."""
+    from x402.extensions.sign_in_with_x import create_siwx_message
+
     message = create_siwx_message(dict(complete_info), address)
     return _encode_payload(complete_info, address, _sign_text(signer, message))
 
@@ -457,6 +455,8 @@ def _checked_siwx_params(
         "nonce": "0" * 16,
         "issuedAt": "2000-01-01T00:00:00.000Z",
     }
+    from x402.extensions.sign_in_with_x import create_siwx_message, extract_evm_chain_id
+
     create_siwx_message(probe, address)
     return extract_evm_chain_id(chain_id)
 
@@ -509,6 +509,8 @@ def uri_safe(url: NormalizedURL) -> str:
 
 
 def _encode_payload(fields: Mapping[str, Any], address: str, signature: str) -> str:
+    from x402.extensions.sign_in_with_x import SIWxPayload, encode_siwx_header
+
     present = {k: v for k, v in fields.items() if v is not None}
     payload = SIWxPayload.model_validate({**present, "address": address, "signature": signature})
     return encode_siwx_header(payload)
