@@ -1,9 +1,9 @@
 """`x402-proxy health [--ready]`: exit 0 when the admin API answers `/healthz` (or `/readyz`), else 1.
 
-Made for container health checks (the Dockerfile's HEALTHCHECK): the slim image has no curl, and
-every admin route, `/healthz` included, needs the bearer token, which this finds the way the other
-admin commands do (env X402_PROXY_ADMIN_TOKEN, `[admin] token`, `<home>/admin-token`). Every failure
-exits 1, because Docker reserves exit code 2 for health checks.
+Made for container health checks (the Dockerfile's HEALTHCHECK): the slim image has no curl. The
+probes answer without a token, but one that is sent must be right, so this sends the token it finds the
+way the other admin commands do (env X402_PROXY_ADMIN_TOKEN, `[admin] token`, `<home>/admin-token`).
+Every failure exits 1, because Docker reserves exit code 2 for health checks.
 """
 
 from __future__ import annotations
