@@ -76,6 +76,8 @@ bench: $(STAMP) npm apt-bench
 	$(BIN)/python bench/session_hits.py
 	$(BIN)/python bench/session_index.py
 	$(BIN)/python bench/footprint.py
+	$(BIN)/python bench/mcp_calls.py
+	$(BIN)/python bench/fleet_store.py
 
 # A newcomer's first sight: local chain, token, facilitator, a paid server; curl pays through the proxy.
 demo: $(STAMP) npm apt-test
