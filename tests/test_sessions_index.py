@@ -145,8 +145,10 @@ def test_whole_session_memory_budget() -> None:
     """Session object + scope + its index entry, for a V2 session (one payment, a signed session
     token of real size, SIWX parameters): within 2 KiB. With a cookie and a token header on top,
     within 2.5 KiB."""
-    typical = session_bytes(False)
-    full = session_bytes(True)
+    # tracemalloc counts every thread's allocations: a store or warm-up thread left running by an earlier
+    # test in this process can only add to a measurement, so the lowest of three is the session's.
+    typical = min(session_bytes(False) for _ in range(3))
+    full = min(session_bytes(True) for _ in range(3))
     print(
         f"\nwhole session incl. index entry: {typical:.0f} bytes; with a cookie and a token header {full:.0f}"
     )
