@@ -27,6 +27,7 @@ from multidict import CIMultiDictProxy
 from proxy.engine.exchange import Exchange, Exchanger, Outcome, UpstreamResponse
 from proxy.engine.upstream import UpstreamError
 from proxy.mcp_pay.codec import (
+    MAX_MESSAGE_BYTES,
     PROXY_ERROR_META,
     PROXY_PAYMENT_META,
     Answer,
@@ -92,9 +93,13 @@ class McpStage:
             outcome = await inner(request)
             if call is None:
                 return outcome
-            framing = framing_of(outcome.response.headers.get("Content-Type"))
-            if outcome.response.status != 200 or framing is None:
+            response = outcome.response
+            framing = framing_of(response.headers.get("Content-Type"))
+            if response.status != 200 or framing is None:
                 return outcome
+            length = response.content_length
+            if framing is Framing.JSON and length is not None and length <= MAX_MESSAGE_BYTES:
+                return await self._whole(request, call, outcome, inner)
             relayed = Outcome(outcome.response)
             relayed.response = ScannedAnswer(
                 outcome.response, self._relay(request, call, framing, outcome, relayed, inner)
@@ -103,8 +108,31 @@ class McpStage:
 
         return exchange
 
+    async def _whole(self, request: Exchange, call: ToolCall, outcome: Outcome, inner: Exchanger) -> Outcome:
+        """A JSON answer of known, bounded length (the usual tool result): read whole, decided before its
+        head goes out, relayed whole (its own Content-Length) when it is no payment-required result."""
+        body = await outcome.response.read()
+        outcome.body = body
+        if b"isError" not in body and b'"error"' not in body:
+            return outcome  # neither form of a payment-required answer can be in it: no parse
+        scanner = AnswerScanner(call.id, Framing.JSON)
+        pieces = [*scanner.feed(body), *scanner.finish()]
+        answer = next((p for p in pieces if isinstance(p, Answer)), None)
+        if answer is None:
+            return outcome
+        try:
+            if extract_payment_required(answer.message) is None:
+                return outcome
+        except McpPayError:
+            pass  # malformed or too large: the purchase flow refuses it readably
+        out = [chunk async for chunk in self._piece(answer, request, call, Framing.JSON, outcome, inner)]
+        outcome.body = b"".join(out)
+        return outcome
+
     def _tool_call(self, request: Exchange) -> ToolCall | None:
         if not self.settings.pay_tools or request.method != "POST" or request.body is None:
+            return None
+        if b"tools" not in request.body:  # no tools/call in it: no parse (the common MCP message)
             return None
         if framing_of(request.headers.get("Content-Type")) is not Framing.JSON:
             return None
@@ -368,6 +396,12 @@ class McpCarrier:
             failure.payment_id = plan.ledger_id
             raise failure
         verdict = _verdict(answer.message)
+        if framing is not self._framing:
+            # The client reads the framing of the first answer (its head is out, or decided): the paid
+            # result goes in that framing, without the rest of a differently framed stream.
+            quiet = AnswerScanner(self.call.id, self._framing)  # nothing of the other stream follows
+            paid = PaidAnswer(answer.message, None, self._framing, quiet, None, outcome)
+            return Presented(paid, verdict, success=verdict.delivered)
         paid = PaidAnswer(answer.message, answer.event, framing, scanner, chunks, outcome, after)
         return Presented(paid, verdict, success=verdict.delivered)
 
