@@ -16,6 +16,12 @@ assert which credentials reached the origin):
                              middleware buffers the answer it settles; a SIWX-granted request streams)
   GET  /__stats              handler invocation counts and settlements seen by this server
 
+Any route, `?gate=KEY&gate_n=N[&gate_timeout=S]`: a request carrying no payment is held until N such
+requests have arrived at gate KEY (or S seconds, default 10, passed since it arrived), then all are let
+through at once; once open, a gate stays open. So N concurrent clients all hold their 402 before any of
+them can pay (fleet races). `/__stats` shows each gate: how many it held, how many came after, and
+whether the count or the timeout opened it.
+
 Options: --ssl-certfile/--ssl-keyfile serve HTTPS (for tests through the proxy's CONNECT interception);
 --siwx enables the sign-in-with-x extension on paid routes (a wallet that paid for a path
 gets it again by SIWX alone); --payment-identifier optional|required declares that extension and
@@ -107,6 +113,27 @@ class Stats:
     settlements: list[dict[str, Any]] = field(default_factory=list)
     idempotent_replays: int = 0
     idempotency_conflicts: int = 0
+    gates: dict[str, _Gate] = field(default_factory=dict)
+
+
+# Requests carrying one of these are paying: a gate never holds them.
+PAYMENT_HEADERS = ("payment-signature", "x-payment")
+
+
+@dataclass
+class _Gate:
+    held: int = 0  # requests without a payment that waited at the closed gate
+    after: int = 0  # requests without a payment that found it open
+    opened_by: str | None = None  # "count" | "timeout"
+    opened: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def open(self, by: str) -> None:
+        if not self.opened.is_set():
+            self.opened_by = by
+            self.opened.set()
+
+    def report(self) -> dict[str, Any]:
+        return {"held": self.held, "after": self.after, "opened_by": self.opened_by}
 
 
 def _headers(request: Request) -> dict[str, str]:
@@ -270,6 +297,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
 
     if cfg.reuse != "off":
         _install_reuse(app, cfg, stats)
+    _install_gates(app, stats)
 
     @app.get("/free")
     async def free(request: Request) -> dict[str, Any]:
@@ -336,6 +364,7 @@ def create_app(cfg: ServerConfig) -> FastAPI:
             "settlements": list(stats.settlements),
             "idempotent_replays": stats.idempotent_replays,
             "idempotency_conflicts": stats.idempotency_conflicts,
+            "gates": {key: gate.report() for key, gate in stats.gates.items()},
             "config": {
                 "price": cfg.price,
                 "price_b": price_b,
@@ -388,6 +417,37 @@ def _install_reuse(app: FastAPI, cfg: ServerConfig, stats: Stats) -> None:
                 leases[lease] = path
                 response.headers["x-x402-lease"] = lease
                 response.set_cookie("x402_lease", lease, path=path, httponly=True)
+        return response
+
+
+def _install_gates(app: FastAPI, stats: Stats) -> None:
+    """`?gate=KEY&gate_n=N`: hold requests without a payment until N have arrived (see the module doc)."""
+
+    # Registered last, so it runs before every other middleware (the 402 is written after the wait).
+    @app.middleware("http")
+    async def gate(request: Request, call_next: Any) -> Response:
+        key = request.query_params.get("gate")
+        if key is None or any(name in request.headers for name in PAYMENT_HEADERS):
+            response: Response = await call_next(request)
+            return response
+        try:
+            count = int(request.query_params.get("gate_n", "1"))
+            timeout = float(request.query_params.get("gate_timeout", "10"))
+        except ValueError:
+            return JSONResponse({"error": "gate_n must be an integer, gate_timeout a number"}, 400)
+        held = stats.gates.setdefault(key, _Gate())
+        if held.opened.is_set():
+            held.after += 1
+        else:
+            held.held += 1
+            if held.held >= count:
+                held.open("count")
+            else:
+                try:
+                    await asyncio.wait_for(held.opened.wait(), timeout)
+                except TimeoutError:
+                    held.open("timeout")
+        response = await call_next(request)
         return response
 
 
