@@ -26,6 +26,7 @@ from multidict import CIMultiDictProxy
 
 from proxy.engine.exchange import Exchange, Exchanger, Outcome, UpstreamResponse
 from proxy.engine.upstream import UpstreamError
+from proxy.engine.upstream_pool import PooledResponse
 from proxy.mcp_pay.codec import (
     MAX_MESSAGE_BYTES,
     PROXY_ERROR_META,
@@ -89,17 +90,19 @@ class McpStage:
 
     def __call__(self, inner: Exchanger) -> Exchanger:
         async def exchange(request: Exchange) -> Outcome:
-            call = self._tool_call(request)
+            if not self._may_be_tool_call(request):
+                return await inner(request)
             outcome = await inner(request)
-            if call is None:
-                return outcome
             response = outcome.response
             framing = framing_of(response.headers.get("Content-Type"))
             if response.status != 200 or framing is None:
                 return outcome
             length = response.content_length
             if framing is Framing.JSON and length is not None and length <= MAX_MESSAGE_BYTES:
-                return await self._whole(request, call, outcome, inner)
+                return await self._whole(request, outcome, inner)
+            call = self._tool_call(request)
+            if call is None:
+                return outcome
             relayed = Outcome(outcome.response)
             relayed.response = ScannedAnswer(
                 outcome.response, self._relay(request, call, framing, outcome, relayed, inner)
@@ -108,13 +111,18 @@ class McpStage:
 
         return exchange
 
-    async def _whole(self, request: Exchange, call: ToolCall, outcome: Outcome, inner: Exchanger) -> Outcome:
+    async def _whole(self, request: Exchange, outcome: Outcome, inner: Exchanger) -> Outcome:
         """A JSON answer of known, bounded length (the usual tool result): read whole, decided before its
         head goes out, relayed whole (its own Content-Length) when it is no payment-required result."""
-        body = await outcome.response.read()
+        response = outcome.response
+        whole = response.read_complete() if isinstance(response, PooledResponse) else None
+        body = whole if whole is not None else await response.read()  # usually here with the head
         outcome.body = body
         if b"isError" not in body and b'"error"' not in body:
-            return outcome  # neither form of a payment-required answer can be in it: no parse
+            return outcome  # neither form of a payment-required answer can be in it: nothing parsed
+        call = self._tool_call(request)
+        if call is None:
+            return outcome
         scanner = AnswerScanner(call.id, Framing.JSON)
         pieces = [*scanner.feed(body), *scanner.finish()]
         answer = next((p for p in pieces if isinstance(p, Answer)), None)
@@ -129,13 +137,16 @@ class McpStage:
         outcome.body = b"".join(out)
         return outcome
 
+    def _may_be_tool_call(self, request: Exchange) -> bool:
+        """Cheap, on the request alone: a POST of JSON naming tools (the body is parsed only when the
+        answer could be a payment-required result)."""
+        body = request.body
+        if not self.settings.pay_tools or request.method != "POST" or body is None or b"tools" not in body:
+            return False
+        return framing_of(request.headers.get("Content-Type")) is Framing.JSON
+
     def _tool_call(self, request: Exchange) -> ToolCall | None:
-        if not self.settings.pay_tools or request.method != "POST" or request.body is None:
-            return None
-        if b"tools" not in request.body:  # no tools/call in it: no parse (the common MCP message)
-            return None
-        if framing_of(request.headers.get("Content-Type")) is not Framing.JSON:
-            return None
+        assert request.body is not None
         call = parse_tool_call(request.body)
         return None if call is None or call.carries_payment else call
 
