@@ -97,27 +97,36 @@ class McpStage:
             framing = framing_of(response.headers.get("Content-Type"))
             if response.status != 200 or framing is None:
                 return outcome
-            length = response.content_length
-            if framing is Framing.JSON and length is not None and length <= MAX_MESSAGE_BYTES:
-                return await self._whole(request, outcome, inner)
+            prefix = b""
+            if framing is Framing.JSON:
+                # One message: read it whole (bounded) and decide before the head goes out.
+                whole = response.read_complete() if isinstance(response, PooledResponse) else None
+                if whole is not None and b"isError" not in whole and b'"error"' not in whole:
+                    outcome.body = whole  # the usual free result, here with the head: nothing parsed
+                    return outcome
+                if whole is None:
+                    whole, prefix = await _read_json(outcome)
+                if whole is not None:
+                    outcome.body = whole
+                    return await self._whole(request, outcome, inner)
             call = self._tool_call(request)
             if call is None:
+                if prefix:  # what was read to decide goes to the client before the rest
+                    outcome.response = ScannedAnswer(response, _prefixed(prefix, response))
                 return outcome
             relayed = Outcome(outcome.response)
             relayed.response = ScannedAnswer(
-                outcome.response, self._relay(request, call, framing, outcome, relayed, inner)
+                response, self._relay(request, call, framing, outcome, relayed, inner, prefix)
             )
             return relayed
 
         return exchange
 
     async def _whole(self, request: Exchange, outcome: Outcome, inner: Exchanger) -> Outcome:
-        """A JSON answer of known, bounded length (the usual tool result): read whole, decided before its
-        head goes out, relayed whole (its own Content-Length) when it is no payment-required result."""
-        response = outcome.response
-        whole = response.read_complete() if isinstance(response, PooledResponse) else None
-        body = whole if whole is not None else await response.read()  # usually here with the head
-        outcome.body = body
+        """A JSON answer read whole (`outcome.body`), decided before its head goes out: relayed whole (its
+        own Content-Length) when it is no payment-required result, else the purchase's answer in its place."""
+        body = outcome.body
+        assert body is not None
         if b"isError" not in body and b'"error"' not in body:
             return outcome  # neither form of a payment-required answer can be in it: nothing parsed
         call = self._tool_call(request)
@@ -158,10 +167,11 @@ class McpStage:
         first: Outcome,
         relayed: Outcome,
         inner: Exchanger,
+        prefix: bytes = b"",
     ) -> AsyncIterator[bytes]:
         scanner = AnswerScanner(call.id, framing)
         try:
-            async for chunk in first.response.content.iter_chunked(STREAM_CHUNK):
+            async for chunk in _prefixed(prefix, first.response):
                 for piece in scanner.feed(chunk):
                     async for out in self._piece(piece, request, call, framing, relayed, inner):
                         yield out
@@ -453,6 +463,25 @@ async def _read_small(outcome: Outcome, limit: int = 4096) -> bytes:
     finally:
         outcome.response.release()
     return data[:limit]
+
+
+async def _read_json(outcome: Outcome) -> tuple[bytes | None, bytes]:
+    """(the whole body, b"") when it ends within MAX_MESSAGE_BYTES, else (None, what was read)."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in outcome.response.content.iter_chunked(STREAM_CHUNK):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_MESSAGE_BYTES:
+            return None, b"".join(chunks)
+    return b"".join(chunks), b""
+
+
+async def _prefixed(prefix: bytes, response: UpstreamResponse) -> AsyncIterator[bytes]:
+    if prefix:
+        yield prefix
+    async for chunk in response.content.iter_chunked(STREAM_CHUNK):
+        yield chunk
 
 
 class _Content:
