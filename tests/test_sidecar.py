@@ -31,7 +31,7 @@ import requests
 import yaml
 
 from tests.stack import Stack
-from tests.support.admin import ADMIN_RE, AdminProxy, free_port
+from tests.support.admin import ADMIN_RE, AdminProxy
 from tests.support.certs import UpstreamCA
 from tests.support.paying_proxy import stack_config
 from tests.support.proxy_process import REPO
@@ -117,6 +117,15 @@ def interpolate(value: str, variables: Mapping[str, str]) -> str:
 # -- the container's world, mapped onto this machine -----------------------------------------------------------
 
 
+def free_wildcard_port() -> int:
+    """A port free on every local address: the sidecar binds 0.0.0.0, which fails when any address
+    (127.0.0.2, say, of a test server) holds the port, though 127.0.0.1 alone would be free."""
+    with socket.socket() as sock:
+        sock.bind(("0.0.0.0", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 @dataclass
 class Sandbox:
     """Where one "container" lives here: its volumes as directories, its ports as free loopback ports."""
@@ -128,7 +137,7 @@ class Sandbox:
     @classmethod
     def create(cls, root: Path) -> Sandbox:
         root.mkdir(parents=True, exist_ok=True)
-        return cls(root, free_port(), free_port())
+        return cls(root, free_wildcard_port(), free_wildcard_port())
 
     @property
     def home(self) -> Path:
