@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from proxy.mcp_pay import (
@@ -453,6 +453,8 @@ def test_a_huge_payment_required_is_refused_with_its_reason() -> None:
         max_leaves=20,
     )
 )
+@example({"code": []})  # found by make test: an unhashable error code crashed the membership test
+@example({"code": {"a": 1}})
 def test_extract_never_raises_anything_but_its_named_errors(value: Any) -> None:
     for message in (
         {"jsonrpc": "2.0", "id": 1, "result": {"isError": True, "structuredContent": value}},

@@ -295,7 +295,8 @@ def extract_payment_required(
     error = message.get("error")
     if isinstance(error, dict):
         code = error.get("code")
-        if isinstance(code, bool) or code not in JSONRPC_PAYMENT_REQUIRED_CODES:
+        # An int only: a list or object would not even hash (a hostile server must not crash the scan).
+        if not isinstance(code, int) or isinstance(code, bool) or code not in JSONRPC_PAYMENT_REQUIRED_CODES:
             return None
         return _checked(error.get("data"), PaymentRequiredForm.JSONRPC_ERROR, max_bytes)
     result = message.get("result")
