@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from decimal import ROUND_FLOOR, Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.faults import checkpoint
 from proxy.observability.context import PAYMENT_ID
@@ -70,6 +70,8 @@ from proxy.store.base import (
 from proxy.store.threaded import as_async
 
 log = logging.getLogger("proxy.payments")
+A = TypeVar("A")
+B = TypeVar("B")
 
 BUDGET_WINDOW_SECONDS = 24 * 3600  # budgets are rolling 24 h windows, not calendar days
 MAX_REASON_CHARS = 500
@@ -280,15 +282,17 @@ class Payer:
         balances: Mapping[tuple[str, str], int] | None,
     ) -> Refused | PaymentPlan | Selection:
         """Under the lock: a re-presentation, a refusal, or the requirement to pay (nothing written)."""
-        doubt = await self._doubt(request, challenge, now)
+        # The doubt check and the budgets are independent reads: asked at once (on PostgreSQL, three
+        # queries on three pool connections instead of three round trips in a row).
+        doubt, context = await _both(
+            self._doubt(request, challenge, now), self._context(request, now, balances)
+        )
         if isinstance(doubt, Represent):
             return await self._represent(request, doubt.record, now)
         if isinstance(doubt, Blocked) and host_allowed(normalize_host(request.host), self.policy):
             log.info("not paying %s %s: %s (%s)", request.method, request.url, doubt.code, doubt.detail)
             return Refused(doubt.code, doubt.detail, doubt.record.id, retry_after=doubt.retry_after)
-        decision = choose_requirement(
-            challenge, self.policy, self.assets, await self._context(request, now, balances)
-        )
+        decision = choose_requirement(challenge, self.policy, self.assets, context)
         if not isinstance(decision, Refusal) and request.max_amount is not None:
             cap = int(request.max_amount.scaleb(decision.asset.decimals).to_integral_value(ROUND_FLOOR))
             if decision.amount > cap:
@@ -507,12 +511,13 @@ class Payer:
     ) -> PaymentContext:
         host = normalize_host(request.host)
         in_doubt_id = self._unrecorded_in_doubt(request, now - CLOCK_SKEW_ALLOWANCE)
+        spent_global, spent_host = await _both(self._spent(now, None), self._spent(now, host))
         return PaymentContext(
             host=host,
             url=request.url,
             now=now,
-            spent_today_global=await self._spent(now, None),
-            spent_today_host=await self._spent(now, host),
+            spent_today_global=spent_global,
+            spent_today_host=spent_host,
             balances=balances,
             in_doubt_payment_id=in_doubt_id,
         )
@@ -660,6 +665,15 @@ def verdict_for(
     return Verdict(
         PaymentState.UNSETTLED, reason=f"HTTP {status} without a settlement receipt", evidence=evidence
     )
+
+
+async def _both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
+    """Two independent awaits at once; the first failure is raised once both have finished."""
+    one, two = await asyncio.gather(first, second, return_exceptions=True)
+    for result in (one, two):
+        if isinstance(result, BaseException):
+            raise result
+    return one, two  # type: ignore[return-value]
 
 
 def log_undelivered(record: PaymentRecord) -> None:
