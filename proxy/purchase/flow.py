@@ -18,9 +18,7 @@ owner renders it (HTTP headers, an MCP `_meta`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Protocol
 
@@ -32,6 +30,7 @@ from proxy.purchase.order import Answer, Carrier, Order, Presented, Purchase
 from proxy.sessions.keeper import SessionKeeper
 from proxy.sessions.model import Session
 from proxy.store.base import NEED_LOCK_TIMEOUT, PaymentRecord, StoreError
+from proxy.store.locks import KeyedLocks
 
 
 class ChannelOpener(Protocol):
@@ -51,31 +50,6 @@ class ChannelOpener(Protocol):
 
 
 log = logging.getLogger("x402_proxy.payments")
-
-
-class KeyedLocks:
-    """One asyncio.Lock per key, kept only while someone holds or waits for it."""
-
-    def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, key: str) -> AsyncIterator[None]:
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            # A released lock with waiters still looks unlocked: count users, or a second flight could start.
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
-
-    def __len__(self) -> int:
-        return len(self._locks)
 
 
 class PurchaseFlow:

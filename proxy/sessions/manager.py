@@ -31,6 +31,7 @@ from proxy.sessions.index import SessionIndex
 from proxy.sessions.model import Session
 from proxy.sessions.scope import NormalizedURL
 from proxy.store.base import StoreError
+from proxy.store.locks import KeyedLocks
 from proxy.store.session_store import AsyncSessionStore, SqliteSessionStore
 
 log = logging.getLogger("x402_proxy.sessions")
@@ -90,7 +91,7 @@ class SessionManager:
         self._live = _LiveSessions(MAX_LIVE_SESSIONS, clock, self._index.remove)
         self._dirty: set[str] = set()
         # scope key -> (lock, number of requests holding or waiting for it)
-        self._flights: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._flights = KeyedLocks()  # one payment per scope at a time (proxy/store/locks.py)
 
     @property
     def store(self) -> SqliteSessionStore | AsyncSessionStore:
@@ -301,18 +302,8 @@ class SessionManager:
     @contextlib.asynccontextmanager
     async def flight(self, key: str) -> AsyncIterator[None]:
         """Serialise payment for one scope: the second request waits and then sees the new session."""
-        lock, users = self._flights.get(key, (asyncio.Lock(), 0))
-        self._flights[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._flights[key]
-            # A released lock with waiters still looks unlocked: count users, or a second flight could start.
-            if users == 1:
-                del self._flights[key]
-            else:
-                self._flights[key] = (lock, users - 1)
+        async with self._flights.hold(key):
+            yield
 
     def flush(self) -> int:
         """Write call counts and last use (blocking store; an async store flushes with `flush_async`)."""

@@ -23,12 +23,16 @@ class KeyedLocks:
         return len(self._locks)
 
     @contextlib.asynccontextmanager
-    async def hold(self, key: Hashable, *, wait: float, what: str) -> AsyncIterator[None]:
+    async def hold(self, key: Hashable, *, wait: float | None = None, what: str = "") -> AsyncIterator[None]:
+        """Hold `key`'s lock; with `wait`, StoreError "locked" after that many seconds (None: no limit)."""
         lock, users = self._locks.get(key, (asyncio.Lock(), 0))
         self._locks[key] = (lock, users + 1)
         try:
             try:
-                await asyncio.wait_for(lock.acquire(), wait)
+                if wait is None:
+                    await lock.acquire()
+                else:
+                    await asyncio.wait_for(lock.acquire(), wait)
             except TimeoutError:
                 raise StoreError(f"{what}: still held elsewhere after {wait:g} s", "locked") from None
             try:
