@@ -32,6 +32,7 @@ from proxy.channels.settings import ChannelSettings
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.payments.amounts import parse_decimal, to_budget_units
 from proxy.payments.challenge import Challenge, Requirement
+from proxy.payments.doubt import Blocked
 from proxy.payments.payer import PaymentPlan, PaymentRequestInfo, Refused
 from proxy.payments.policy import ReasonCode, Refusal, Selection, choose_requirement
 from proxy.purchase.order import Answer, Carrier, ChallengeRead, Order, Presented, Purchase
@@ -204,6 +205,16 @@ class ChannelHolder:
         payer, info = self.payer, order.info
         async with payer._lock, payer.store.payment_lock():
             now = payer.clock()
+            # A deposit for this need that may have moved is never made again (doubt.py): the same
+            # check Payer.decide makes before it signs anything else.
+            doubt = await payer._doubt(info, challenge, now)
+            if doubt is not None:
+                detail = doubt.detail if isinstance(doubt, Blocked) else "an earlier payment is in doubt"
+                code = doubt.code if isinstance(doubt, Blocked) else ReasonCode.PAYMENT_IN_DOUBT
+                retry = doubt.retry_after if isinstance(doubt, Blocked) else None
+                refused = Refused(code, f"not depositing: {detail}", doubt.record.id, retry_after=retry)
+                flow._refused(order, refused, carrier)
+                return Purchase(refusal=refused, challenge=challenge)
             decided = await self._policy(info, challenge, req, now)
             if isinstance(decided, Refused):
                 flow._refused(order, decided, carrier)
