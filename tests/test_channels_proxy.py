@@ -13,7 +13,6 @@ import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -21,29 +20,10 @@ import pytest
 from tests.stack import fixtures as _stack_fixtures
 from tests.stack.channels import ChannelStack, wait_for
 from tests.support.admin import AdminProxy
+from tests.support.channels import SESSION, channels, end_and_wait_refund, get, start_proxy
 from tests.support.paying_proxy import ledger
 
 x402_channel_stack = _stack_fixtures.x402_channel_stack
-
-SESSION = "X-402-Proxy-Session"
-PAYMENT = "X-402-Proxy-Payment"
-
-
-def channel_config(stack: ChannelStack, extra: str = "") -> str:
-    return (
-        '[proxy]\nconnect_ports = ["*"]\n'
-        '[policy]\nmax_per_payment = "0.01"\ndaily_budget = "5"\nper_host_daily_budget = "5"\n'
-        f'[rpc]\n"{stack.network}" = "{stack.rpc_url}"\n'
-        f'[[assets]]\nnetwork = "{stack.network}"\naddress = "{stack.token}"\ndecimals = 6\n'
-        'symbol = "TUSDC"\neip712_name = "USDC"\neip712_version = "2"\n'
-        '[channels]\nenabled = true\ndeposit_prices = 10\nmax_deposit = "0.05"\nrefund_interval = 0.2\n'
-        f"{extra}"
-    )
-
-
-def start_proxy(stack: ChannelStack, home: Path, extra: str = "") -> AdminProxy:
-    proxy = AdminProxy(home, channel_config(stack, extra), {"X402_PROXY_PRIVATE_KEY": stack.payer_key})
-    return proxy.start()
 
 
 @pytest.fixture()
@@ -51,26 +31,6 @@ def proxy(x402_channel_stack: ChannelStack, tmp_path: Path) -> Iterator[AdminPro
     process = start_proxy(x402_channel_stack, tmp_path / "home")
     yield process
     process.stop()
-
-
-def channels(proxy: AdminProxy) -> list[dict[str, Any]]:
-    path = proxy.home / "channels.db"
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
-        conn.row_factory = sqlite3.Row
-        return [dict(r) for r in conn.execute("SELECT * FROM channels ORDER BY opened_at")]
-
-
-def get(proxy: AdminProxy, url: str) -> httpx.Response:
-    return httpx.get(url, proxy=proxy.url, timeout=60, trust_env=False)
-
-
-def end_and_wait_refund(proxy: AdminProxy, session_id: str) -> dict[str, Any]:
-    r = proxy.call("DELETE", f"/sessions/{session_id}")
-    assert r.status_code in (200, 204), r.text
-    assert wait_for(lambda: all(c["state"] in ("refunded", "void") for c in channels(proxy)), 30), channels(
-        proxy
-    )
-    return channels(proxy)[-1]
 
 
 def test_deposit_once_n_vouchers_then_end_refunds_and_net_spend_is_the_final_voucher(

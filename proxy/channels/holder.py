@@ -31,10 +31,10 @@ from proxy.channels.book import BookStorage, Channel, ChannelBook
 from proxy.channels.settings import ChannelSettings
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.payments.amounts import parse_decimal, to_budget_units
-from proxy.payments.challenge import Challenge, Requirement
+from proxy.payments.challenge import Challenge, MalformedChallenge, Requirement, challenge_from_document
 from proxy.payments.doubt import Blocked
-from proxy.payments.payer import PaymentPlan, PaymentRequestInfo, Refused
-from proxy.payments.policy import ReasonCode, Refusal, Selection, choose_requirement
+from proxy.payments.payer import BUDGET_WINDOW_SECONDS, PaymentPlan, PaymentRequestInfo, Refused
+from proxy.payments.policy import Policy, ReasonCode, Refusal, Selection, choose_requirement
 from proxy.purchase.order import Answer, Carrier, ChallengeRead, Order, Presented, Purchase
 from proxy.store.base import PaymentState
 
@@ -94,6 +94,10 @@ class ChannelHolder:
         self._opening: dict[str, _Live] = {}  # deposited, its session not linked yet
         self._deposits: dict[str, int] = {}  # channel id -> the deposit its ledger row names
         self._refund_failures: dict[str, int] = {}
+        self._refunding: dict[str, asyncio.Lock] = {}  # channel id -> one refund at a time
+        # The policy the open channels were last checked against (None: not yet, e.g. after a restart);
+        # a reload swaps payer.policy, and the next sweep ends the channels whose deposit no longer fits.
+        self._policy_checked: Policy | None = None
         self._signer: Any = None
 
     # -- construction -------------------------------------------------------------------------------
@@ -161,12 +165,27 @@ class ChannelHolder:
         return max(deposit, price)
 
     async def _policy(
-        self, info: PaymentRequestInfo, challenge: Challenge, req: Requirement, now: float
+        self,
+        info: PaymentRequestInfo,
+        challenge: Challenge,
+        req: Requirement,
+        now: float,
+        *,
+        deposit: int | None = None,
+        counted: int = 0,
     ) -> tuple[Selection, int] | Refused:
         """The price through the whole policy, then the deposit through it again (max_deposit for
-        max_per_payment): network, asset, recipient, budgets with the deposit as committed money."""
+        max_per_payment): network, asset, recipient, budgets with the deposit as committed money.
+        `deposit`: an open channel's own (else the one deposit_for sizes); `counted`: budget units of
+        it the window already counts (an open channel's deposit row), taken out of the spent sums."""
         payer = self.payer
         ctx = await payer._context(info, now, None)
+        if counted:
+            ctx = replace(
+                ctx,
+                spent_today_global=max(0, ctx.spent_today_global - counted),
+                spent_today_host=max(0, ctx.spent_today_host - counted),
+            )
         as_exact = replace(req, scheme="exact", index=0)
         price_check = choose_requirement(
             replace(challenge, requirements=(as_exact,)), payer.policy, payer.assets, ctx
@@ -174,7 +193,8 @@ class ChannelHolder:
         if isinstance(price_check, Refusal):
             return Refused(price_check.reason_code, f"channel price: {price_check.detail}")
         decimals = price_check.asset.decimals
-        deposit = self.deposit_for(req.amount, decimals, req.extra)
+        if deposit is None:
+            deposit = self.deposit_for(req.amount, decimals, req.extra)
         cap_units = to_budget_units(
             int(parse_decimal(self.settings.max_deposit, what="max_deposit").scaleb(decimals)), decimals
         )
@@ -446,28 +466,85 @@ class ChannelHolder:
         self.book.update(channel_id, state="closing", detail=why[:500])
         log.info("channel %s closing: %s", channel_id, why)
 
+    async def _retire_idle(self, live: _Live, why: str) -> bool:
+        """Retire an open channel once no voucher of it is in flight (its refund must not race one)."""
+        async with live.lock:
+            if self._live.get(live.row.channel_id) is not live:
+                return False
+            self._retire(live.row.channel_id, why)
+            return True
+
     async def sweep(self) -> int:
-        """Retire channels whose session is over; refund every closing channel. Returns refunds done."""
+        """Retire channels whose session is over, and (after a reload) those whose deposit the policy
+        no longer allows; refund every closing channel. Returns refunds done."""
         now = self.clock()
-        for channel_id, live in list(self._live.items()):
+        policy = self.payer.policy
+        if policy is not self._policy_checked:
+            await self._budget_cut(now)
+            self._policy_checked = policy
+        for live in list(self._live.values()):
             session_id = live.row.session_id
             session = None
             if session_id is not None and self.manager is not None:
                 session = await self.manager.fetch(session_id)
             if session is None or not session.is_active(now):
                 reason = "session over" if session is None else f"session {session.state(now)}"
-                self._retire(channel_id, reason)
+                await self._retire_idle(live, reason)
         done = 0
         for row in await asyncio.to_thread(self.book.in_state, "closing"):
             if await self.refund(row):
                 done += 1
         return done
 
+    async def _budget_cut(self, now: float) -> None:
+        """A reload lowered the policy (or a restart brought channels opened under an older one): a
+        channel whose deposit would not be allowed now is retired and its session ended; the sweep
+        then refunds it."""
+        for channel_id, live in list(self._live.items()):
+            problem = await self._no_longer_fits(live.row, now)
+            if problem is None:
+                continue
+            if not await self._retire_idle(live, f"budget cut: {problem}"):
+                continue
+            session_id = live.row.session_id
+            if session_id is not None and self.manager is not None:
+                await self.manager.end_session(session_id, f"budget cut: {problem}"[:200])
+            log.warning("channel %s: ended by a budget cut: %s", channel_id, problem)
+
+    async def _no_longer_fits(self, row: Channel, now: float) -> str | None:
+        """Why the policy in force would not allow this channel's price and deposit now (None: it
+        would): the open path's checks, with the channel's own deposit not counted twice."""
+        document = {"x402Version": 2, "accepts": [row.requirements], "resource": row.resource}
+        try:
+            challenge = challenge_from_document(
+                document, self.payer.assets.networks, source="a channel's stored requirements"
+            )
+        except MalformedChallenge as exc:
+            return f"its requirements no longer parse: {exc}"
+        req = offered(challenge)
+        if req is None:
+            return "its requirements no longer parse"
+        record = await self.payer.store.get(row.ledger_id) if row.ledger_id is not None else None
+        host = record.host if record is not None else (row.url.split("/")[2] if "//" in row.url else "")
+        counted = 0
+        if record is not None and record.created_at >= now - BUDGET_WINDOW_SECONDS:
+            counted = to_budget_units(row.deposit, row.decimals)
+        info = PaymentRequestInfo(
+            method=record.method if record is not None else "GET",
+            url=row.url,
+            host=host,
+            headers={},
+            session_id=row.session_id,
+        )
+        decided = await self._policy(info, challenge, req, now, deposit=row.deposit, counted=counted)
+        return decided.detail if isinstance(decided, Refused) else None
+
     async def end_session(self, session_id: str) -> Channel | None:
         """The session was ended (admin): retire and refund its channel now; the refunded row."""
         channel_id = self._by_session.get(session_id)
-        if channel_id is not None:
-            self._retire(channel_id, "session ended")
+        live = self._live.get(channel_id) if channel_id is not None else None
+        if live is not None:
+            await self._retire_idle(live, "session ended")
         rows = [r for r in await asyncio.to_thread(self.book.for_session, session_id) if r.state == "closing"]
         for row in rows:
             await self.refund(row)
@@ -475,7 +552,19 @@ class ChannelHolder:
         return found[-1] if found else None
 
     async def refund(self, row: Channel) -> bool:
-        """The SDK's cooperative refund of what the channel holds beyond the seller's vouchers."""
+        """The SDK's cooperative refund of what the channel holds beyond the seller's vouchers; one at
+        a time per channel (the sweep and an admin end may both ask): the second finds it done."""
+        lock = self._refunding.setdefault(row.channel_id, asyncio.Lock())
+        async with lock:
+            current = await asyncio.to_thread(self.book.get, row.channel_id)
+            if current is None or current.state != "closing":
+                return False
+            done = await self._refund(current)
+            if done:  # final: whoever asks next reads it from the book
+                self._refunding.pop(row.channel_id, None)
+        return done
+
+    async def _refund(self, row: Channel) -> bool:
         from x402.mechanisms.evm.batch_settlement.client import RefundOptions
 
         failures = self._refund_failures.get(row.channel_id, 0)
@@ -553,7 +642,11 @@ class ChannelHolder:
             return None
         deposit = sum(r.deposit for r in rows)
         refunded = [r.refunded for r in rows]
+        last = rows[-1]
         return {
+            "state": last.state,  # the session's current (latest) channel
+            "asset": last.asset,
+            "decimals": last.decimals,
             "deposit": str(deposit),
             "signed": str(sum(r.signed for r in rows)),
             "charged": str(sum(r.charged for r in rows)),
