@@ -17,9 +17,15 @@ from aiohttp import web
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
 
 from tests.stack import PyServer, Stack
+from tests.stack import fixtures as _stack_fixtures
+from tests.stack.channels import ChannelStack
 from tests.support.admin import AdminProxy, ThreadedApp
+from tests.support.channels import channels, open_channel_session
+from tests.support.channels import start_proxy as start_channel_proxy
 from tests.support.crash import ERROR, PAYMENT, wait_for
 from tests.support.paying_proxy import ledger, proxies, stack_config
+
+x402_channel_stack = _stack_fixtures.x402_channel_stack  # the channel stack's session fixture, here too
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts" / "dashboard"
@@ -226,3 +232,55 @@ def test_hostile_strings_from_a_server_render_as_text(page: Page, proxy: AdminPr
     expect(cell).to_contain_text(HOSTILE)  # shown as text
     assert page.locator("#payment-table img, #payment-table script").count() == 0
     assert page.title() == "x402-proxy"
+
+
+@pytest.fixture(scope="module")
+def channel_proxy(
+    x402_channel_stack: ChannelStack, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AdminProxy]:
+    """A proxy holding batch-settlement channels on the channel stack (tests/support/channels.py)."""
+    process = start_channel_proxy(x402_channel_stack, tmp_path_factory.mktemp("dashboard-ch") / "home")
+    yield process
+    process.stop()
+
+
+def test_a_channel_session_shows_deposit_signed_refunded_and_net_spend(
+    browser: Browser, channel_proxy: AdminProxy, x402_channel_stack: ChannelStack
+) -> None:
+    """A real channel (deposit of 10 prices, 3 vouchers) through the proxy, the sessions tab in the
+    browser: deposit, signed and charged while open; ended in the UI, refunded and the net spend, which
+    is what the chain says the payer lost."""
+    stack = x402_channel_stack
+    payer_before = stack.balance_of(stack.payer_address)
+    session_id = open_channel_session(channel_proxy, stack, 3)
+    context = browser.new_context()
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+    try:
+        page.goto(f"{channel_proxy.admin_url}/ui")
+        login(page, channel_proxy)
+        page.click("#tabs button[data-tab=sessions]")
+        end = page.locator(f"button[data-session='{session_id}']")
+        row = page.locator("#session-table tbody tr", has=end)
+        cell = row.locator("td.channel")
+        expect(cell.locator("[data-channel=state] b")).to_have_text("open")
+        expect(cell.locator("[data-channel=deposit] b")).to_have_text("0.01")  # 10 x 0.001 TUSDC
+        expect(cell.locator("[data-channel=signed] b")).to_have_text("0.003")
+        expect(cell.locator("[data-channel=charged] b")).to_have_text("0.003")
+        expect(cell.locator("[data-channel=refunded] b")).to_have_text("not yet")
+        expect(cell.locator("[data-channel=net_spend] b")).to_have_text("open")
+        end.click()
+        expect(row.locator("td.state-ended")).to_have_text("ended")
+        expect(cell.locator("[data-channel=state] b")).to_have_text("refunded")
+        expect(cell.locator("[data-channel=refunded] b")).to_have_text("0.007")
+        expect(cell.locator("[data-channel=net_spend] b")).to_have_text("0.003")
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "channel_session.png"), full_page=True)
+    finally:
+        context.close()
+    assert problems == []
+    assert payer_before - stack.balance_of(stack.payer_address) == 3 * stack.price  # on chain
+    [row_ch] = channels(channel_proxy)
+    assert row_ch["state"] == "refunded" and row_ch["refunded"] == 7 * stack.price

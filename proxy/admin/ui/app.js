@@ -150,6 +150,22 @@ async function refreshOverview() {
 
 // -- sessions ---------------------------------------------------------------------------------------
 
+// A channel session (batch-settlement): what was deposited, signed in vouchers, charged by the seller,
+// refunded at the end, and the net spend (deposit - refunded, once refunded).
+function channelCell(channel) {
+  if (!channel) return el("td", {});
+  const d = Number(channel.decimals) || 0;
+  const part = (key, label, value) => el("div", { dataset: { channel: key } }, `${label} `, el("b", {}, value));
+  const pending = channel.refunded === null || channel.refunded === undefined;
+  return el("td", { class: "channel", dataset: { channelState: channel.state } },
+    part("state", "channel", channel.state),
+    part("deposit", "deposit", units(channel.deposit, d)),
+    part("signed", "signed", units(channel.signed, d)),
+    part("charged", "charged", units(channel.charged, d)),
+    part("refunded", "refunded", pending ? "not yet" : units(channel.refunded, d)),
+    part("net_spend", "net spend", pending ? "open" : units(channel.net_spend, d)));
+}
+
 async function refreshSessions() {
   const data = await api("GET", "/sessions");
   replaceRows($("session-table"), data.sessions.map(s => {
@@ -162,6 +178,7 @@ async function refreshSessions() {
       el("td", {}, (s.credentials || []).join(", ")),
       el("td", {}, s.call_count),
       el("td", {}, s.amount_paid),
+      channelCell(s.channel),
       el("td", {}, when(s.expires_at)),
       el("td", {}, end));
   }));
