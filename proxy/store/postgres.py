@@ -386,6 +386,7 @@ class PostgresLedgerStore:
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
                 server_settings=SERVER_SETTINGS,
+                reset=_no_session_state,
             )
         except (*_DRIVER_ERRORS, ValueError) as exc:
             raise describe_postgres_error(exc, url) from None
@@ -907,7 +908,10 @@ class PostgresLedgerStore:
     ) -> AsyncIterator[None]:
         """The process's waiters queue on a local lock first; its one holder then takes the session advisory
         lock `name` on a lock-pool connection, held until the block ends. The server releases it if that
-        connection dies (the replica was killed, the network cut): another replica then gets it."""
+        connection dies (the replica was killed, the network cut): another replica then gets it.
+
+        The unlock is sent, not awaited: the next holder (here or on another replica) waits on the server
+        for it anyway, so the block's end costs the caller no round trip."""
         deadline = time.monotonic() + wait
         async with self._local_locks.hold(local_key, wait=wait, what=f"store {self.shown_url}: {what}"):
             pool = await self._locks_pool()
@@ -915,40 +919,30 @@ class PostgresLedgerStore:
                 conn = await pool.acquire(timeout=max(0.1, min(ACQUIRE_TIMEOUT, deadline - time.monotonic())))
             except (TimeoutError, *_DRIVER_ERRORS) as exc:
                 raise describe_postgres_error(exc, self.url) from None
-            healthy = False
             try:
-                try:
-                    await conn.execute(
-                        "SELECT pg_advisory_lock(hashtextextended($1, 0))",
-                        name,
-                        timeout=max(0.05, deadline - time.monotonic()),
-                    )
-                except TimeoutError:
+                await conn.execute(
+                    "SELECT pg_advisory_lock(hashtextextended($1, 0))",
+                    name,
+                    timeout=max(0.05, deadline - time.monotonic()),
+                )
+            except BaseException as exc:
+                # Interrupted while waiting (the lock may have been granted just then): close the
+                # connection, which releases whatever it holds, rather than pool it.
+                await _discard(pool, conn)
+                if isinstance(exc, TimeoutError):
                     raise StoreError(
                         f"store {self.shown_url}: {what}: still held by another replica after {wait:g} s",
                         "locked",
                     ) from None
-                except _DRIVER_ERRORS as exc:
+                if isinstance(exc, _DRIVER_ERRORS):
                     raise describe_postgres_error(exc, self.url) from None
+                raise
+            try:
                 yield
-                try:
-                    healthy = bool(
-                        await conn.fetchval(
-                            "SELECT pg_advisory_unlock(hashtextextended($1, 0))",
-                            name,
-                            timeout=COMMAND_TIMEOUT,
-                        )
-                    )
-                except (TimeoutError, *_DRIVER_ERRORS):
-                    healthy = False
             finally:
-                # Interrupted while waiting (the lock may have been granted just then), or the unlock failed:
-                # close the connection, which releases whatever it holds, rather than pool it.
-                if not healthy:
-                    with contextlib.suppress(Exception):  # already gone with its server process
-                        conn.terminate()
-                with contextlib.suppress(Exception):
-                    await pool.release(conn)
+                task = asyncio.ensure_future(_unlock(pool, conn, name))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
 
     async def _locks_pool(self) -> asyncpg.Pool:
         if self._lock_pool is not None:
@@ -964,6 +958,7 @@ class PostgresLedgerStore:
                         max_size=max(1, self._lock_pool_size),
                         timeout=CONNECT_TIMEOUT,
                         server_settings=LOCK_SERVER_SETTINGS,
+                        reset=_no_session_state,
                     )
                 except (*_DRIVER_ERRORS, ValueError) as exc:
                     raise describe_postgres_error(exc, self.url) from None
@@ -984,6 +979,44 @@ class PostgresLedgerStore:
             await asyncio.wait_for(self._pool.close(), timeout=COMMAND_TIMEOUT)
         except (TimeoutError, *_DRIVER_ERRORS):
             self._pool.terminate()
+
+
+async def _unlock(pool: asyncpg.Pool, conn: asyncpg.Connection, name: str) -> None:
+    """Release advisory lock `name` and pool the connection; if the release is not confirmed, close the
+    connection instead (that releases every lock it holds)."""
+    try:
+        released = bool(
+            await conn.fetchval(
+                "SELECT pg_advisory_unlock(hashtextextended($1, 0))", name, timeout=COMMAND_TIMEOUT
+            )
+        )
+    except (TimeoutError, *_DRIVER_ERRORS):
+        released = False
+    except asyncio.CancelledError:
+        await _discard(pool, conn)
+        raise
+    if not released:
+        await _discard(pool, conn)
+        return
+    with contextlib.suppress(Exception):
+        await pool.release(conn)
+
+
+async def _discard(pool: asyncpg.Pool, conn: asyncpg.Connection) -> None:
+    with contextlib.suppress(Exception):  # already gone with its server process
+        conn.terminate()
+    with contextlib.suppress(Exception):
+        await pool.release(conn)
+
+
+async def _no_session_state(conn: asyncpg.Connection) -> None:
+    """The pools' reset when a connection goes back: nothing to undo, so no round trip.
+
+    asyncpg's default reset sends `pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL` on every
+    release, one round trip per query on the paid path. Nothing here leaves session state on a pooled
+    connection: settings are fixed at connect, transactions are managed (asyncpg rolls back an open one
+    itself before calling this), LISTEN has its own connection, and `_held` releases its advisory lock
+    explicitly and terminates the connection whenever that release is not confirmed."""
 
 
 async def _fetch(conn: asyncpg.Connection, payment_id: int) -> PaymentRecord | None:
