@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from proxy.payments.wallet import Wallet
 from proxy.sessions.model import Session
 from proxy.sessions.scope import Scope, ScopeError, ScopeKind, normalize_url
 
@@ -136,12 +137,15 @@ def _b64url_decode(text: str) -> bytes:
         raise InvalidSessionToken("malformed", "claim is not base64url") from None
 
 
-def make_session_token(claim: SessionClaim, account: LocalAccount) -> str:
-    """Sign ``claim`` with the paying wallet. The claim's address must be the account's."""
+def make_session_token(claim: SessionClaim, account: LocalAccount | Wallet) -> str:
+    """Sign ``claim`` with the paying wallet (a `Wallet` signs it itself; an eth-account account, as
+    tests and benches hold one, through eth-account). The claim's address must be the account's."""
     if claim.address.lower() != str(account.address).lower():
         raise ValueError("claim address is not the signing account's address")
     _check_claim(claim)
     payload = claim.canonical_json()
+    if isinstance(account, Wallet):
+        return f"{_b64url_encode(payload)}.0x{account.sign_message(payload).hex()}"
     from eth_account.messages import encode_defunct
 
     signed = account.sign_message(encode_defunct(primitive=payload))

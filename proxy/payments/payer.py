@@ -55,7 +55,12 @@ from proxy.payments.policy import (
     normalize_host,
 )
 from proxy.payments.settlement import SettlementReceipt, read_evidence, read_settlement, rejection_reason
-from proxy.payments.signer import CLOCK_SKEW_ALLOWANCE, SigningError, offers_payment_identifier
+from proxy.payments.signer import (
+    CLOCK_SKEW_ALLOWANCE,
+    SigningError,
+    new_payment_id,
+    offers_payment_identifier,
+)
 from proxy.payments.wallet import Wallet
 from proxy.purchase.schemes import scheme_for
 from proxy.store.base import (
@@ -224,9 +229,7 @@ class Payer:
                     assert self.wallet is not None
                     scheme = scheme_for(decision)
                     window = scheme.window(decision, now)
-                    from x402.extensions.payment_identifier import generate_payment_id  # SDK: after start
-
-                    payment_id = generate_payment_id() if offers_payment_identifier(challenge) else None
+                    payment_id = new_payment_id() if offers_payment_identifier(challenge) else None
                     new = self._new_payment(
                         request,
                         challenge,

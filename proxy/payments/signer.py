@@ -1,8 +1,12 @@
-"""Build the payment header for a selection: sign with the x402 SDK's EVM primitives, wrap by hand.
+"""Build the payment header for a selection: EIP-3009 signed here (``evm_sign``), the rest by the SDK.
 
-What comes from the SDK: the EIP-3009 typed data (``build_typed_data_for_signing``), the signer
-(``EthAccountSigner``), nonces (``create_nonce``), the inner payload shapes, the Permit2 and upto
-payload builders, and the payment-identifier extension helper.
+EIP-3009 (x402 ``exact`` on a token that has it, the common case): the typed-data digest and the
+signature come from ``evm_sign`` (coincurve and keccak; pinned to eth-account's and the SDK's output by
+tests/test_evm_sign.py), the nonce from ``os.urandom`` as the SDK's ``create_nonce`` draws it, the
+payload in the SDK's ``ExactEIP3009Payload`` shape. Neither eth-account nor the SDK is imported on that
+path: together they weigh ~25 MiB and ~0.5 ms a signature. Permit2 and upto go through the SDK's
+payload builders and ``EthAccountSigner`` (imported at their first use), and so does the
+payment-identifier extension when a challenge offers it.
 
 What is hand-written, and why:
 - The EIP-3009 authorization window. The SDK's ``ExactEvmScheme`` reads ``time.time()`` itself and
@@ -23,12 +27,15 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
 # The x402 SDK's EVM package loads web3 (~0.7 s, tens of MiB): its names are imported where they are
-# used, so the proxy starts without it (a warm-up loads it once the listener is up: proxy/warmup.py).
+# used (Permit2, upto), so neither an idle proxy nor an EIP-3009 payment loads it.
 from proxy.payments.challenge import Challenge
+from proxy.payments.evm_sign import checksum_address, eip3009_digest, sign_digest
 from proxy.payments.headers import PAYMENT_SIGNATURE, X_PAYMENT
 from proxy.payments.policy import Selection, eip712_domain
 from proxy.payments.wallet import Wallet
@@ -63,15 +70,22 @@ def plan_authorization(selection: Selection, now: float) -> AuthorizationWindow:
     start = int(now)
     valid_before = start + selection.requirement.max_timeout_seconds + CLOCK_SKEW_ALLOWANCE
     if selection.transfer_method == "eip3009":
-        from x402.mechanisms.evm.utils import create_nonce
-
-        return AuthorizationWindow(create_nonce(), max(0, start - VALID_AFTER_BACKDATE), valid_before)
+        nonce = "0x" + os.urandom(32).hex()  # as the SDK's create_nonce
+        return AuthorizationWindow(nonce, max(0, start - VALID_AFTER_BACKDATE), valid_before)
     return AuthorizationWindow(None, 0, valid_before)
 
 
-def offers_payment_identifier(challenge: Challenge) -> bool:
-    from x402.extensions.payment_identifier import PAYMENT_IDENTIFIER
+# The x402 payment-identifier extension's key (the SDK's PAYMENT_IDENTIFIER; tests/test_evm_sign.py pins
+# it): its package loads the SDK's extensions and jsonschema, so only a challenge that offers it loads them.
+PAYMENT_IDENTIFIER = "payment-identifier"
 
+
+def new_payment_id() -> str:
+    """An idempotency id as the SDK's ``generate_payment_id`` draws it: ``pay_`` + a UUID4's 32 hex."""
+    return f"pay_{uuid.uuid4().hex}"
+
+
+def offers_payment_identifier(challenge: Challenge) -> bool:
     return challenge.version == 2 and isinstance(challenge.extensions.get(PAYMENT_IDENTIFIER), dict)
 
 
@@ -134,38 +148,39 @@ def _v2_envelope(
 
 
 def _sign_eip3009(selection: Selection, wallet: Wallet, window: AuthorizationWindow) -> dict[str, Any]:
-    from eth_utils.address import to_checksum_address
-    from x402.mechanisms.evm.eip712 import build_typed_data_for_signing
-    from x402.mechanisms.evm.signers import EthAccountSigner
-    from x402.mechanisms.evm.types import ExactEIP3009Authorization, ExactEIP3009Payload, TypedDataField
-
+    """The x402 ``exact`` EIP-3009 payload (the SDK's ``ExactEIP3009Payload.to_dict()`` shape), signed by
+    ``evm_sign`` (tests/test_evm_sign.py pins it to the SDK's and eth-account's output)."""
     if window.nonce is None:
         raise SigningError("EIP-3009 needs a nonce")
     domain_values = eip712_domain(selection.requirement, selection.asset)
     if domain_values is None:
         raise SigningError("no EIP-712 name/version for the asset")
     token_name, token_version = domain_values
-    authorization = ExactEIP3009Authorization(
-        from_address=wallet.address,
-        to=to_checksum_address(selection.requirement.pay_to),
-        value=str(selection.amount),
-        valid_after=str(window.valid_after),
-        valid_before=str(window.valid_before),
+    to = checksum_address(selection.requirement.pay_to)
+    digest = eip3009_digest(
+        token_name=token_name,
+        token_version=token_version,
+        chain_id=selection.network.chain_id,
+        token=selection.requirement.asset,
+        sender=wallet.address,
+        to=to,
+        value=selection.amount,
+        valid_after=window.valid_after,
+        valid_before=window.valid_before,
         nonce=window.nonce,
     )
-    domain, types, primary_type, message = build_typed_data_for_signing(
-        authorization,
-        selection.network.chain_id,
-        to_checksum_address(selection.requirement.asset),
-        token_name,
-        token_version,
-    )
-    fields = {
-        name: [TypedDataField(name=f["name"], type=f["type"]) for f in spec] for name, spec in types.items()
+    authorization = {
+        "from": wallet.address,
+        "to": to,
+        "value": str(selection.amount),
+        "validAfter": str(window.valid_after),
+        "validBefore": str(window.valid_before),
+        "nonce": window.nonce,
     }
-    signature = EthAccountSigner(wallet.account).sign_typed_data(domain, fields, primary_type, message)
-    payload = ExactEIP3009Payload(authorization=authorization, signature="0x" + signature.hex())
-    return payload.to_dict()
+    return {
+        "authorization": authorization,
+        "signature": "0x" + sign_digest(wallet.secret_bytes(), digest).hex(),
+    }
 
 
 def _sign_permit2(selection: Selection, wallet: Wallet) -> dict[str, Any]:

@@ -59,8 +59,9 @@ class Wallet:
     """An eth-account LocalAccount that keeps its key to itself.
 
     Built from a raw key (`Wallet.from_key`), it derives its address at once (coincurve and keccak, a few
-    ms) and its LocalAccount only when first asked (eth-account's import costs ~0.3 s: the warm-up thread
-    pays it after the listener is up, not the start).
+    ms) and signs EIP-3009 payments and EIP-191 text itself (proxy/payments/evm_sign.py); its eth-account
+    LocalAccount (~0.3 s and ~15 MiB to import) is built only when first asked, for Permit2, upto and
+    channels.
     """
 
     __slots__ = ("_account", "_address", "_key", "_lock")
@@ -94,13 +95,24 @@ class Wallet:
                     from eth_account import Account
 
                     self._account = Account.from_key(self._key)
-                    self._key = None
                 account = self._account
         assert account is not None
         return account
 
+    def sign_message(self, message: bytes) -> bytes:
+        """EIP-191 ``personal_sign`` of `message`: 65 bytes r || s || v (v = 27/28), as eth-account's
+        ``sign_message(encode_defunct(primitive=message))`` signs it."""
+        from proxy.payments.evm_sign import personal_digest, sign_digest
+
+        return sign_digest(self.secret_bytes(), personal_digest(message))
+
+    def sign_text(self, text: str) -> str:
+        """``personal_sign`` of UTF-8 `text`, 0x-hex: a SIWX signer (proxy/sessions/credentials.py)."""
+        return "0x" + self.sign_message(text.encode("utf-8")).hex()
+
     def secret_bytes(self) -> bytes:
-        """The private key, for deriving the sessions' at-rest key (proxy/store/session_crypto.py) only."""
+        """The private key: for signing (proxy/payments/evm_sign.py) and deriving the sessions' at-rest key
+        (proxy/store/session_crypto.py); never logged, returned or stored."""
         return self._key if self._key is not None else bytes(self.account.key)
 
     def __repr__(self) -> str:
@@ -184,13 +196,9 @@ def _key_from_hex(text: str, where: str) -> bytes:
 
 def checksum_address_of(key: bytes) -> str:
     """The EIP-55 address of a secp256k1 private key (what eth-account derives, without its import)."""
-    from coincurve import PrivateKey
-    from Crypto.Hash import keccak
+    from proxy.payments.evm_sign import address_of
 
-    public = PrivateKey(key).public_key.format(compressed=False)[1:]
-    plain = keccak.new(digest_bits=256, data=public).hexdigest()[-40:]
-    mask = keccak.new(digest_bits=256, data=plain.encode("ascii")).hexdigest()
-    return "0x" + "".join(c.upper() if int(m, 16) >= 8 else c for c, m in zip(plain, mask[:40], strict=True))
+    return address_of(key)
 
 
 def _account_from_keystore(path: Path, passphrase_env: str, env: Mapping[str, str]) -> LocalAccount:

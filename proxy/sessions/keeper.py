@@ -162,4 +162,4 @@ class SessionKeeper:
         if "session_token" not in self._kinds or self._wallet is None:
             return
         claim = SessionClaim.for_session(session, address=self._wallet.address, tx_hash=tx_hash)
-        session.credentials.session_token = make_session_token(claim, self._wallet.account)
+        session.credentials.session_token = make_session_token(claim, self._wallet)

@@ -209,7 +209,7 @@ class SessionStage:
             return request.with_encoded(static) if static is not None and static.items else request
         if creds.cookies or (creds.siwx and "siwx" in self._kinds):
             # Per-request parts (cookie matching, a fresh SIWX nonce): build everything each time.
-            signer = self._wallet.account if self._wallet is not None else None
+            signer = self._wallet.sign_text if self._wallet is not None else None
             headers = credential_headers(session, url, request.headers.items(), self._kinds, now, signer)
         else:
             cached = self._static.get(session.id)
@@ -244,7 +244,7 @@ class SessionStage:
             return None
         try:
             header = siwx_challenge_response(
-                extension, self._wallet.account, url, network=session.network, address=self._wallet.address
+                extension, self._wallet.sign_text, url, network=session.network, address=self._wallet.address
             )
         except ValueError as exc:
             log.info("cannot answer SIWX challenge from %s: %s", url.host, exc)
@@ -323,7 +323,7 @@ class SessionStage:
             return None
         try:
             header = siwx_challenge_response(
-                extension, self._wallet.account, url, network=record.network, address=self._wallet.address
+                extension, self._wallet.sign_text, url, network=record.network, address=self._wallet.address
             )
         except ValueError as exc:
             log.info("payment #%s is undelivered; cannot sign in to %s: %s", record.id, url.host, exc)
@@ -398,7 +398,7 @@ class SessionStage:
 
     def credentials_for(self, session: Session, url: str) -> dict[str, str]:
         """Credential headers for `url` (e.g. the upstream DELETE when a session ends)."""
-        signer = self._wallet.account if self._wallet is not None else None
+        signer = self._wallet.sign_text if self._wallet is not None else None
         return credential_headers(session, url, [], self._kinds, self._clock(), signer)
 
 
