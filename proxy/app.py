@@ -40,7 +40,7 @@ from proxy.store.base import AsyncLedgerStore
 from proxy.store.factory import Stores, open_stores
 from proxy.tls.ca import CertificateAuthority
 from proxy.tls.trust import upstream_client_context, write_combined_bundle
-from proxy.warmup import warm_up
+from proxy.warmup import BACKENDS, PAID_PATH, SDK_PATH, sdk_needed, warm_up
 
 if TYPE_CHECKING:
     from proxy.channels.holder import ChannelHolder
@@ -237,7 +237,12 @@ async def _start(
     except BaseException:
         await runtime.stop(drain_timeout=1.0)
         raise
-    background.append(asyncio.create_task(_after_warm_up(payer.wallet, reconciler)))
+    sdk = sdk_needed(
+        upto=config.policy.enable_upto,
+        channels=config.channels.enabled,
+        chain_reads=bool(reconciler.rpc_urls),
+    )
+    background.append(asyncio.create_task(_after_warm_up(payer.wallet, reconciler, sdk)))
     return runtime
 
 
@@ -259,11 +264,14 @@ def _channel_holder(
     return holder
 
 
-async def _after_warm_up(wallet: Wallet | None, reconciler: Reconciler) -> None:
-    """With a wallet, load the paid path and its signing account off the loop (proxy/warmup.py); then
-    reconcile from the chain (its web3 is loaded by then, in the warm-up's thread rather than on the loop)."""
-    if wallet is not None:
-        await warm_up(prepare=lambda: wallet.account)
+async def _after_warm_up(wallet: Wallet | None, reconciler: Reconciler, sdk: bool) -> None:
+    """With a wallet, load the paid path off the loop (proxy/warmup.py), and the SDK tier with the
+    wallet's eth-account signer when the configuration reaches it; then reconcile from the chain (its
+    web3 is loaded by then, in the warm-up's thread rather than on the loop)."""
+    if wallet is not None and sdk:
+        await warm_up((*PAID_PATH, *SDK_PATH), BACKENDS, prepare=lambda: wallet.account)
+    elif wallet is not None:
+        await warm_up(PAID_PATH)
     await reconciler.run_forever()
 
 

@@ -1,10 +1,19 @@
 """After the listener is up: load what the first paid request would otherwise import cold.
 
-The x402 SDK's EVM package brings web3 with it and takes ~0.7 s to import; the proxy starts without it
-(`payments/signer.py` imports it where it signs). With a wallet configured, `warm_up` imports it in a
-worker thread right after the proxy accepts, so the event loop keeps serving meanwhile and the first
-402 finds it loaded. `PAID_PATH` lists what the paid path imports lazily
-(`tests/test_startup.py` checks that a payment signed after the warm-up imports nothing new).
+Two tiers, so an idle proxy holds only what its configuration can reach:
+
+* `PAID_PATH`, always with a wallet: the default paid path. x402 `exact` on an EIP-3009 token is
+  signed by `payments/evm_sign.py` (coincurve and keccak), session tokens and SIWX texts too, so
+  this tier is a few MiB and a few tens of ms.
+* `SDK_PATH`, when the configuration reaches it: the x402 SDK's EVM package (web3 comes with it,
+  ~0.7 s and ~25 MiB with eth-account), for Permit2 and `upto` payments, batch-settlement channels
+  and the chain reconciler. Loaded when `[policy] enable_upto`, `[channels] enabled` or an `[rpc]`
+  URL is set (`sdk_needed`); otherwise the first Permit2 payment, SIWX sign-in or keystore signature
+  imports what it uses then (`docs/architecture.md`, "What loads when").
+
+The imports run in a worker thread right after the proxy accepts, so the event loop keeps serving
+meanwhile. `tests/test_startup.py` checks that a payment signed after each tier's warm-up imports
+nothing new.
 """
 
 from __future__ import annotations
@@ -19,6 +28,13 @@ from collections.abc import Callable, Iterable
 log = logging.getLogger("x402_proxy.warmup")
 
 PAID_PATH = (
+    "coincurve",
+    "Crypto.Hash.keccak",
+    "proxy.payments.evm_sign",
+    "proxy.purchase.schemes",
+    "proxy.payments.signer",
+)
+SDK_PATH = (
     "eth_account",
     "eth_account.messages",
     "eth_utils.address",
@@ -35,7 +51,12 @@ PAID_PATH = (
 )
 # Loaded by eth-keys and eth-hash at the first signature and the first hash: secp256k1 and keccak.
 # Optional: another installed backend is as good (a name that does not import is skipped).
-BACKENDS = ("coincurve", "eth_hash.backends.pycryptodome", "Crypto.Hash.keccak")
+BACKENDS = ("eth_hash.backends.pycryptodome",)
+
+
+def sdk_needed(*, upto: bool, channels: bool, chain_reads: bool) -> bool:
+    """Whether the configuration reaches the SDK tier (see the module docstring)."""
+    return upto or channels or chain_reads
 
 
 def _import_all(modules: Iterable[str], optional: Iterable[str]) -> None:
@@ -50,7 +71,7 @@ def _import_all(modules: Iterable[str], optional: Iterable[str]) -> None:
 
 async def warm_up(
     modules: Iterable[str] = PAID_PATH,
-    optional: Iterable[str] = BACKENDS,
+    optional: Iterable[str] = (),
     prepare: Callable[[], object] | None = None,
 ) -> float:
     """Import `modules` (and what of `optional` is installed) off the event loop, then run `prepare`
