@@ -83,6 +83,7 @@ bench: $(STAMP) npm apt-bench
 	$(BIN)/python bench/footprint.py
 	$(BIN)/python bench/mcp_calls.py
 	$(BIN)/python bench/fleet_store.py
+	$(BIN)/python bench/channel_requests.py
 
 # A newcomer's first sight: local chain, token, facilitator, a paid server; curl pays through the proxy.
 demo: $(STAMP) npm apt-test

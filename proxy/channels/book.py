@@ -15,6 +15,13 @@ voucher *signed* (persisted before that voucher is sent), the cumulative amount 
 `BookStorage(book)` is the SDK's `ClientChannelStorage` over the same table (the SDK's own context
 kept as JSON in the row), so the SDK's view and ours live in one place and survive a restart.
 
+Durability: every write is committed with synchronous=FULL (on disk when the call returns) but the
+SDK's context and the `charged` column after an answer, which are committed with synchronous=NORMAL
+(WAL: they survive the process being killed; a power loss may roll back the last few, which the
+corrective 402 resyncs from the seller within what `signed` says, as after a crash between a voucher
+and its answer). `signed`, the deposit and every state change are FULL. The contexts are also kept in
+memory (this process is the table's only writer), so a voucher reads no row.
+
 PostgreSQL (a fleet's shared store) is not implemented: `[channels]` refuses to start with a
 `[store] url` (a channel must be held by one process: its vouchers are serialized by a local lock).
 """
@@ -139,6 +146,12 @@ class ChannelBook:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        # The after-answer writes (see the module docstring): same file, no fsync per commit.
+        self._soft = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._soft.execute("PRAGMA synchronous=NORMAL")
+        self._contexts: dict[str, BatchSettlementClientContext | None] = {}  # lower-case id -> context
+        self._cache_lock = threading.Lock()  # never held across I/O: a read waits for no fsync
+        self._known: set[str] = set()  # channel ids with a row
         try:
             path.chmod(0o600)
         except OSError:
@@ -146,6 +159,7 @@ class ChannelBook:
 
     def close(self) -> None:
         with self._lock:
+            self._soft.close()
             self._db.close()
 
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
@@ -190,6 +204,16 @@ class ChannelBook:
         assert found is not None
         return found
 
+    def has(self, channel_id: str) -> bool:
+        """Whether the table has a row for this channel (remembered once seen)."""
+        key = channel_id.lower()
+        if key in self._known:
+            return True
+        if self._exec("SELECT 1 FROM channels WHERE channel_id = ?", (key,)):
+            self._known.add(key)
+            return True
+        return False
+
     def get(self, channel_id: str) -> Channel | None:
         rows = self._exec(f"SELECT {_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id.lower(),))
         return _row(rows[0]) if rows else None
@@ -228,19 +252,38 @@ class ChannelBook:
     # -- the SDK's context (ClientChannelStorage) ---------------------------------------------------
 
     def context(self, channel_id: str) -> BatchSettlementClientContext | None:
-        rows = self._exec("SELECT context FROM channels WHERE channel_id = ?", (channel_id.lower(),))
-        if not rows or not rows[0]["context"]:
-            return None
-        return BatchSettlementClientContext.from_dict(json.loads(rows[0]["context"]))
+        """The SDK's context for a channel of ours (a copy: the caller may change it), from memory once
+        read."""
+        key = channel_id.lower()
+        with self._cache_lock:
+            if key in self._contexts:
+                cached = self._contexts[key]
+                return None if cached is None else cached.copy()
+        rows = self._exec("SELECT context FROM channels WHERE channel_id = ?", (key,))
+        if not rows:
+            return None  # not ours (nothing remembered: a row may be inserted later)
+        text = rows[0]["context"]
+        found = BatchSettlementClientContext.from_dict(json.loads(text)) if text else None
+        with self._cache_lock:
+            self._contexts.setdefault(key, found)
+            cached = self._contexts[key]
+        return None if cached is None else cached.copy()
 
     def set_context(self, channel_id: str, context: BatchSettlementClientContext | None) -> None:
+        """The SDK's context after an answer, and `charged` with it: one NORMAL commit."""
+        key = channel_id.lower()
         text = None if context is None else json.dumps(context.to_dict())
-        self._exec("UPDATE channels SET context = ? WHERE channel_id = ?", (text, channel_id.lower()))
-        if context is not None and context.charged_cumulative_amount is not None:
-            self._exec(
-                "UPDATE channels SET charged = ? WHERE channel_id = ?",
-                (int(context.charged_cumulative_amount), channel_id.lower()),
-            )
+        charged = None if context is None else context.charged_cumulative_amount
+        with self._cache_lock:
+            self._contexts[key] = None if context is None else context.copy()
+        with self._lock:
+            if charged is not None:
+                self._soft.execute(
+                    "UPDATE channels SET context = ?, charged = ? WHERE channel_id = ?",
+                    (text, int(charged), key),
+                )
+            else:
+                self._soft.execute("UPDATE channels SET context = ? WHERE channel_id = ?", (text, key))
 
 
 class BookStorage:
@@ -256,12 +299,12 @@ class BookStorage:
         return found if found is not None else self._loose.get(key.lower())
 
     def set(self, key: str, context: BatchSettlementClientContext) -> None:
-        if self._book.get(key) is None:
+        if not self._book.has(key):
             self._loose[key.lower()] = context.copy()
             return
         self._book.set_context(key, context)
 
     def delete(self, key: str) -> None:
         self._loose.pop(key.lower(), None)
-        if self._book.get(key) is not None:
+        if self._book.has(key):
             self._book.set_context(key, None)

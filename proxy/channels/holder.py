@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.channels.book import BookStorage, Channel, ChannelBook
 from proxy.channels.settings import ChannelSettings
+from proxy.channels.vouchers import VoucherSigner, voucher_payload
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.payments.amounts import parse_decimal, to_budget_units
 from proxy.payments.challenge import Challenge, MalformedChallenge, Requirement, challenge_from_document
@@ -70,6 +71,10 @@ class _Live:
     scheme: Any
     requirements: Any
     lock: asyncio.Lock
+    # Built on its first voucher (proxy/channels/vouchers.py): the payload's channelConfig dict and the
+    # channel id as the SDK spells it.
+    config: dict[str, Any] | None = None
+    sdk_channel_id: str | None = None
 
 
 class ChannelHolder:
@@ -99,6 +104,7 @@ class ChannelHolder:
         # a reload swaps payer.policy, and the next sweep ends the channels whose deposit no longer fits.
         self._policy_checked: Policy | None = None
         self._signer: Any = None
+        self._vouchers: dict[str, VoucherSigner] = {}  # network -> its voucher signer
 
     # -- construction -------------------------------------------------------------------------------
 
@@ -376,12 +382,10 @@ class ChannelHolder:
             if row.charged + row.price > row.deposit:
                 self._retire(row.channel_id, "deposit used up")
                 return None
-            inner_payload = await asyncio.to_thread(live.scheme.create_payment_payload, live.requirements)
-            cumulative = int(inner_payload["voucher"]["maxClaimableAmount"])
-            if inner_payload.get("type") != "voucher" or cumulative > row.deposit:
+            inner_payload, cumulative, sendable = await asyncio.to_thread(self._sign, live)
+            if not sendable:
                 self._retire(row.channel_id, f"the next voucher ({cumulative}) would exceed the deposit")
                 return None
-            await asyncio.to_thread(self.book.signing, row.channel_id, cumulative)  # before it leaves
             row.signed = max(row.signed, cumulative)
             payload = PaymentPayload(
                 x402_version=2, payload=inner_payload, accepted=live.requirements, resource=row.resource
@@ -419,6 +423,43 @@ class ChannelHolder:
             outcome.refuse("channel_busy" if error == _BUSY else "channel_rejected")
             outcome.session_id = session.id
             return outcome
+
+    def _sign(self, live: _Live) -> tuple[dict[str, Any], int, bool]:
+        """On a thread: the next voucher and whether it may be sent (a voucher, within the balance and
+        the deposit); if so its cumulative amount is persisted (FULL) before this returns, so before it
+        leaves. From the SDK's context in our table (proxy/channels/vouchers.py); without one, the SDK
+        builds it (it recovers the channel from the chain)."""
+        row = live.row
+        context = self.storage.get(row.channel_id)
+        if context is None:
+            inner: dict[str, Any] = live.scheme.create_payment_payload(live.requirements)
+            cumulative = int(inner["voucher"]["maxClaimableAmount"])
+            sendable = inner.get("type") == "voucher" and cumulative <= row.deposit
+        else:
+            balance = int(context.balance or "0")
+            cumulative = int(context.charged_cumulative_amount or "0") + int(live.requirements.amount)
+            sendable = 0 < cumulative <= min(balance, row.deposit)
+            inner = {}
+            if sendable:
+                if live.config is None or live.sdk_channel_id is None:
+                    from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
+
+                    config = live.scheme.build_channel_config(live.requirements)
+                    live.sdk_channel_id = str(compute_channel_id(config, row.network))
+                    live.config = config.to_dict()
+                voucher = self._voucher_signer(row.network).sign(live.sdk_channel_id, cumulative)
+                inner = voucher_payload(live.config, voucher)
+        if sendable:
+            self.book.signing(row.channel_id, cumulative)
+        return inner, cumulative, sendable
+
+    def _voucher_signer(self, network: str) -> VoucherSigner:
+        signer = self._vouchers.get(network)
+        if signer is None:
+            assert self.payer.wallet is not None
+            signer = VoucherSigner(self.payer.wallet.account, self._sdk_signer(), network)
+            self._vouchers[network] = signer
+        return signer
 
     def _corrective_problem(self, row: Channel, required: Any) -> str | None:
         """The server's view is accepted only within what our own records say we signed."""

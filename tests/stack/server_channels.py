@@ -14,6 +14,8 @@ Two subcommands, each one process (started by `tests/stack/channels.py`):
         GET  /paid/ch              paid: batch-settlement first, exact second (--price)
         GET  /paid/ch-only         paid: batch-settlement only (the client's refund probe target)
         GET  /paid/slow?delay=S    batch-settlement; the handler sleeps S seconds (channel busy)
+        GET  /paid/many/{n}        batch-settlement only, a scope (so a channel) per n (bench/channel_requests.py)
+        GET  /s/{tail}             no payment (a session hit's target in bench/channel_requests.py)
       Seller controls (the seller's side of a channel, driven by tests):
         GET  /__channels           the server's channel records (SDK `Channel.to_dict()`)
         POST /__claim_settle       channel manager: claim every unclaimed voucher, then settle
@@ -248,6 +250,9 @@ def create_server_app(cfg: ServerConfig) -> FastAPI:
         "GET /paid/slow": RouteConfig(
             accepts=only, description="slow, channel only", mime_type="application/json"
         ),
+        "GET /paid/many/*": RouteConfig(
+            accepts=only, description="one of many channel scopes", mime_type="application/json"
+        ),
     }
 
     app = FastAPI(title="x402 batch-settlement reference server")
@@ -273,6 +278,14 @@ def create_server_app(cfg: ServerConfig) -> FastAPI:
     async def paid_slow(request: Request, delay: float = 1.0) -> dict[str, Any]:
         await asyncio.sleep(delay)
         return report(request, delay=delay)
+
+    @app.get("/paid/many/{n}")
+    async def paid_many(request: Request, n: str) -> dict[str, Any]:
+        return report(request)
+
+    @app.get("/s/{tail}")
+    async def session_target(request: Request, tail: str) -> dict[str, Any]:
+        return report(request)
 
     @app.get("/__channels")
     def list_channels() -> list[dict[str, Any]]:

@@ -18,7 +18,15 @@ PAYMENT = "X-402-Proxy-Payment"
 FINAL_STATES = ("refunded", "void")
 
 
-def channel_config(stack: ChannelStack, extra: str = "", *, daily_budget: str = "5") -> str:
+def channel_config(
+    stack: ChannelStack,
+    extra: str = "",
+    *,
+    daily_budget: str = "5",
+    deposit_amount: str = "",
+    max_deposit: str = "0.05",
+) -> str:
+    """`[channels] enabled`, a deposit of 10 prices (or `deposit_amount`), refunds swept every 0.2 s."""
     return (
         '[proxy]\nconnect_ports = ["*"]\n'
         f'[policy]\nmax_per_payment = "0.01"\ndaily_budget = "{daily_budget}"\n'
@@ -26,7 +34,8 @@ def channel_config(stack: ChannelStack, extra: str = "", *, daily_budget: str = 
         f'[rpc]\n"{stack.network}" = "{stack.rpc_url}"\n'
         f'[[assets]]\nnetwork = "{stack.network}"\naddress = "{stack.token}"\ndecimals = 6\n'
         'symbol = "TUSDC"\neip712_name = "USDC"\neip712_version = "2"\n'
-        '[channels]\nenabled = true\ndeposit_prices = 10\nmax_deposit = "0.05"\nrefund_interval = 0.2\n'
+        f'[channels]\nenabled = true\ndeposit_prices = 10\ndeposit_amount = "{deposit_amount}"\n'
+        f'max_deposit = "{max_deposit}"\nrefund_interval = 0.2\n'
         f"{extra}"
     )
 
@@ -67,7 +76,7 @@ def open_channel_session(proxy: AdminProxy, stack: ChannelStack, n: int, path: s
     """n paid requests on one channel (a deposit, then n - 1 vouchers); the session's id."""
     responses = [get(proxy, f"{stack.server}{path}") for _ in range(n)]
     assert [r.status_code for r in responses] == [200] * n, [r.text for r in responses]
-    sessions = {r.headers.get(SESSION) for r in responses}
+    sessions: set[str | None] = {r.headers.get(SESSION) for r in responses}
     assert len(sessions) == 1 and None not in sessions, sessions
     session_id = sessions.pop()
     assert session_id is not None

@@ -1,0 +1,306 @@
+"""Payment channels (issue 18): the proxy-side cost of a request on an open batch-settlement channel, and
+the throughput of such requests against session hits through the same proxy, in one run.
+
+The channel stack of the tests (tests/stack/channels.py: anvil with our channel contracts, the SDK's
+batch-settlement facilitator and resource server, uvicorn) and one proxy paying from the stack's payer
+with `[channels] enabled` and a deposit large enough never to run out during the run. The proxy's home
+is seeded (as bench/session_hits.py does) with a session scoped to the server's free `/s/` path (lease
+header + signed session token): a session hit. Stack, load generator and this script on CPU 0, the
+proxy alone on CPU 1 (bench/harness.py).
+
+Overhead. N sequential requests on one open channel (`/paid/ch`: under the channel's lock the next
+voucher is signed, persisted, sent; the answer's PAYMENT-RESPONSE read back), and N session hits
+(`/s/x`), over one keep-alive connection from a raw-socket client, through a timing relay in front of
+the server (bench/harness.py TimingRelay). Per request: the time the client waited minus the time the
+relay saw the server take (the proxy's request in -> the server's answer out): the proxy's own time
+plus two loopback hops. The figure for the channel is its median; the session hit's is shown next to it
+(what any proxied request costs on this path) and the difference (what the channel adds).
+
+Throughput. wrk (`-t1 -cC`, CPU 0) straight to the server through the proxy: channel requests spread at
+random over K open channels (`/paid/many/1..K`, a scope and so a channel each; one channel carries
+one request at a time, as the seller requires) against session hits on `/s/x`, interleaved rounds.
+Also the proxy's CPU per request (utime+stime over wrk's count) and the ratio of those: the rate the
+proxy could carry on its own CPU, whoever the bottleneck is on this machine.
+
+    .venv/bin/python bench/channel_requests.py [--rounds 5 --duration 4 --connections 16 --channels 16
+                                                --requests 200 --nice -15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import harness  # noqa: E402
+from proxy.sessions.model import Session, SessionCredentials  # noqa: E402
+from proxy.sessions.scope import Scope  # noqa: E402
+from proxy.store.session_store import SqliteSessionStore  # noqa: E402
+from proxy.tokens import SessionClaim, make_session_token  # noqa: E402
+from tests.stack.channels import ChannelStack, start_channel_stack  # noqa: E402
+from tests.support.admin import AdminProxy  # noqa: E402
+from tests.support.channels import channel_config, channels  # noqa: E402
+
+OVERHEAD_TARGET_MS = 2.0
+THROUGHPUT_TARGET = 0.5
+SESSION = b"x-402-proxy-session"
+
+
+def seed_session(home: Path, origin: str, stack: ChannelStack) -> str:
+    """A session on `origin/s/` in the proxy's store before it starts (as bench/session_hits.py)."""
+    payer = stack.payer
+    session = Session.create(
+        Scope.from_url(f"{origin}/s/", "prefix"),
+        now=time.time(),
+        ttl_seconds=86400,
+        payer=payer.address,
+        amount_paid=stack.price,
+        asset=stack.token,
+        network=stack.network,
+        decimals=6,
+        pay_to=stack.pay_to,
+    )
+    session.credentials = SessionCredentials(token_headers={"x-x402-lease": "bench-lease"})
+    claim = SessionClaim.for_session(session, address=payer.address, tx_hash="0x" + "33" * 32)
+    session.credentials.session_token = make_session_token(claim, payer)
+    store = SqliteSessionStore(home / "state.db")
+    store.save([session])
+    store.close()
+    return session.id
+
+
+class RawClient:
+    """One keep-alive connection to the proxy; absolute-form GETs; the answer read whole (no client
+    library between the clock and the socket)."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def get(self, url: str) -> tuple[float, int, bytes]:
+        """(seconds from the request's first byte out to the answer's last byte in, status, head)."""
+        host = url.split("/")[2]
+        request = f"GET {url} HTTP/1.1\r\nHost: {host}\r\nAccept: */*\r\n\r\n".encode()
+        start = time.perf_counter()
+        self.sock.sendall(request)
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, _, rest = self.buffer.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+        while len(rest) < length:
+            rest += self._recv()
+        took = time.perf_counter() - start
+        self.buffer = rest[length:]
+        return took, int(head.split(b" ", 2)[1]), head
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the proxy closed the connection")
+        return data
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def server_times(seen: list[harness.Seen]) -> list[float]:
+    """Per exchange on the relay: the proxy's request in (its first chunk) -> the answer out (its last
+    chunk before the next request); sequential exchanges, so they alternate."""
+    out: list[float] = []
+    started: float | None = None
+    answered: float | None = None
+    for item in seen:
+        if item.upstream_bound:
+            if started is not None and answered is not None:
+                out.append(answered - started)
+                started, answered = None, None
+            if started is None:
+                started = item.when
+        elif started is not None:
+            answered = item.when
+    if started is not None and answered is not None:
+        out.append(answered - started)
+    return out
+
+
+def overhead(client: RawClient, relay: harness.TimingRelay, url: str, n: int) -> dict[str, Any]:
+    """n sequential requests of `url`: client time minus the server's time seen on the relay (ms)."""
+    time.sleep(0.3)  # the relay's last chunks from the warm-up are in
+    relay.clear()
+    totals = []
+    for _ in range(n):
+        took, status, head = client.get(url)
+        if status != 200 or SESSION not in head.lower():
+            raise RuntimeError(f"{url}: {status} {head[:300]!r}")
+        totals.append(took)
+    time.sleep(0.3)
+    served = server_times(list(relay.seen))
+    if len(served) != n:
+        raise RuntimeError(f"the relay saw {len(served)} exchanges for {n} requests")
+    own = [(t - s) * 1000 for t, s in zip(totals, served, strict=True)]
+    return {
+        "median_ms": round(statistics.median(own), 3),
+        "p90_ms": round(statistics.quantiles(own, n=10)[-1], 3),
+        "request_ms_median": round(statistics.median(totals) * 1000, 3),
+        "server_ms_median": round(statistics.median(served) * 1000, 3),
+    }
+
+
+def many_script(base: str, k: int) -> str:
+    """A wrk script: each request for one of `base`1..k at random (a channel each)."""
+    return (
+        f"local base = {harness.lua_string(base)}\n"
+        f"math.randomseed({os.getpid()})\n"
+        f'request = function() return wrk.format("GET", base .. math.random(1, {k})) end\n'
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--channels", type=int, default=16, help="open channels the wrk load spreads over")
+    parser.add_argument("--requests", type=int, default=200, help="sequential requests per overhead run")
+    parser.add_argument("--overhead-runs", type=int, default=3, help="overhead runs, interleaved")
+    parser.add_argument("--nice", type=int, default=None, help="priority mode (root), as bench/run.py")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the proxy in a channel round")
+    args = parser.parse_args()
+    missing = harness.require("wrk", "taskset")
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    harness.setup_cpus(args.nice)
+    work = Path(tempfile.mkdtemp(prefix="x402-channel-bench-"))
+    # Funds for every deposit of the run (K + 1 channels of 100 TUSDC each, never used up).
+    stack = start_channel_stack(work / "stack", payer_funds=10**6 * 10**6)
+    proxy: AdminProxy | None = None
+    relay: harness.TimingRelay | None = None
+    result: dict[str, Any] = {}
+    try:
+        server_port = int(stack.server.rsplit(":", 1)[1])
+        relay = harness.TimingRelay(("127.0.0.1", server_port)).start()
+        via_relay = f"http://127.0.0.1:{relay.port}"
+        home = work / "home"
+        home.mkdir(mode=0o700)
+        seed_session(home, via_relay, stack)
+        seed_session(home, stack.server, stack)
+        config = channel_config(
+            stack,
+            '[log]\nlevel = "warning"\naccess_log = false\n'
+            '[sessions]\ncredential_kinds = ["cookies", "session_token", "token_headers"]\n',
+            daily_budget="100000",
+            deposit_amount="100",
+            max_deposit="100",
+        )
+        proxy = AdminProxy(home, config, {"X402_PROXY_PRIVATE_KEY": stack.payer_key}).start()
+        harness.pin_proxy(proxy.pid(), args.nice)
+
+        # -- overhead: one channel and the session hit, through the relay ------------------------
+        client = RawClient(proxy.port)
+        channel_url, hit_url = f"{via_relay}/paid/ch", f"{via_relay}/s/x"
+        for _ in range(20):  # the deposit, then warm vouchers and hits
+            client.get(channel_url)
+            client.get(hit_url)
+        runs: dict[str, list[dict[str, Any]]] = {"channel": [], "session_hit": []}
+        for _ in range(args.overhead_runs):
+            runs["channel"].append(overhead(client, relay, channel_url, args.requests))
+            runs["session_hit"].append(overhead(client, relay, hit_url, args.requests))
+        client.close()
+        med = {name: harness.median([r["median_ms"] for r in rs]) for name, rs in runs.items()}
+        result["overhead"] = {
+            "channel_ms_median": round(med["channel"], 3),
+            "session_hit_ms_median": round(med["session_hit"], 3),
+            "channel_minus_hit_ms": round(med["channel"] - med["session_hit"], 3),
+            "target_ms": OVERHEAD_TARGET_MS,
+            "status": harness.verdict(med["channel"] <= OVERHEAD_TARGET_MS),
+            "runs": runs,
+        }
+
+        # -- throughput: K channels vs the session hit, straight to the server --------------------
+        base = f"{stack.server}/paid/many/"
+        opener = RawClient(proxy.port)
+        for i in range(1, args.channels + 1):  # a deposit each, before any load
+            _, status, head = opener.get(f"{base}{i}")
+            if status != 200:
+                raise RuntimeError(f"opening channel {i}: {status} {head[:300]!r}")
+        opener.close()
+        opened = [c for c in channels(proxy) if c["state"] == "open"]
+        if len(opened) != args.channels + 1:
+            raise RuntimeError(f"{len(opened)} open channels, expected {args.channels + 1}")
+        scripts = {
+            "channel": many_script(base, args.channels),
+            "session_hit": harness.wrk_script(f"{stack.server}/s/x"),
+        }
+        for script in scripts.values():
+            harness.wrk(proxy.port, script, args.warmup, args.connections, work, proxy.pid())
+        if args.profile is not None:  # py-spy (pip install py-spy) on the proxy during one channel round
+            spy_argv = ["py-spy", "record", "-r", "500", "-d", str(args.duration), "-f", "raw", "-t"]
+            spy = subprocess.Popen([*spy_argv, "-o", str(args.profile), "-p", str(proxy.pid())])
+            harness.wrk(proxy.port, scripts["channel"], args.duration, args.connections, work, proxy.pid())
+            spy.wait(60)
+        rounds: dict[str, list[harness.WrkRound]] = {name: [] for name in scripts}
+        for _ in range(args.rounds):
+            for name, script in scripts.items():
+                rounds[name].append(
+                    harness.wrk(proxy.port, script, args.duration, args.connections, work, proxy.pid())
+                )
+        rps = {name: [r.rps for r in rs] for name, rs in rounds.items()}
+        cpu = {name: harness.median([r.proxy_us_per_request for r in rs]) for name, rs in rounds.items()}
+        ratio = harness.median(rps["channel"]) / harness.median(rps["session_hit"])
+        result["throughput"] = {
+            "channel_rps_median": round(harness.median(rps["channel"])),
+            "session_hit_rps_median": round(harness.median(rps["session_hit"])),
+            "ratio": round(ratio, 3),
+            "spread_channel": harness.spread(rps["channel"]),
+            "spread_session_hit": harness.spread(rps["session_hit"]),
+            "proxy_us_per_channel_request": round(cpu["channel"], 1),
+            "proxy_us_per_session_hit": round(cpu["session_hit"], 1),
+            "proxy_cpu_capacity_ratio": round(cpu["session_hit"] / cpu["channel"], 3),
+            "target": THROUGHPUT_TARGET,
+            "status": harness.verdict(ratio >= THROUGHPUT_TARGET),
+            "rounds": rps,
+        }
+        # Every request on a channel was charged by the seller: our table agrees with the count.
+        charged = sum(c["charged"] for c in channels(proxy)) // stack.price
+        result["channel_requests_charged"] = charged
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if relay is not None:
+            relay.stop()
+        stack.stop()
+    over, thr = result["overhead"], result["throughput"]
+    lines = [
+        f"request on an open channel: proxy-side {over['channel_ms_median']} ms median "
+        f"(session hit {over['session_hit_ms_median']} ms, +{over['channel_minus_hit_ms']} ms) "
+        f"(<= {OVERHEAD_TARGET_MS} ms) {over['status']}",
+        f"channel requests {thr['channel_rps_median']} req/s vs session hits {thr['session_hit_rps_median']} "
+        f"req/s, ratio {thr['ratio']} (>= {THROUGHPUT_TARGET}) {thr['status']}; proxy CPU per request "
+        f"{thr['proxy_us_per_channel_request']} us vs {thr['proxy_us_per_session_hit']} us "
+        f"(capacity ratio {thr['proxy_cpu_capacity_ratio']})",
+    ]
+    result["verdicts"] = lines
+    harness.write_results("channel_requests", result)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,99 @@
+"""The next cumulative voucher of an open channel, built from what the holder already knows.
+
+The SDK's `create_payment_payload` rebuilds the channel's config and recomputes its id (an EIP-712 hash
+with checksummed addresses) and the EIP-712 domain on every voucher: ~0.8 ms of CPU per request here,
+most of a channel request's cost in the proxy (bench/channel_requests.py). For a channel that is open
+(a row of ours, a deposit on chain, the SDK's context in our table) none of that changes, so:
+
+- the payload's `channelConfig` is built once per channel (the SDK's `build_channel_config`), and its
+  dict kept;
+- the voucher's EIP-712 digest is `keccak(0x1901 || domainSeparator || keccak(typeHash || channelId ||
+  maxClaimableAmount))` with the domain separator and type hash computed once per wallet and network
+  from the SDK's own `VOUCHER_TYPES` and domain, signed with the wallet's key by libsecp256k1
+  (coincurve, as the wallet's address is derived; the SDK goes through eth-account's typed-data
+  encoder and its SignedMessage, ~0.3 ms);
+- `VoucherSigner` checks itself when built: its signature of a sample voucher must equal the SDK's
+  `sign_voucher` of the same voucher (deterministic signatures, RFC 6979); if it does not (an SDK that
+  changed its typed data), every voucher is signed by the SDK's `sign_voucher` instead.
+
+The amount rules are the SDK's: the base is the context's `chargedCumulativeAmount`, the voucher is base
++ price; no balance (a deposit would be needed) or base + price above the balance (a top-up) means no
+voucher: the holder retires the channel, as it did when the SDK built a deposit payload.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+log = logging.getLogger("x402_proxy.channels")
+
+
+def _encode_type(types: dict[str, list[dict[str, str]]], primary: str) -> bytes:
+    fields = ",".join(f"{f['type']} {f['name']}" for f in types[primary])
+    return f"{primary}({fields})".encode()
+
+
+class VoucherSigner:
+    """Vouchers for one wallet on one network (see the module docstring)."""
+
+    def __init__(self, account: Any, sdk_signer: Any, network: str) -> None:
+        import coincurve
+        from eth_account.messages import encode_typed_data
+        from eth_utils.crypto import keccak
+        from x402.mechanisms.evm.batch_settlement.constants import VOUCHER_TYPES
+        from x402.mechanisms.evm.batch_settlement.utils import get_batch_settlement_eip712_domain
+        from x402.mechanisms.evm.utils import get_evm_chain_id
+
+        self._key = coincurve.PrivateKey(bytes(account.key))
+        self._sdk_signer = sdk_signer
+        self._network = network
+        self._keccak = keccak
+        fields = VOUCHER_TYPES["Voucher"]
+        self._fast = [f["name"] for f in fields] == ["channelId", "maxClaimableAmount"] and all(
+            f["type"] in ("bytes32", "uint128", "uint256") for f in fields
+        )
+        domain = get_batch_settlement_eip712_domain(get_evm_chain_id(network))
+        sample = {"channelId": b"\x11" * 32, "maxClaimableAmount": 1}
+        signable = encode_typed_data(domain_data=domain, message_types=VOUCHER_TYPES, message_data=sample)
+        self._domain_separator = bytes(signable.header)
+        self._type_hash = keccak(_encode_type(VOUCHER_TYPES, "Voucher"))
+        if self._fast:
+            self._fast = self._digest(b"\x11" * 32, 1) == keccak(
+                b"\x19" + signable.version + signable.header + signable.body
+            )
+        if self._fast:
+            channel = "0x" + "22" * 32
+            self._fast = self.sign(channel, 12345).to_dict() == self._sdk_sign(channel, 12345).to_dict()
+        if not self._fast:
+            log.warning("vouchers: the SDK's typed data changed; each voucher is signed by its sign_voucher")
+
+    def _digest(self, channel_id: bytes, amount: int) -> bytes:
+        body = self._keccak(self._type_hash + channel_id + amount.to_bytes(32, "big"))
+        digest: bytes = self._keccak(b"\x19\x01" + self._domain_separator + body)
+        return digest
+
+    def _sdk_sign(self, channel_id: str, amount: int) -> Any:
+        from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher
+
+        return sign_voucher(self._sdk_signer, channel_id, amount, self._network)
+
+    def sign(self, channel_id: str, amount: int) -> Any:
+        """The SDK's `VoucherFields` for (channel_id, maxClaimableAmount = amount)."""
+        if not self._fast:
+            return self._sdk_sign(channel_id, amount)
+        from x402.mechanisms.evm.batch_settlement.types import VoucherFields
+
+        raw = bytes.fromhex(channel_id.removeprefix("0x"))
+        if len(raw) != 32 or not 0 <= amount < 1 << 128:
+            raise ValueError(f"not a voucher: channel {channel_id!r}, amount {amount}")
+        rsv = self._key.sign_recoverable(self._digest(raw, amount), hasher=None)  # r || s || recovery id
+        signature = rsv[:64] + bytes([rsv[64] + 27])
+        return VoucherFields(
+            channel_id=channel_id, max_claimable_amount=str(amount), signature="0x" + signature.hex()
+        )
+
+
+def voucher_payload(config_dict: dict[str, Any], voucher: Any) -> dict[str, Any]:
+    """The SDK's `VoucherPayload(...).to_dict()` with the channel's config dict built once."""
+    return {"type": "voucher", "channelConfig": config_dict, "voucher": voucher.to_dict()}
