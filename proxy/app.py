@@ -40,7 +40,7 @@ from proxy.store.base import AsyncLedgerStore
 from proxy.store.factory import Stores, open_stores
 from proxy.tls.ca import CertificateAuthority
 from proxy.tls.trust import upstream_client_context, write_combined_bundle
-from proxy.warmup import BACKENDS, PAID_PATH, SDK_PATH, sdk_needed, warm_up
+from proxy.warmup import BACKENDS, PAID_PATH, SDK_PATH, SIWX_PATH, sdk_needed, warm_up
 
 if TYPE_CHECKING:
     from proxy.channels.holder import ChannelHolder
@@ -242,7 +242,10 @@ async def _start(
         channels=config.channels.enabled,
         chain_reads=bool(reconciler.rpc_urls),
     )
-    background.append(asyncio.create_task(_after_warm_up(payer.wallet, reconciler, sdk)))
+    # Restored sessions that sign in with SIWX sign per request: their SDK module is warmed too.
+    siwx = any(s.credentials.siwx is not None for s in sessions.active()) if sessions is not None else False
+    extra = SIWX_PATH if siwx else ()
+    background.append(asyncio.create_task(_after_warm_up(payer.wallet, reconciler, sdk, extra)))
     return runtime
 
 
@@ -264,14 +267,16 @@ def _channel_holder(
     return holder
 
 
-async def _after_warm_up(wallet: Wallet | None, reconciler: Reconciler, sdk: bool) -> None:
+async def _after_warm_up(
+    wallet: Wallet | None, reconciler: Reconciler, sdk: bool, extra: tuple[str, ...] = ()
+) -> None:
     """With a wallet, load the paid path off the loop (proxy/warmup.py), and the SDK tier with the
     wallet's eth-account signer when the configuration reaches it; then reconcile from the chain (its
     web3 is loaded by then, in the warm-up's thread rather than on the loop)."""
     if wallet is not None and sdk:
-        await warm_up((*PAID_PATH, *SDK_PATH), BACKENDS, prepare=lambda: wallet.account)
+        await warm_up((*PAID_PATH, *extra, *SDK_PATH), BACKENDS, prepare=lambda: wallet.account)
     elif wallet is not None:
-        await warm_up(PAID_PATH)
+        await warm_up((*PAID_PATH, *extra))
     await reconciler.run_forever()
 
 

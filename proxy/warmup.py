@@ -5,6 +5,7 @@ Two tiers, so an idle proxy holds only what its configuration can reach:
 * `PAID_PATH`, always with a wallet: the default paid path. x402 `exact` on an EIP-3009 token is
   signed by `payments/evm_sign.py` (coincurve and keccak), session tokens and SIWX texts too, so
   this tier is a few MiB and a few tens of ms.
+* `SIWX_PATH`, when a restored session signs in with SIWX; otherwise at the first offer, off the loop.
 * `SDK_PATH`, when the configuration reaches it: the x402 SDK's EVM package (web3 comes with it,
   ~0.7 s and ~25 MiB with eth-account), for Permit2 and `upto` payments, batch-settlement channels
   and the chain reconciler. Loaded when `[policy] enable_upto`, `[channels] enabled` or an `[rpc]`
@@ -22,6 +23,7 @@ import asyncio
 import gc
 import importlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -48,10 +50,46 @@ SDK_PATH = (
     "x402.mechanisms.evm.types",
     "x402.mechanisms.evm.upto.client",
     "x402.mechanisms.evm.utils",
+    "siwe",  # imported inside the SDK's SIWX message builder
 )
 # Loaded by eth-keys and eth-hash at the first signature and the first hash: secp256k1 and keccak.
 # Optional: another installed backend is as good (a name that does not import is skipped).
 BACKENDS = ("eth_hash.backends.pycryptodome",)
+
+
+# Sign-In-With-X: the SDK's message builder and payload model (pydantic, jsonschema: ~11 MiB). Loaded
+# when a server first offers it (`load_off_loop` before the offer is used) or when a restored session
+# holds SIWX parameters (the warm-up then includes it), so an idle proxy without such servers holds none.
+# The SDK imports siwe (and siwe eth-account) inside its message builder: named here so they are loaded too.
+SIWX_PATH = (
+    "eth_account",
+    "eth_account.messages",
+    "eth_hash.backends.pycryptodome",  # the backend eth-hash picks at its first hash
+    "siwe",
+    "x402.extensions.sign_in_with_x",
+)
+
+# One importing thread at a time: two threads importing parts of one package graph at once can each find
+# the other's module half-initialised ("cannot import name ... partially initialized module"). The loop
+# thread itself never imports these: it awaits `load_off_loop` first.
+_IMPORT_LOCK = threading.Lock()
+_loaded: set[str] = set()  # fully imported through here (sys.modules also holds modules mid-import)
+
+
+def loaded(modules: Iterable[str]) -> bool:
+    return all(name in _loaded for name in modules)
+
+
+async def load_off_loop(modules: Iterable[str]) -> None:
+    """Import what of `modules` is not loaded yet in a worker thread (after any warm-up in progress), so
+    the event loop never stalls on a cold import; an import error is left to the code that uses it."""
+    names = tuple(modules)
+    if loaded(names):
+        return
+    try:
+        await asyncio.to_thread(_import_all, names, ())
+    except Exception:
+        log.debug("importing %s failed", names, exc_info=True)
 
 
 def sdk_needed(*, upto: bool, channels: bool, chain_reads: bool) -> bool:
@@ -60,8 +98,14 @@ def sdk_needed(*, upto: bool, channels: bool, chain_reads: bool) -> bool:
 
 
 def _import_all(modules: Iterable[str], optional: Iterable[str]) -> None:
-    for name in modules:
-        importlib.import_module(name)
+    with _IMPORT_LOCK:
+        for name in modules:
+            importlib.import_module(name)
+            _loaded.add(name)
+        _import_optional(optional)
+
+
+def _import_optional(optional: Iterable[str]) -> None:
     for name in optional:
         try:
             importlib.import_module(name)

@@ -104,6 +104,35 @@ print("ok")
 """
 )
 
+# A server offering Sign-In-With-X (or a restored session holding its parameters): after `load_off_loop`
+# (what the flow and the session stage await first), signing in imports nothing on the loop.
+SIWX_TIER = (
+    PRELUDE
+    + r"""
+from proxy.warmup import SIWX_PATH, load_off_loop, loaded
+
+asyncio.run(warm_up(PAID_PATH))
+assert not loaded(SIWX_PATH)
+asyncio.run(load_off_loop(SIWX_PATH))
+assert loaded(SIWX_PATH)
+before = set(sys.modules)
+from proxy.sessions.credentials import build_siwx_header, siwx_challenge_response
+
+wallet = Wallet.from_key(KEY)
+info = {"domain": "shop.test", "uri": "http://shop.test/", "version": "1", "chainId": "eip155:84532",
+        "statement": "Sign in", "type": "eip191"}
+assert build_siwx_header(info, wallet.sign_text, "http://shop.test/paid", now=time.time(), address=wallet.address)
+challenge = {"info": {**info, "nonce": "a" * 16, "issuedAt": "2026-01-01T00:00:00.000Z",
+                      "resources": ["http://shop.test/paid"]},
+             "supportedChains": [{"chainId": "eip155:84532", "type": "eip191"}]}
+assert siwx_challenge_response(challenge, wallet.sign_text, "http://shop.test/paid", network="eip155:84532",
+                               address=wallet.address)
+new = imported_since(before)
+assert not new, f"signing in imported after load_off_loop: {new}"
+print("ok")
+"""
+)
+
 # Permit2, upto (and channels, the reconciler): the SDK tier covers them.
 SDK_TIER = (
     PRELUDE
@@ -133,6 +162,10 @@ def run_script(script: str) -> None:
 
 def test_sdks_load_after_the_listener_and_the_warm_up_covers_the_paid_path() -> None:
     run_script(DEFAULT_TIER)
+
+
+def test_siwx_loads_off_the_loop_and_then_signs_in_without_imports() -> None:
+    run_script(SIWX_TIER)
 
 
 def test_the_sdk_tier_covers_permit2_and_upto() -> None:

@@ -27,10 +27,12 @@ from proxy.payments.challenge import Challenge, Requirement
 from proxy.payments.payer import PassThrough, Payer, PaymentPlan, Refused, Verdict
 from proxy.payments.refusals import RefusalRecorder
 from proxy.purchase.order import Answer, Carrier, Order, Presented, Purchase
+from proxy.sessions.credentials import SIWX_EXTENSION
 from proxy.sessions.keeper import SessionKeeper
 from proxy.sessions.model import Session
 from proxy.store.base import NEED_LOCK_TIMEOUT, PaymentRecord, StoreError
 from proxy.store.locks import KeyedLocks
+from proxy.warmup import SIWX_PATH, load_off_loop
 
 
 class ChannelOpener(Protocol):
@@ -99,6 +101,13 @@ class PurchaseFlow:
     async def _pay(
         self, order: Order, challenge: Challenge, plan: PaymentPlan, carrier: Carrier[Answer]
     ) -> Purchase[Answer]:
+        # A server offering Sign-In-With-X: the session saved below reads the offer with the SDK's SIWX
+        # module, loaded off the loop meanwhile if this is the first such offer (proxy/warmup.py).
+        siwx = (
+            asyncio.ensure_future(load_off_loop(SIWX_PATH))
+            if self.keeper is not None and SIWX_EXTENSION in challenge.extensions
+            else None
+        )
         try:
             presented = await carrier.present(plan)
         except asyncio.CancelledError:
@@ -110,6 +119,8 @@ class PurchaseFlow:
             await self._record_failure(plan, _failure_text(exc))
             raise
         checkpoint("payment.answered")
+        if siwx is not None:
+            await siwx
         session = await self._save_session(order, challenge, plan, presented)
         try:
             record = await self.payer.record_verdict(plan, presented.verdict)

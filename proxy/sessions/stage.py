@@ -45,6 +45,7 @@ from proxy.sessions.scope import (
 )
 from proxy.sessions.settings import SessionSettings
 from proxy.store.base import PaymentRecord
+from proxy.warmup import SIWX_PATH, load_off_loop, loaded
 
 if TYPE_CHECKING:
     from proxy.channels.holder import ChannelHolder
@@ -129,6 +130,8 @@ class SessionStage:
             if session is not None:
                 SESSION_ID.set(session.id)  # log lines of this request name its session
         url = route.url
+        if session is not None and session.credentials.siwx is not None and not loaded(SIWX_PATH):
+            await load_off_loop(SIWX_PATH)  # the first proactive SIWX sign-in after a start: off the loop
         channels = self.channels
         if channels is not None and session is not None and channels.holds(session.id):
             voucher = await channels.request(self._attach(request, session, url, now, route), session, inner)
@@ -242,6 +245,7 @@ class SessionStage:
         extension = _challenge_extensions(outcome).get(SIWX_EXTENSION)
         if not isinstance(extension, dict):
             return None
+        await load_off_loop(SIWX_PATH)  # the SDK's SIWX module, off the loop the first time
         try:
             header = siwx_challenge_response(
                 extension, self._wallet.sign_text, url, network=session.network, address=self._wallet.address
@@ -321,6 +325,7 @@ class SessionStage:
             or record is None
         ):
             return None
+        await load_off_loop(SIWX_PATH)  # the SDK's SIWX module, off the loop the first time
         try:
             header = siwx_challenge_response(
                 extension, self._wallet.sign_text, url, network=record.network, address=self._wallet.address
