@@ -28,6 +28,7 @@ from aiohttp import ClientSession, web
 from eth_account import Account
 
 from tests.stack import PAY_TO_2, Stack
+from tests.support.crash import wait_for
 from tests.support.paying_proxy import ledger, proxies, stack_config, start_paying_proxy
 from tests.support.proxy_process import ProxyProcess
 
@@ -214,7 +215,9 @@ def test_insufficient_balance_checked_over_rpc(
     snap.assert_nothing_moved()
 
 
-def test_dry_run_records_but_signs_nothing(x402_stack: Stack, home: Path, started: list[ProxyProcess]) -> None:
+def test_dry_run_records_but_signs_nothing(
+    x402_stack: Stack, home: Path, started: list[ProxyProcess]
+) -> None:
     proxy = paying(x402_stack, home, started, policy="dry_run = true")
     snap = Snapshot(x402_stack, x402_stack.pay_to)
     handled_before = x402_stack.server_stats(x402_stack.py)["handled"].get("/paid/a", 0)
@@ -392,7 +395,21 @@ def module_proxy(x402_stack: Stack, tmp_path_factory: pytest.TempPathFactory) ->
 def curl_get(proxy: ProxyProcess, url: str, tmp_path: Path) -> tuple[int, dict[str, str], bytes]:
     body_path = tmp_path / "curl-body"
     result = subprocess.run(
-        ["curl", "-sS", "-D", "-", "-o", str(body_path), "-x", proxy.url, "--noproxy", "", "--max-time", "60", url],
+        [
+            "curl",
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            str(body_path),
+            "-x",
+            proxy.url,
+            "--noproxy",
+            "",
+            "--max-time",
+            "60",
+            url,
+        ],
         capture_output=True,
         timeout=90,
     )
@@ -412,6 +429,10 @@ def test_server_that_settles_but_answers_402_stays_within_budget(
     still have moved money (here it did). Such payments must count against the budget until their
     authorization expires, or a dishonest server could take max_per_payment per request forever."""
     proxy = paying(x402_stack, home, started, policy='daily_budget = "0.0025"')  # fits two payments
+    # The rule under test is the budget's while nothing else knows better. The reconciler's start-up pass
+    # (right after the warm-up) would find payment #1 on chain and answer `payment_undelivered` instead, so
+    # it runs first, on an empty ledger; its next pass is a minute away.
+    wait_for(lambda: "warm-up: paid path loaded" in proxy.log_text(), 30, "the warm-up")
     before = x402_stack.balance_of(GREEDY_PAY_TO)
     answers = [get(proxy, f"{odd_server.url}/greedy") for _ in range(4)]
     codes = [r.headers.get(ERROR) for r in answers]

@@ -62,7 +62,7 @@ from proxy.payments.signer import (
     offers_payment_identifier,
 )
 from proxy.payments.wallet import Wallet
-from proxy.purchase.schemes import scheme_for
+from proxy.purchase.schemes import scheme_for, signed_by_the_sdk
 from proxy.store.base import (
     AsyncLedgerStore,
     LedgerStore,
@@ -73,6 +73,7 @@ from proxy.store.base import (
     StoreError,
 )
 from proxy.store.threaded import as_async
+from proxy.warmup import SDK_PATH, load_off_loop, loaded
 
 log = logging.getLogger("proxy.payments")
 A = TypeVar("A")
@@ -207,6 +208,8 @@ class Payer:
         if self.wallet is None and not self.policy.dry_run:
             return Refused(ReasonCode.NO_WALLET, "no wallet configured; the proxy cannot pay")
 
+        if signed_by_the_sdk(challenge) and not loaded(SDK_PATH):
+            await load_off_loop(SDK_PATH)  # Permit2/upto sign through the SDK: not a cold import on the loop
         balances = await self._balances(challenge)
         approved: Approval | None = None
         while True:

@@ -108,6 +108,12 @@ SCHEMES: tuple[Scheme, ...] = (ExactEip3009(), Permit2())
 _UNSUPPORTED = Unsupported()
 
 
+def signed_by_the_sdk(challenge: Challenge) -> bool:
+    """Whether a requirement of `challenge` would be signed through the x402 SDK (Permit2, upto), whose
+    EVM package the payer then loads off the loop before deciding (proxy/warmup.py `SDK_PATH`)."""
+    return any(req.transfer_method == "permit2" for req in challenge.requirements)
+
+
 def scheme_for(selection: Selection, schemes: tuple[Scheme, ...] = SCHEMES) -> Scheme:
     for scheme in schemes:
         if scheme.handles(selection):
