@@ -13,7 +13,7 @@ request pays), one per store; N sequential paid requests to @x402/express V2, al
 two; each proxy's `payment #N overhead` debug line (402 in hand -> paid retry out), as
 bench/paid_overhead.py reads it.
 
-    .venv/bin/python bench/fleet_store.py [--rounds 5 --duration 4 --paid-requests 40 --nice -15]
+    .venv/bin/python bench/fleet_store.py [--rounds 5 --duration 4 --paid-requests 60 --nice -15]
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=4)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--connections", type=int, default=50)
-    parser.add_argument("--paid-requests", type=int, default=40)
+    parser.add_argument("--paid-requests", type=int, default=60)
     parser.add_argument("--only", choices=("hits", "paid"), default=None)
     parser.add_argument("--fsync-off", action="store_true", help="leave the test server's fsync=off")
     parser.add_argument("--nice", type=int, default=None, help="priority mode (root), as bench/run.py")

@@ -9,8 +9,8 @@ most of a channel request's cost in the proxy (bench/channel_requests.py). For a
   dict kept;
 - the voucher's EIP-712 digest is `keccak(0x1901 || domainSeparator || keccak(typeHash || channelId ||
   maxClaimableAmount))` with the domain separator and type hash computed once per wallet and network
-  from the SDK's own `VOUCHER_TYPES` and domain, signed with the wallet's key by libsecp256k1
-  (coincurve, as the wallet's address is derived; the SDK goes through eth-account's typed-data
+  from the SDK's own `VOUCHER_TYPES` and domain, signed with the wallet's key by `payments/evm_sign.py`
+  (libsecp256k1 via coincurve, as EIP-3009 is signed; the SDK goes through eth-account's typed-data
   encoder and its SignedMessage, ~0.3 ms);
 - `VoucherSigner` checks itself when built: its signature of a sample voucher must equal the SDK's
   `sign_voucher` of the same voucher (deterministic signatures, RFC 6979); if it does not (an SDK that
@@ -26,6 +26,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from proxy.payments.evm_sign import keccak256, sign_digest
+
 log = logging.getLogger("x402_proxy.channels")
 
 
@@ -38,17 +40,14 @@ class VoucherSigner:
     """Vouchers for one wallet on one network (see the module docstring)."""
 
     def __init__(self, account: Any, sdk_signer: Any, network: str) -> None:
-        import coincurve
         from eth_account.messages import encode_typed_data
-        from eth_utils.crypto import keccak
         from x402.mechanisms.evm.batch_settlement.constants import VOUCHER_TYPES
         from x402.mechanisms.evm.batch_settlement.utils import get_batch_settlement_eip712_domain
         from x402.mechanisms.evm.utils import get_evm_chain_id
 
-        self._key = coincurve.PrivateKey(bytes(account.key))
+        self._secret = bytes(account.key)
         self._sdk_signer = sdk_signer
         self._network = network
-        self._keccak = keccak
         fields = VOUCHER_TYPES["Voucher"]
         self._fast = [f["name"] for f in fields] == ["channelId", "maxClaimableAmount"] and all(
             f["type"] in ("bytes32", "uint128", "uint256") for f in fields
@@ -57,9 +56,9 @@ class VoucherSigner:
         sample = {"channelId": b"\x11" * 32, "maxClaimableAmount": 1}
         signable = encode_typed_data(domain_data=domain, message_types=VOUCHER_TYPES, message_data=sample)
         self._domain_separator = bytes(signable.header)
-        self._type_hash = keccak(_encode_type(VOUCHER_TYPES, "Voucher"))
+        self._type_hash = keccak256(_encode_type(VOUCHER_TYPES, "Voucher"))
         if self._fast:
-            self._fast = self._digest(b"\x11" * 32, 1) == keccak(
+            self._fast = self._digest(b"\x11" * 32, 1) == keccak256(
                 b"\x19" + signable.version + signable.header + signable.body
             )
         if self._fast:
@@ -69,9 +68,8 @@ class VoucherSigner:
             log.warning("vouchers: the SDK's typed data changed; each voucher is signed by its sign_voucher")
 
     def _digest(self, channel_id: bytes, amount: int) -> bytes:
-        body = self._keccak(self._type_hash + channel_id + amount.to_bytes(32, "big"))
-        digest: bytes = self._keccak(b"\x19\x01" + self._domain_separator + body)
-        return digest
+        body = keccak256(self._type_hash + channel_id + amount.to_bytes(32, "big"))
+        return keccak256(b"\x19\x01" + self._domain_separator + body)
 
     def _sdk_sign(self, channel_id: str, amount: int) -> Any:
         from x402.mechanisms.evm.batch_settlement.client.voucher import sign_voucher
@@ -87,8 +85,7 @@ class VoucherSigner:
         raw = bytes.fromhex(channel_id.removeprefix("0x"))
         if len(raw) != 32 or not 0 <= amount < 1 << 128:
             raise ValueError(f"not a voucher: channel {channel_id!r}, amount {amount}")
-        rsv = self._key.sign_recoverable(self._digest(raw, amount), hasher=None)  # r || s || recovery id
-        signature = rsv[:64] + bytes([rsv[64] + 27])
+        signature = sign_digest(self._secret, self._digest(raw, amount))
         return VoucherFields(
             channel_id=channel_id, max_claimable_amount=str(amount), signature="0x" + signature.hex()
         )
