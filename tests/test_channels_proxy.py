@@ -49,6 +49,10 @@ def test_deposit_once_n_vouchers_then_end_refunds_and_net_spend_is_the_final_vou
     rows = ledger(proxy)
     assert len(rows) == 1 and rows[0]["scheme"] == "batch-settlement"
     assert int(rows[0]["amount"]) == 10 * stack.price and rows[0]["state"] == "settled"
+    # The row names the deposit's EIP-3009 authorization, and the chain shows it used: the record agrees
+    # with the chain, and the reconciler can read it like any payment's.
+    assert rows[0]["nonce"] and rows[0]["valid_before"], rows[0]
+    assert stack.chain.authorization_state(stack.payer_address, rows[0]["nonce"])
     [row] = channels(proxy)
     assert row["state"] == "open" and row["deposit"] == 10 * stack.price
     assert row["signed"] == row["charged"] == n * stack.price

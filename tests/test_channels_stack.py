@@ -405,8 +405,14 @@ def test_payer_can_leave_without_the_seller_after_the_withdraw_delay(
     with pytest.raises(ContractCustomError, match=not_yet):
         fn.finalizeWithdraw(cfg).call({"from": stack.payer_address})
     stack.claim_and_settle()  # the seller claims its 2 vouchers within the delay
-    stack.chain.increase_time(config.withdraw_delay + 1)
-    stack.chain.mine()
-    assert send(fn.finalizeWithdraw(cfg))["status"] == 1
-    assert stack.channel_state(channel_id) == (2 * stack.price, 2 * stack.price)
-    assert payer_before - stack.balance_of(stack.payer_address) == 2 * stack.price
+    # The chain's clock goes forward by the delay: taken back afterwards (snapshot, revert), or every later
+    # test on this session's stack would sign authorizations the chain already finds expired.
+    before_delay = stack.chain.snapshot()
+    try:
+        stack.chain.increase_time(config.withdraw_delay + 1)
+        stack.chain.mine()
+        assert send(fn.finalizeWithdraw(cfg))["status"] == 1
+        assert stack.channel_state(channel_id) == (2 * stack.price, 2 * stack.price)
+        assert payer_before - stack.balance_of(stack.payer_address) == 2 * stack.price
+    finally:
+        assert stack.chain.revert(before_delay)

@@ -224,6 +224,7 @@ class ChannelHolder:
     ) -> Purchase[Answer]:
         """Deposit and the first voucher for `order` (the purchase flow's challenge step handed it here)."""
         from x402.http.utils import encode_payment_signature_header
+        from x402.mechanisms.evm.batch_settlement.encoding import build_erc3009_deposit_nonce
         from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
         from x402.schemas import PaymentPayload
         from x402.schemas.helpers import parse_payment_requirements
@@ -287,7 +288,11 @@ class ChannelHolder:
                 extensions=dict(challenge.extensions) or None,
             )
             value = encode_payment_signature_header(payload)
-            valid_before = int(inner["deposit"]["authorization"]["erc3009Authorization"]["validBefore"])
+            erc3009 = inner["deposit"]["authorization"]["erc3009Authorization"]
+            valid_before = int(erc3009["validBefore"])
+            # The deposit's EIP-3009 nonce (the SDK derives it from the channel id and a salt): on the
+            # row before it leaves, so the reconciler reads the deposit from the chain like any payment.
+            nonce = build_erc3009_deposit_nonce(inner["voucher"]["channelId"], erc3009["salt"])
         except Exception as exc:
             detail = f"not signed: {type(exc).__name__}: {exc}"
             await payer.store.mark_rejected(record.id, reason=detail[:500], now=payer.clock())
@@ -295,6 +300,9 @@ class ChannelHolder:
             refused = Refused(ReasonCode.SCHEME_NOT_SUPPORTED, detail)
             flow._refused(order, refused, carrier)
             return Purchase(refusal=refused, challenge=challenge)
+        record = await payer.store.set_authorization(
+            record.id, nonce=nonce, valid_before=valid_before, now=payer.clock()
+        )
         record = await payer.store.record_presentation(
             record.id, header_name=HEADER, header_value=value, now=payer.clock()
         )
