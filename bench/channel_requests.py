@@ -43,10 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
-from proxy.sessions.model import Session, SessionCredentials  # noqa: E402
-from proxy.sessions.scope import Scope  # noqa: E402
-from proxy.store.session_store import SqliteSessionStore  # noqa: E402
-from proxy.tokens import SessionClaim, make_session_token  # noqa: E402
+from bench.session_hits import lease_session, seed_sqlite  # noqa: E402
 from tests.stack.channels import ChannelStack, start_channel_stack  # noqa: E402
 from tests.support.admin import AdminProxy  # noqa: E402
 from tests.support.channels import channel_config, channels  # noqa: E402
@@ -56,27 +53,17 @@ THROUGHPUT_TARGET = 0.5
 SESSION = b"x-402-proxy-session"
 
 
-def seed_session(home: Path, origin: str, stack: ChannelStack) -> str:
-    """A session on `origin/s/` in the proxy's store before it starts (as bench/session_hits.py)."""
-    payer = stack.payer
-    session = Session.create(
-        Scope.from_url(f"{origin}/s/", "prefix"),
-        now=time.time(),
-        ttl_seconds=86400,
-        payer=payer.address,
-        amount_paid=stack.price,
+def seed_session(home: Path, origin: str, stack: ChannelStack) -> None:
+    """A session on `origin/s/` in the proxy's store before it starts: a session hit."""
+    session = lease_session(
+        f"{origin}/s/",
+        stack.payer,
+        amount=stack.price,
         asset=stack.token,
         network=stack.network,
-        decimals=6,
         pay_to=stack.pay_to,
     )
-    session.credentials = SessionCredentials(token_headers={"x-x402-lease": "bench-lease"})
-    claim = SessionClaim.for_session(session, address=payer.address, tx_hash="0x" + "33" * 32)
-    session.credentials.session_token = make_session_token(claim, payer)
-    store = SqliteSessionStore(home / "state.db")
-    store.save([session])
-    store.close()
-    return session.id
+    seed_sqlite(home, session)
 
 
 class RawClient:

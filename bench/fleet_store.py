@@ -38,12 +38,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench import harness  # noqa: E402
-from proxy.sessions.model import Session, SessionCredentials  # noqa: E402
-from proxy.sessions.scope import Scope  # noqa: E402
+from bench.session_hits import lease_session, seed_sqlite  # noqa: E402
+from proxy.sessions.model import Session  # noqa: E402
 from proxy.store.postgres import PostgresLedgerStore  # noqa: E402
 from proxy.store.postgres_sessions import PostgresSessionStore  # noqa: E402
-from proxy.store.session_store import SqliteSessionStore  # noqa: E402
-from proxy.tokens import SessionClaim, make_session_token  # noqa: E402
 from tests.stack import start_stack  # noqa: E402
 from tests.support.paying_proxy import start_paying_proxy  # noqa: E402
 from tests.support.postgres import PostgresServer, launch  # noqa: E402
@@ -69,22 +67,7 @@ def durable(server: PostgresServer) -> None:
 
 
 def bench_session(origin_port: int) -> Session:
-    account = Account.create()
-    session = Session.create(
-        Scope.from_url(f"http://127.0.0.1:{origin_port}/s/", "prefix"),
-        now=time.time(),
-        ttl_seconds=86400,
-        payer=account.address,
-        amount_paid=1000,
-        asset="0x" + "11" * 20,
-        network="eip155:84532",
-        decimals=6,
-        pay_to="0x" + "22" * 20,
-    )
-    session.credentials = SessionCredentials(token_headers={"x-x402-lease": "bench-lease"})
-    claim = SessionClaim.for_session(session, address=account.address, tx_hash="0x" + "33" * 32)
-    session.credentials.session_token = make_session_token(claim, account)
-    return session
+    return lease_session(f"http://127.0.0.1:{origin_port}/s/", Account.create())
 
 
 async def seed_postgres(url: str, session: Session) -> None:
@@ -108,9 +91,7 @@ def session_hits(args: argparse.Namespace, work: Path, pg: PostgresServer) -> di
     try:
         sqlite_home = work / "hits-sqlite"
         sqlite_home.mkdir(mode=0o700)
-        store = SqliteSessionStore(sqlite_home / "state.db")
-        store.save([bench_session(origin_port)])
-        store.close()
+        seed_sqlite(sqlite_home, bench_session(origin_port))
         url = pg.new_database("hits")
         asyncio.run(seed_postgres(url, bench_session(origin_port)))
         pg_home = work / "hits-pg"

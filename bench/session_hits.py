@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -100,6 +101,42 @@ def prioritize(nice: int, pid: int | None = None) -> None:
         pass  # no autogroup support: the plain nice value still applies
 
 
+def lease_session(
+    scope_url: str,
+    account: LocalAccount,
+    *,
+    amount: int = 1000,
+    asset: str = "0x" + "11" * 20,
+    network: str = "eip155:84532",
+    pay_to: str = "0x" + "22" * 20,
+) -> Session:
+    """The session these benches hit: a prefix scope, a lease header and a signed session token (the
+    credential kinds that need no per-request signature). Also used by bench/fleet_store.py and
+    bench/channel_requests.py."""
+    session = Session.create(
+        Scope.from_url(scope_url, "prefix"),
+        now=time.time(),
+        ttl_seconds=86400,
+        payer=account.address,
+        amount_paid=amount,
+        asset=asset,
+        network=network,
+        decimals=6,
+        pay_to=pay_to,
+    )
+    session.credentials = SessionCredentials(token_headers={"x-x402-lease": "bench-lease"})
+    claim = SessionClaim.for_session(session, address=account.address, tx_hash="0x" + "33" * 32)
+    session.credentials.session_token = make_session_token(claim, account)
+    return session
+
+
+def seed_sqlite(home: Path, session: Session) -> None:
+    """`session` in the home's SQLite store, before the proxy starts."""
+    store = SqliteSessionStore(home / "state.db")
+    store.save([session])
+    store.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -123,25 +160,7 @@ def main() -> int:
     nginx = start_nginx(work, origin_port)
     home = work / "home"
     home.mkdir(mode=0o700)
-    account = Account.create()
-    now = time.time()
-    session = Session.create(
-        Scope.from_url(f"http://127.0.0.1:{origin_port}/s/", "prefix"),
-        now=now,
-        ttl_seconds=86400,
-        payer=account.address,
-        amount_paid=1000,
-        asset="0x" + "11" * 20,
-        network="eip155:84532",
-        decimals=6,
-        pay_to="0x" + "22" * 20,
-    )
-    session.credentials = SessionCredentials(token_headers={"x-x402-lease": "bench-lease"})
-    claim = SessionClaim.for_session(session, address=account.address, tx_hash="0x" + "33" * 32)
-    session.credentials.session_token = make_session_token(claim, account)
-    store = SqliteSessionStore(home / "state.db")
-    store.save([session])
-    store.close()
+    seed_sqlite(home, lease_session(f"http://127.0.0.1:{origin_port}/s/", Account.create()))
     config = (
         '[log]\nlevel = "warning"\naccess_log = false\n'
         '[sessions]\ncredential_kinds = ["cookies", "session_token", "token_headers"]\n'
