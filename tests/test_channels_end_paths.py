@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import pytest
 
 from tests.stack import fixtures as _stack_fixtures
 from tests.stack.channels import ChannelStack, wait_for
+from tests.support import channels as _channels_support
 from tests.support.admin import AdminProxy
 from tests.support.channels import (
     SESSION,
@@ -36,16 +36,10 @@ from tests.support.paying_proxy import ledger
 from tests.test_admin_mcp import mcp_session, text_of
 
 x402_channel_stack = _stack_fixtures.x402_channel_stack
+proxy = _channels_support.proxy
 
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 N = 4  # requests on the channel: the deposit's first voucher, then 3 more
-
-
-@pytest.fixture()
-def proxy(x402_channel_stack: ChannelStack, tmp_path: Path) -> Iterator[AdminProxy]:
-    process = start_proxy(x402_channel_stack, tmp_path / "home")
-    yield process
-    process.stop()
 
 
 def assert_refunded(

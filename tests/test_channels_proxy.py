@@ -11,26 +11,19 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from tests.stack import fixtures as _stack_fixtures
 from tests.stack.channels import ChannelStack, wait_for
+from tests.support import channels as _channels_support
 from tests.support.admin import AdminProxy
 from tests.support.channels import SESSION, channels, end_and_wait_refund, get, start_proxy
 from tests.support.paying_proxy import ledger
 
 x402_channel_stack = _stack_fixtures.x402_channel_stack
-
-
-@pytest.fixture()
-def proxy(x402_channel_stack: ChannelStack, tmp_path: Path) -> Iterator[AdminProxy]:
-    process = start_proxy(x402_channel_stack, tmp_path / "home")
-    yield process
-    process.stop()
+proxy = _channels_support.proxy
 
 
 def test_deposit_once_n_vouchers_then_end_refunds_and_net_spend_is_the_final_voucher(

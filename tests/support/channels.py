@@ -5,10 +5,12 @@ channel tests (tests/test_channels_*.py) and the dashboard's channel test."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.stack.channels import ChannelStack, wait_for
 from tests.support.admin import AdminProxy
@@ -49,6 +51,14 @@ def start_proxy(
     return proxy.start()
 
 
+@pytest.fixture()
+def proxy(x402_channel_stack: ChannelStack, tmp_path: Path) -> Iterator[AdminProxy]:
+    """A fresh channel-holding proxy per test (`proxy = channels_support.proxy` in a test module)."""
+    process = start_proxy(x402_channel_stack, tmp_path / "home")
+    yield process
+    process.stop()
+
+
 def channels(proxy: AdminProxy) -> list[dict[str, Any]]:
     path = proxy.home / "channels.db"
     with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as conn:
@@ -62,7 +72,9 @@ def get(proxy: AdminProxy, url: str) -> httpx.Response:
 
 def wait_all_refunded(proxy: AdminProxy, timeout: float = 30) -> dict[str, Any]:
     """Every channel of the proxy refunded (or void); the newest."""
-    assert wait_for(lambda: all(c["state"] in FINAL_STATES for c in channels(proxy)), timeout), channels(proxy)
+    assert wait_for(lambda: all(c["state"] in FINAL_STATES for c in channels(proxy)), timeout), channels(
+        proxy
+    )
     return channels(proxy)[-1]
 
 
