@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from eth_account import Account
 from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
 from eth_utils.address import to_checksum_address
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,22 @@ keys = st.integers(min_value=1, max_value=SECP256K1_N - 1).map(lambda k: k.to_by
 addresses = st.binary(min_size=20, max_size=20).map(lambda b: "0x" + b.hex())
 uint256 = st.integers(min_value=0, max_value=2**256 - 1)
 names = st.text(min_size=0, max_size=40)
+
+
+def sdk_signature(
+    account: LocalAccount,
+    authorization: ExactEIP3009Authorization,
+    chain: int,
+    token: str,
+    token_name: str,
+    token_version: str,
+) -> bytes:
+    """What the SDK signs for `authorization`: its typed data, eth-account's signer."""
+    domain, types, primary, message = build_typed_data_for_signing(
+        authorization, chain, to_checksum_address(token), token_name, token_version
+    )
+    fields = {n: [TypedDataField(name=f["name"], type=f["type"]) for f in spec] for n, spec in types.items()}
+    return bytes(EthAccountSigner(account).sign_typed_data(domain, fields, primary, message))
 
 
 @settings(max_examples=60, deadline=None)
@@ -77,11 +94,7 @@ def test_eip3009_signature_is_the_sdks(
         valid_before=str(before),
         nonce="0x" + nonce.hex(),
     )
-    domain, types, primary, message = build_typed_data_for_signing(
-        authorization, chain, to_checksum_address(token), token_name, token_version
-    )
-    fields = {n: [TypedDataField(name=f["name"], type=f["type"]) for f in spec] for n, spec in types.items()}
-    expected = EthAccountSigner(account).sign_typed_data(domain, fields, primary, message)
+    expected = sdk_signature(account, authorization, chain, token, token_name, token_version)
 
     digest = evm_sign.eip3009_digest(
         token_name=token_name,
@@ -145,11 +158,7 @@ def test_the_exact_payload_has_the_sdks_shape_and_signature() -> None:
         valid_before="2000000000",
         nonce="0x" + "ab" * 32,
     )
-    domain, types, primary, message = build_typed_data_for_signing(
-        authorization, 84532, to_checksum_address(BASE_SEPOLIA_USDC), "USDC", "2"
-    )
-    fields = {n: [TypedDataField(name=f["name"], type=f["type"]) for f in spec] for n, spec in types.items()}
-    signature = EthAccountSigner(account).sign_typed_data(domain, fields, primary, message)
+    signature = sdk_signature(account, authorization, 84532, BASE_SEPOLIA_USDC, "USDC", "2")
     expected = ExactEIP3009Payload(authorization=authorization, signature="0x" + signature.hex()).to_dict()
     assert header.payload_dict["payload"] == expected
     assert header.nonce == "0x" + "ab" * 32 and header.valid_before == 2_000_000_000
