@@ -26,7 +26,7 @@ from tests.stack import Stack, start_stack
 from tests.support.admin import AdminProxy
 from tests.support.crash import ERROR, PAYMENT, get, wait_for
 from tests.support.liar_server import FAKE_TX, LiarServer
-from tests.support.paying_proxy import ledger, proxies, stack_config
+from tests.support.paying_proxy import ledger, proxies, stack_config, wait_warmed
 from tests.support.proxy_process import ProxyProcess
 
 RECONCILE = "\n[reconcile]\ninterval = 1.0\n"
@@ -190,6 +190,7 @@ def test_servers_that_lie_about_settlement_are_corrected_by_the_chain(
     liar.other_tx = stack.mint(Account.create().address, 1)  # someone else's real transaction
     proxy = start_proxy(stack, home, key)
     running.append(proxy)
+    wait_warmed(proxy)  # the reconciler's start-up pass first: the rows below are the server's word
     before = stack.balance_of(stack.pay_to)
     answers = {kind: get(proxy, f"{liar.url}/{kind}/x") for kind in ("success-no-tx", "fake-tx", "other-tx")}
     assert all(a.status_code == 200 for a in answers.values())

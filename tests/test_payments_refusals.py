@@ -28,8 +28,7 @@ from aiohttp import ClientSession, web
 from eth_account import Account
 
 from tests.stack import PAY_TO_2, Stack
-from tests.support.crash import wait_for
-from tests.support.paying_proxy import ledger, proxies, stack_config, start_paying_proxy
+from tests.support.paying_proxy import ledger, proxies, stack_config, start_paying_proxy, wait_warmed
 from tests.support.proxy_process import ProxyProcess
 
 ERROR = "X-402-Proxy-Error"
@@ -432,7 +431,7 @@ def test_server_that_settles_but_answers_402_stays_within_budget(
     # The rule under test is the budget's while nothing else knows better. The reconciler's start-up pass
     # (right after the warm-up) would find payment #1 on chain and answer `payment_undelivered` instead, so
     # it runs first, on an empty ledger; its next pass is a minute away.
-    wait_for(lambda: "warm-up: paid path loaded" in proxy.log_text(), 30, "the warm-up")
+    wait_warmed(proxy)
     before = x402_stack.balance_of(GREEDY_PAY_TO)
     answers = [get(proxy, f"{odd_server.url}/greedy") for _ in range(4)]
     codes = [r.headers.get(ERROR) for r in answers]

@@ -203,7 +203,9 @@ def test_a_locked_ledger_delays_only_the_payment_not_pass_through(
     finally:
         holder.release()
     assert slowest < 1.0, f"a pass-through request waited {slowest:.2f} s behind the locked ledger"
-    assert outcome["response"].status_code == 503 and outcome["response"].headers[ERROR] == "ledger_unavailable"
+    assert (
+        outcome["response"].status_code == 503 and outcome["response"].headers[ERROR] == "ledger_unavailable"
+    )
     assert outcome["seconds"] >= BUSY_TIMEOUT_MS / 1000 - 0.5  # the payment did wait for the lock
 
 
@@ -333,7 +335,8 @@ def test_outcome_not_recordable_after_payment_stays_in_doubt(
     client = threading.Thread(target=lambda: answer.setdefault("r", get(proxy, url)))
     client.start()
     deadline = time.monotonic() + TIMEOUT
-    while not ledger(proxy) and time.monotonic() < deadline:
+    # The row is written, then signed and its header recorded before the request leaves: wait for that.
+    while not (ledger(proxy) and ledger(proxy)[0]["presentations"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     (pending,) = ledger(proxy)
     assert pending["state"] == "pending"

@@ -40,6 +40,16 @@ def start_paying_proxy(stack: Stack, home: Path, *, key: str | None = None, **co
     return ProxyProcess(home, stack_config(stack, **config), env).start()
 
 
+def wait_warmed(proxy: ProxyProcess, timeout: float = 30) -> None:
+    """Until the proxy's warm-up has logged that it is done. The reconciler's start-up pass runs right
+    after it, on the ledger as it is then: a test that asserts a payment's state before the chain has
+    been asked waits for this before paying, so that pass finds nothing (the next is `[reconcile]
+    interval` later)."""
+    from tests.support.crash import wait_for  # crash.py imports this module
+
+    wait_for(lambda: "warm-up: paid path loaded" in proxy.log_text(), timeout, "the warm-up")
+
+
 def ledger(proxy: ProxyProcess) -> list[dict[str, Any]]:
     """Rows of the proxy's ledger, read through a second SQLite connection as an auditor would."""
     path = proxy.home / "state.db"
