@@ -258,22 +258,24 @@ def _sessions(args: argparse.Namespace, client: AdminClient, as_json: bool, out:
         _, data = client.call("GET", "/sessions" + (f"?{urlencode(query)}" if query else ""))
         if as_json:
             return _dump(data, out)
-        _table(
-            out,
-            ["ID", "STATE", "SCOPE", "EXPIRES IN", "CALLS", "PAID", "LABEL"],
+        rows = [
             [
-                [
-                    s["id"],
-                    s["state"],
-                    f"{s['scope']['kind']} {s['scope']['url']}",
-                    _duration(s.get("expires_in", 0)) if s["state"] == "active" else "-",
-                    str(s.get("call_count", 0)),
-                    _amount(s.get("amount_paid"), s.get("decimals")),
-                    s.get("label") or "",
-                ]
-                for s in data["sessions"]
-            ],
-        )
+                s["id"],
+                s["state"],
+                f"{s['scope']['kind']} {s['scope']['url']}",
+                _duration(s.get("expires_in", 0)) if s["state"] == "active" else "-",
+                str(s.get("call_count", 0)),
+                _amount(s.get("amount_paid"), s.get("decimals")),
+                s.get("label") or "",
+            ]
+            for s in data["sessions"]
+        ]
+        header = ["ID", "STATE", "SCOPE", "EXPIRES IN", "CALLS", "PAID", "LABEL"]
+        if any(s.get("channel") for s in data["sessions"]):  # a CHANNEL column only when one has one
+            header.append("CHANNEL")
+            for row, s in zip(rows, data["sessions"], strict=True):
+                row.append(_channel(s.get("channel")))
+        _table(out, header, rows)
         return EXIT_OK
     if command == "show":
         _, data = client.call("GET", f"/sessions/{_sid(args.id)}")
@@ -317,6 +319,8 @@ def _sessions(args: argparse.Namespace, client: AdminClient, as_json: bool, out:
             print(f"session {session['id']} was already {session['state']}", file=out)
         else:
             print(f"session {session['id']} ended after {data['calls_made']} call(s)", file=out)
+        if session.get("channel"):
+            print(f"  channel: {_channel(session['channel'])}", file=out)
         upstream = data.get("upstream")
         if upstream is not None:
             status = upstream.get("status", upstream.get("error", "?"))
@@ -533,6 +537,8 @@ def _show_session(session: dict[str, Any], out: TextIO) -> int:
         ("credentials", ", ".join(session.get("credentials") or []) or "-"),
         ("renewals", str(session.get("renewals", 0))),
     ]
+    if session.get("channel"):
+        rows.append(("channel", _channel(session["channel"])))
     if session.get("ended_at") is not None:
         rows.append(("ended", f"{_when(session['ended_at'])} ({session.get('ended_reason') or '-'})"))
     width = max(len(name) for name, _ in rows)
@@ -548,6 +554,24 @@ def _table(out: TextIO, header: list[str], rows: list[list[str]]) -> None:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=False)]
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip(), file=out)
+
+
+def _channel(channel: Any) -> str:
+    """A channel session's `channel` summary on one line, amounts in the asset's units (as the dashboard
+    shows it): the current channel's state, then deposit, signed, charged, refunded and net spend summed
+    over the session's channels; refunded "not yet" and net spend "open" until every one is refunded."""
+    if not channel:
+        return "-"
+    decimals = channel.get("decimals")
+    pending = channel.get("refunded") is None
+    parts = [
+        ("deposit", _amount(channel.get("deposit"), decimals)),
+        ("signed", _amount(channel.get("signed"), decimals)),
+        ("charged", _amount(channel.get("charged"), decimals)),
+        ("refunded", "not yet" if pending else _amount(channel.get("refunded"), decimals)),
+        ("net spend", "open" if pending else _amount(channel.get("net_spend"), decimals)),
+    ]
+    return f"{channel.get('state') or '-'}: " + ", ".join(f"{name} {value}" for name, value in parts)
 
 
 def _amount(amount: Any, decimals: Any) -> str:

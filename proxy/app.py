@@ -312,7 +312,13 @@ async def serve_forever(config: Config, home: Path, load_config: Callable[[], Co
         reload = load_config
         loop.add_signal_handler(
             signal.SIGHUP,
-            lambda: reload_config(runtime.config, reload, runtime.payer, runtime.session_stage),
+            lambda: reload_config(
+                runtime.config,
+                reload,
+                runtime.payer,
+                runtime.session_stage,
+                runtime.session_stage.channels if runtime.session_stage is not None else None,
+            ),
         )
     host, port = runtime.server.addresses[0]
     shown = f"[{host}]" if ":" in host else host

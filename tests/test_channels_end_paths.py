@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from proxy.payments.amounts import format_units
 from tests.stack import fixtures as _stack_fixtures
 from tests.stack.channels import ChannelStack, wait_for
 from tests.support import channels as _channels_support
@@ -112,6 +113,53 @@ def test_ending_a_channel_session_refunds_before_the_end_answers(
     assert_refunded(stack, answer["session"], payer_before, done, N)
     assert_refunded(stack, proxy.call("GET", f"/sessions/{session_id}").json(), payer_before, done, N)
     assert len(ledger(proxy)) == 1  # one deposit, no row for the refund or the vouchers
+
+
+def channel_shown(command: str, session_id: str, stdout: str) -> str | None:
+    """The channel text of one CLI text output: the `channel` row of `sessions show`, the CHANNEL cell of
+    the session's row in `sessions list`, the `  channel: ` line of `sessions end` (None: not shown)."""
+    lines = stdout.splitlines()
+    if command == "list":
+        header = lines[0] if lines else ""
+        row = next((line for line in lines if line.startswith(session_id)), "")
+        return row[header.index("CHANNEL") :].strip() if "CHANNEL" in header else None
+    if command == "end":
+        prefix = "  channel: "
+        return next((line[len(prefix) :] for line in lines if line.startswith(prefix)), None)
+    return next((line.split(None, 1)[1] for line in lines if line.startswith("channel ")), None)
+
+
+def test_cli_text_output_shows_the_channel(x402_channel_stack: ChannelStack, proxy: AdminProxy) -> None:
+    """`x402-proxy sessions show|list|end` without --json (real subprocesses) name a channel session's
+    state, deposit, signed, charged, refunded and net spend in the asset's units: open (refund not yet),
+    then refunded by the end (deposit 10 prices, N vouchers signed and charged, the rest refunded)."""
+    stack = x402_channel_stack
+    session_id, _, _ = opened(stack, proxy)
+    price = stack.price
+
+    def units(amount: int) -> str:
+        return format_units(amount, 6)
+
+    deposit, spent, back = units(10 * price), units(N * price), units((10 - N) * price)
+    before = f"open: deposit {deposit}, signed {spent}, charged {spent}, refunded not yet, net spend open"
+    after = (
+        f"refunded: deposit {deposit}, signed {spent}, charged {spent}, refunded {back}, net spend {spent}"
+    )
+    seen: dict[str, tuple[int, str | None]] = {}
+    for name, args in (
+        ("show", ("sessions", "show", session_id)),
+        ("list", ("sessions", "list")),
+        ("end", ("sessions", "end", session_id)),
+        ("show after end", ("sessions", "show", session_id)),
+    ):
+        done = proxy.admin_cli(*args)
+        seen[name] = (done.returncode, channel_shown(args[1], session_id, done.stdout))
+    assert seen == {
+        "show": (0, before),
+        "list": (0, before),
+        "end": (0, after),
+        "show after end": (0, after),
+    }
 
 
 def test_ttl_expiry_is_refunded_by_the_sweep(x402_channel_stack: ChannelStack, tmp_path: Path) -> None:
