@@ -16,11 +16,21 @@ relay saw the server take (the proxy's request in -> the server's answer out): t
 plus two loopback hops. The figure for the channel is its median; the session hit's is shown next to it
 (what any proxied request costs on this path) and the difference (what the channel adds).
 
-Throughput. wrk (`-t1 -cC`, CPU 0) straight to the server through the proxy: channel requests spread at
-random over K open channels (`/paid/many/1..K`, a scope and so a channel each; one channel carries
-one request at a time, as the seller requires) against session hits on `/s/x`, interleaved rounds.
-Also the proxy's CPU per request (utime+stime over wrk's count) and the ratio of those: the rate the
-proxy could carry on its own CPU, whoever the bottleneck is on this machine.
+Throughput, two ways, each channel requests against session hits in interleaved wrk rounds (`-t1 -cC`,
+CPU 0), channel requests spread at random over K open channels (`/paid/many/1..K`, a scope and so a
+channel each; one channel carries one request at a time, as the seller requires):
+
+- proxy-bound (the target): the proxy is the only thing that works per request. The K channels are
+  opened through an nginx in front of the SDK's server (proxy_pass: real deposits, real first
+  vouchers); then nginx is reloaded to answer by itself: a voucher request with 200 and the
+  PAYMENT-RESPONSE the SDK's server gave a real voucher (its `chargedAmount`, without the per-request
+  `channelState`, so the proxy's table advances by one price per answer, by the SDK's rules), a
+  session hit with 200. nginx checks no voucher: what the seller's check costs is the other row. So
+  both rows measure the proxy's path with the same trivial upstream, as bench/session_hits.py does.
+- with the SDK's seller: straight to the SDK's resource server, which checks each voucher (a signature
+  recovery and its channel bookkeeping, ms of CPU on the load generator's CPU): bound by the seller.
+
+Also, per way, the proxy's CPU per request (utime+stime over wrk's count).
 
     .venv/bin/python bench/channel_requests.py [--rounds 5 --duration 4 --connections 16 --channels 16
                                                 --requests 200 --nice -15]
@@ -29,7 +39,9 @@ proxy could carry on its own CPU, whoever the bottleneck is on this machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -47,6 +59,7 @@ from bench.session_hits import lease_session, seed_sqlite  # noqa: E402
 from tests.stack.channels import ChannelStack, start_channel_stack  # noqa: E402
 from tests.support.admin import AdminProxy  # noqa: E402
 from tests.support.channels import channel_config, channels  # noqa: E402
+from tests.support.processes import free_port  # noqa: E402
 
 OVERHEAD_TARGET_MS = 2.0
 THROUGHPUT_TARGET = 0.5
@@ -157,6 +170,101 @@ def many_script(base: str, k: int) -> str:
     )
 
 
+def open_channels(proxy: AdminProxy, base: str, k: int, *, expected_open: int) -> None:
+    """A deposit on each of `base`1..k, before any load."""
+    opener = RawClient(proxy.port)
+    for i in range(1, k + 1):
+        _, status, head = opener.get(f"{base}{i}")
+        if status != 200:
+            raise RuntimeError(f"opening channel {base}{i}: {status} {head[:300]!r}")
+    opener.close()
+    opened = [c for c in channels(proxy) if c["state"] == "open"]
+    if len(opened) != expected_open:
+        raise RuntimeError(f"{len(opened)} open channels, expected {expected_open}")
+
+
+def throughput(
+    proxy: AdminProxy, scripts: dict[str, str], args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    """Interleaved wrk rounds of each script; medians, ratio channel / session hit, proxy CPU."""
+    for script in scripts.values():
+        harness.wrk(proxy.port, script, args.warmup, args.connections, work, proxy.pid())
+    rounds: dict[str, list[harness.WrkRound]] = {name: [] for name in scripts}
+    for _ in range(args.rounds):
+        for name, script in scripts.items():
+            rounds[name].append(
+                harness.wrk(proxy.port, script, args.duration, args.connections, work, proxy.pid())
+            )
+    rps = {name: [r.rps for r in rs] for name, rs in rounds.items()}
+    cpu = {name: harness.median([r.proxy_us_per_request for r in rs]) for name, rs in rounds.items()}
+    ratio = harness.median(rps["channel"]) / harness.median(rps["session_hit"])
+    return {
+        "channel_rps_median": round(harness.median(rps["channel"])),
+        "session_hit_rps_median": round(harness.median(rps["session_hit"])),
+        "ratio": round(ratio, 3),
+        "spread_channel": harness.spread(rps["channel"]),
+        "spread_session_hit": harness.spread(rps["session_hit"]),
+        "proxy_us_per_channel_request": round(cpu["channel"], 1),
+        "proxy_us_per_session_hit": round(cpu["session_hit"], 1),
+        "rounds": rps,
+        "requests": {name: [r.requests for r in rs] for name, rs in rounds.items()},
+    }
+
+
+def forward_block(server_port: int) -> str:
+    """nginx in front of the SDK's server: everything passed through (keep-alive both sides)."""
+    return (
+        f"    location / {{ proxy_pass http://127.0.0.1:{server_port}; proxy_http_version 1.1;\n"
+        '      proxy_set_header Connection ""; }'
+    )
+
+
+def settle_answer(proxy: AdminProxy, url: str) -> str:
+    """The PAYMENT-RESPONSE the SDK's server gave one real voucher, without its per-request
+    `channelState`: the proxy then advances its table by the answer's `chargedAmount`."""
+    from x402.http.utils import safe_base64_decode, safe_base64_encode
+
+    client = RawClient(proxy.port)
+    _, status, head = client.get(url)
+    client.close()
+    if status != 200:
+        raise RuntimeError(f"{url}: {status} {head[:300]!r}")
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"payment-response":
+            answer = json.loads(safe_base64_decode(value.strip().decode()))
+            extra = dict(answer.get("extra") or {})
+            extra.pop("channelState", None)
+            if not str(extra.get("chargedAmount", "")).isdigit():
+                raise RuntimeError(f"no chargedAmount in the seller's answer: {answer}")
+            answer["extra"] = extra
+            return safe_base64_encode(json.dumps(answer, separators=(",", ":")))
+    raise RuntimeError(f"the proxy passed no PAYMENT-RESPONSE on: {head[:500]!r}")
+
+
+def answer_by_itself(work: Path, origin: str, front: subprocess.Popen[bytes], answer: str) -> None:
+    """Reload the front nginx to answer voucher requests (with `answer`) and session hits by itself."""
+    conf = work / "front.conf"
+    body = "x" * 100
+    block = (
+        f'    location /paid/many/ {{ add_header PAYMENT-RESPONSE "{answer}" always; '
+        f'return 200 "{body}"; }}\n'
+        f'    location / {{ return 200 "{body}"; }}'
+    )
+    text = conf.read_text()
+    start = text.index("    location / {")
+    conf.write_text(text[:start] + block + "\n  } }\n")
+    front.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # a request with no payment: 402 from the server, 200 from nginx
+        with socket.create_connection(("127.0.0.1", int(origin.rsplit(":", 1)[1])), 2) as sock:
+            sock.sendall(b"GET /paid/many/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            if sock.recv(64).startswith(b"HTTP/1.1 200"):
+                return
+        time.sleep(0.05)
+    raise RuntimeError("the front nginx did not reload")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
@@ -179,6 +287,7 @@ def main() -> int:
     stack = start_channel_stack(work / "stack", payer_funds=10**6 * 10**6)
     proxy: AdminProxy | None = None
     relay: harness.TimingRelay | None = None
+    front: subprocess.Popen[bytes] | None = None
     result: dict[str, Any] = {}
     try:
         server_port = int(stack.server.rsplit(":", 1)[1])
@@ -188,6 +297,8 @@ def main() -> int:
         home.mkdir(mode=0o700)
         seed_session(home, via_relay, stack)
         seed_session(home, stack.server, stack)
+        front_port = free_port()
+        seed_session(home, f"http://127.0.0.1:{front_port}", stack)
         config = channel_config(
             stack,
             '[log]\nlevel = "warning"\naccess_log = false\n'
@@ -220,69 +331,64 @@ def main() -> int:
             "runs": runs,
         }
 
-        # -- throughput: K channels vs the session hit, straight to the server --------------------
+        # -- throughput, with the SDK's seller: K channels vs the session hit, straight to it -------
         base = f"{stack.server}/paid/many/"
-        opener = RawClient(proxy.port)
-        for i in range(1, args.channels + 1):  # a deposit each, before any load
-            _, status, head = opener.get(f"{base}{i}")
-            if status != 200:
-                raise RuntimeError(f"opening channel {i}: {status} {head[:300]!r}")
-        opener.close()
-        opened = [c for c in channels(proxy) if c["state"] == "open"]
-        if len(opened) != args.channels + 1:
-            raise RuntimeError(f"{len(opened)} open channels, expected {args.channels + 1}")
+        open_channels(proxy, base, args.channels, expected_open=args.channels + 1)
         scripts = {
             "channel": many_script(base, args.channels),
             "session_hit": harness.wrk_script(f"{stack.server}/s/x"),
         }
-        for script in scripts.values():
-            harness.wrk(proxy.port, script, args.warmup, args.connections, work, proxy.pid())
         if args.profile is not None:  # py-spy (pip install py-spy) on the proxy during one channel round
             spy_argv = ["py-spy", "record", "-r", "500", "-d", str(args.duration), "-f", "raw", "-t"]
             spy = subprocess.Popen([*spy_argv, "-o", str(args.profile), "-p", str(proxy.pid())])
             harness.wrk(proxy.port, scripts["channel"], args.duration, args.connections, work, proxy.pid())
             spy.wait(60)
-        rounds: dict[str, list[harness.WrkRound]] = {name: [] for name in scripts}
-        for _ in range(args.rounds):
-            for name, script in scripts.items():
-                rounds[name].append(
-                    harness.wrk(proxy.port, script, args.duration, args.connections, work, proxy.pid())
-                )
-        rps = {name: [r.rps for r in rs] for name, rs in rounds.items()}
-        cpu = {name: harness.median([r.proxy_us_per_request for r in rs]) for name, rs in rounds.items()}
-        ratio = harness.median(rps["channel"]) / harness.median(rps["session_hit"])
-        result["throughput"] = {
-            "channel_rps_median": round(harness.median(rps["channel"])),
-            "session_hit_rps_median": round(harness.median(rps["session_hit"])),
-            "ratio": round(ratio, 3),
-            "spread_channel": harness.spread(rps["channel"]),
-            "spread_session_hit": harness.spread(rps["session_hit"]),
-            "proxy_us_per_channel_request": round(cpu["channel"], 1),
-            "proxy_us_per_session_hit": round(cpu["session_hit"], 1),
-            "proxy_cpu_capacity_ratio": round(cpu["session_hit"] / cpu["channel"], 3),
-            "target": THROUGHPUT_TARGET,
-            "status": harness.verdict(ratio >= THROUGHPUT_TARGET),
-            "rounds": rps,
+        result["throughput_sdk_seller"] = throughput(proxy, scripts, args, work)
+
+        # -- throughput, proxy-bound: the same through nginx answering by itself -------------------
+        front = harness.start_nginx(work, front_port, forward_block(server_port), name="front")
+        front_origin = f"http://127.0.0.1:{front_port}"
+        front_base = f"{front_origin}/paid/many/"
+        open_channels(proxy, front_base, args.channels, expected_open=2 * args.channels + 1)
+        answer = settle_answer(proxy, f"{front_base}1")
+        answer_by_itself(work, front_origin, front, answer)
+        scripts = {
+            "channel": many_script(front_base, args.channels),
+            "session_hit": harness.wrk_script(f"{front_origin}/s/x"),
         }
-        # Every request on a channel was charged by the seller: our table agrees with the count.
-        charged = sum(c["charged"] for c in channels(proxy)) // stack.price
-        result["channel_requests_charged"] = charged
+        before = sum(c["charged"] for c in channels(proxy))
+        result["throughput"] = throughput(proxy, scripts, args, work)
+        # Every channel request wrk counted was answered and charged by the SDK's rules: our table
+        # advanced by one price per answer (read once the proxy has written its last answers).
+        proxy.stop()
+        after = sum(c["charged"] for c in channels(proxy))
+        counted = sum(result["throughput"]["requests"]["channel"])
+        result["proxy_bound_channel_requests"] = {
+            "counted_by_wrk": counted,
+            "charged": (after - before) // stack.price,
+        }
     finally:
         if proxy is not None:
             proxy.stop()
         if relay is not None:
             relay.stop()
+        harness.stop(front)
         stack.stop()
-    over, thr = result["overhead"], result["throughput"]
+    over, thr, sdk = result["overhead"], result["throughput"], result["throughput_sdk_seller"]
     lines = [
         f"request on an open channel: proxy-side {over['channel_ms_median']} ms median "
         f"(session hit {over['session_hit_ms_median']} ms, +{over['channel_minus_hit_ms']} ms) "
         f"(<= {OVERHEAD_TARGET_MS} ms) {over['status']}",
-        f"channel requests {thr['channel_rps_median']} req/s vs session hits {thr['session_hit_rps_median']} "
-        f"req/s, ratio {thr['ratio']} (>= {THROUGHPUT_TARGET}) {thr['status']}; proxy CPU per request "
-        f"{thr['proxy_us_per_channel_request']} us vs {thr['proxy_us_per_session_hit']} us "
-        f"(capacity ratio {thr['proxy_cpu_capacity_ratio']})",
+        f"proxy-bound: channel requests {thr['channel_rps_median']} req/s vs session hits "
+        f"{thr['session_hit_rps_median']} req/s, ratio {thr['ratio']} (>= {THROUGHPUT_TARGET}) "
+        f"{harness.verdict(thr['ratio'] >= THROUGHPUT_TARGET)}; proxy CPU per request "
+        f"{thr['proxy_us_per_channel_request']} us vs {thr['proxy_us_per_session_hit']} us",
+        f"with the SDK's seller (bound by its voucher check): {sdk['channel_rps_median']} req/s vs "
+        f"{sdk['session_hit_rps_median']} req/s, ratio {sdk['ratio']}; proxy CPU per request "
+        f"{sdk['proxy_us_per_channel_request']} us vs {sdk['proxy_us_per_session_hit']} us",
     ]
+    result["throughput"]["target"] = THROUGHPUT_TARGET
+    result["throughput"]["status"] = harness.verdict(thr["ratio"] >= THROUGHPUT_TARGET)
     result["verdicts"] = lines
     harness.write_results("channel_requests", result)
     print("\n".join(lines))

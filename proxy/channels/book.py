@@ -1,10 +1,10 @@
 """The proxy's record of its channels: one row per channel, written before anything leaves.
 
-`ChannelBook` is a table of ours in `<home>/channels.db` (SQLite, WAL, synchronous=FULL: every write is
-durable when the call returns). A row holds what the proxy itself knows: the channel id and salt, the
-URL and requirements it was opened for, the deposit (and its ledger row), the highest cumulative
-voucher *signed* (persisted before that voucher is sent), the cumulative amount the seller *charged*
-(from its answers), what a refund *claimed* and *refunded*, and the state:
+`ChannelBook` is a table of ours in `<home>/channels.db` (SQLite, WAL; what is durable when, below).
+A row holds what the proxy itself knows: the channel id and salt, the URL and requirements it was
+opened for, the deposit (and its ledger row), the highest cumulative voucher *signed* (persisted before
+that voucher is sent), the cumulative amount the seller *charged* (from its answers), what a refund
+*claimed* and *refunded*, and the state:
 
     opening   deposit signed (or about to be); its answer not seen yet
     open      deposit confirmed; vouchers ride on it
@@ -15,11 +15,18 @@ voucher *signed* (persisted before that voucher is sent), the cumulative amount 
 `BookStorage(book)` is the SDK's `ClientChannelStorage` over the same table (the SDK's own context
 kept as JSON in the row), so the SDK's view and ours live in one place and survive a restart.
 
-Durability: every write is committed with synchronous=FULL (on disk when the call returns) but the
-SDK's context and the `charged` column after an answer, which are committed with synchronous=NORMAL
-(WAL: they survive the process being killed; a power loss may roll back the last few, which the
-corrective 402 resyncs from the seller within what `signed` says, as after a crash between a voucher
-and its answer). `signed`, the deposit and every state change are FULL. The contexts are also kept in
+Durability: the deposit, its ledger link and every state change are committed with synchronous=FULL
+(on disk when the call returns). A voucher's `signed` amount is committed before the voucher leaves,
+with synchronous=NORMAL (WAL: it survives the process being killed at any point, and costs no fsync per
+request); the SDK's context and `charged` after an answer are committed with synchronous=NORMAL too
+(`answered` and `flush`, which keep an answer's context in memory until the next voucher, exist for a
+caller that processes answers on the event loop; the holder does not use them yet). A process killed
+between a voucher and its answer restarts with the context one answer behind: the next voucher is below
+the seller's view and the corrective 402 resyncs it within what `signed` says. A power loss (or an OS
+crash) may also roll back the last few `signed` amounts: the seller's view is then above what our table
+says we signed, the corrective 402 is refused and the channel is retired and refunded; the refund's
+claim is the seller's highest voucher, which we did sign, within the deposit (so nothing moves that the policy
+did not allow, and the chain's claim and refund are what the row records). The contexts are kept in
 memory (this process is the table's only writer), so a voucher reads no row.
 
 PostgreSQL (a fleet's shared store) is not implemented: `[channels]` refuses to start with a
@@ -136,7 +143,8 @@ def _row(row: sqlite3.Row) -> Channel:
 
 
 class ChannelBook:
-    """Blocking, thread-safe; every write committed (durable) before it returns."""
+    """Blocking, thread-safe; every write committed before it returns, but an answer's context
+    (`answered`), which is committed with the next voucher or by `flush`."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -150,6 +158,8 @@ class ChannelBook:
         self._soft = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._soft.execute("PRAGMA synchronous=NORMAL")
         self._contexts: dict[str, BatchSettlementClientContext | None] = {}  # lower-case id -> context
+        # Contexts of answers not committed yet (lower-case id -> context): written with the next voucher.
+        self._unwritten: dict[str, BatchSettlementClientContext] = {}
         self._cache_lock = threading.Lock()  # never held across I/O: a read waits for no fsync
         self._known: set[str] = set()  # channel ids with a row
         try:
@@ -158,6 +168,7 @@ class ChannelBook:
             pass
 
     def close(self) -> None:
+        self.flush()
         with self._lock:
             self._soft.close()
             self._db.close()
@@ -165,6 +176,16 @@ class ChannelBook:
     def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
             return list(self._db.execute(sql, args).fetchall())
+
+    def _rows(self, sql: str, args: tuple[Any, ...] = ()) -> list[Channel]:
+        """Rows as channels, `charged` as of the latest answer (one not committed yet included)."""
+        found = [_row(r) for r in self._exec(sql, args)]
+        with self._cache_lock:
+            for channel in found:
+                unwritten = self._unwritten.get(channel.channel_id)
+                if unwritten is not None and unwritten.charged_cumulative_amount is not None:
+                    channel.charged = int(unwritten.charged_cumulative_amount)
+        return found
 
     def insert(
         self,
@@ -215,32 +236,46 @@ class ChannelBook:
         return False
 
     def get(self, channel_id: str) -> Channel | None:
-        rows = self._exec(f"SELECT {_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id.lower(),))
-        return _row(rows[0]) if rows else None
+        rows = self._rows(f"SELECT {_COLUMNS} FROM channels WHERE channel_id = ?", (channel_id.lower(),))
+        return rows[0] if rows else None
 
     def for_session(self, session_id: str) -> list[Channel]:
-        rows = self._exec(
+        return self._rows(
             f"SELECT {_COLUMNS} FROM channels WHERE session_id = ? ORDER BY opened_at", (session_id,)
         )
-        return [_row(r) for r in rows]
 
     def in_state(self, *states: str) -> list[Channel]:
         marks = ",".join("?" * len(states))
-        rows = self._exec(
+        return self._rows(
             f"SELECT {_COLUMNS} FROM channels WHERE state IN ({marks}) ORDER BY opened_at", states
         )
-        return [_row(r) for r in rows]
 
     def all(self, limit: int = 1000) -> list[Channel]:
-        rows = self._exec(f"SELECT {_COLUMNS} FROM channels ORDER BY opened_at DESC LIMIT ?", (limit,))
-        return [_row(r) for r in rows]
+        return self._rows(f"SELECT {_COLUMNS} FROM channels ORDER BY opened_at DESC LIMIT ?", (limit,))
 
-    def signing(self, channel_id: str, cumulative: int) -> None:
-        """Before a voucher leaves: the highest cumulative amount we ever signed (never lowered)."""
-        self._exec(
-            "UPDATE channels SET signed = MAX(signed, ?) WHERE channel_id = ?",
-            (cumulative, channel_id.lower()),
-        )
+    def signing(self, channel_id: str, cumulative: int, *, durable: bool = False) -> None:
+        """Before a voucher leaves: the highest cumulative amount we ever signed (never lowered), and the
+        context of the answer before it if not written yet, in one commit. NORMAL (see the module's
+        docstring) unless `durable` (the deposit's first voucher: FULL, like the deposit)."""
+        key = channel_id.lower()
+        with self._cache_lock:
+            unwritten = self._unwritten.pop(key, None)
+        with self._lock:
+            db = self._db if durable else self._soft
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if unwritten is not None:
+                    self._write_context(db, key, unwritten)
+                db.execute(
+                    "UPDATE channels SET signed = MAX(signed, ?) WHERE channel_id = ?", (cumulative, key)
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                if unwritten is not None:
+                    with self._cache_lock:
+                        self._unwritten.setdefault(key, unwritten)
+                raise
 
     def update(self, channel_id: str, **fields: Any) -> None:
         allowed = {"session_id", "charged", "claimed", "refunded", "refund_tx", "state", "detail", "ended_at"}
@@ -270,28 +305,56 @@ class ChannelBook:
         return None if cached is None else cached.copy()
 
     def set_context(self, channel_id: str, context: BatchSettlementClientContext | None) -> None:
-        """The SDK's context after an answer, and `charged` with it: one NORMAL commit."""
+        """The SDK's context (its deposit, a corrective 402's resync, a refund), and `charged` with it:
+        one NORMAL commit."""
         key = channel_id.lower()
-        text = None if context is None else json.dumps(context.to_dict())
-        charged = None if context is None else context.charged_cumulative_amount
         with self._cache_lock:
             self._contexts[key] = None if context is None else context.copy()
+            self._unwritten.pop(key, None)  # this one is newer
         with self._lock:
-            if charged is not None:
-                self._soft.execute(
-                    "UPDATE channels SET context = ?, charged = ? WHERE channel_id = ?",
-                    (text, int(charged), key),
-                )
-            else:
-                self._soft.execute("UPDATE channels SET context = ? WHERE channel_id = ?", (text, key))
+            self._write_context(self._soft, key, context)
+
+    def answered(self, channel_id: str, context: BatchSettlementClientContext) -> None:
+        """The SDK's context after a voucher's answer: in memory now, committed with the next voucher
+        (`signing`) or by `flush`. No I/O: called on the event loop."""
+        key = channel_id.lower()
+        with self._cache_lock:
+            self._contexts[key] = context.copy()
+            self._unwritten[key] = context.copy()
+
+    def flush(self) -> None:
+        """Commit the contexts of answers not written yet (NORMAL)."""
+        with self._cache_lock:
+            unwritten, self._unwritten = self._unwritten, {}
+        if not unwritten:
+            return
+        with self._lock:
+            for key, context in unwritten.items():
+                self._write_context(self._soft, key, context)
+
+    @staticmethod
+    def _write_context(
+        db: sqlite3.Connection, key: str, context: BatchSettlementClientContext | None
+    ) -> None:
+        text = None if context is None else json.dumps(context.to_dict())
+        charged = None if context is None else context.charged_cumulative_amount
+        if charged is not None:
+            db.execute(
+                "UPDATE channels SET context = ?, charged = ? WHERE channel_id = ?", (text, int(charged), key)
+            )
+        else:
+            db.execute("UPDATE channels SET context = ? WHERE channel_id = ?", (text, key))
 
 
 class BookStorage:
     """The SDK's `ClientChannelStorage` over our table. Keys are lower-case channel ids; a context for
-    a channel we have no row for (the SDK's recovery probing a salt we never used) is kept in memory."""
+    a channel we have no row for (the SDK's recovery probing a salt we never used) is kept in memory.
+    `answers=True`: the storage a voucher's answer is processed with, on the event loop: its context is
+    kept in memory and committed with the next voucher (`ChannelBook.answered`)."""
 
-    def __init__(self, book: ChannelBook) -> None:
+    def __init__(self, book: ChannelBook, *, answers: bool = False) -> None:
         self._book = book
+        self._answers = answers
         self._loose: dict[str, BatchSettlementClientContext] = {}
 
     def get(self, key: str) -> BatchSettlementClientContext | None:
@@ -299,6 +362,9 @@ class BookStorage:
         return found if found is not None else self._loose.get(key.lower())
 
     def set(self, key: str, context: BatchSettlementClientContext) -> None:
+        if self._answers:
+            self._book.answered(key, context)
+            return
         if not self._book.has(key):
             self._loose[key.lower()] = context.copy()
             return

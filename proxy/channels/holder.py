@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from proxy.channels.book import BookStorage, Channel, ChannelBook
 from proxy.channels.settings import ChannelSettings
-from proxy.channels.vouchers import VoucherSigner, voucher_payload
+from proxy.channels.vouchers import PaymentHeader, VoucherSigner, voucher_payload
 from proxy.engine.exchange import Exchange, Exchanger, Outcome
 from proxy.payments.amounts import parse_decimal, to_budget_units
 from proxy.payments.challenge import Challenge, MalformedChallenge, Requirement, challenge_from_document
@@ -75,6 +75,7 @@ class _Live:
     # channel id as the SDK spells it.
     config: dict[str, Any] | None = None
     sdk_channel_id: str | None = None
+    header: PaymentHeader | None = None
 
 
 class ChannelHolder:
@@ -279,7 +280,7 @@ class ChannelHolder:
                 raise ValueError(f"the SDK built {inner.get('type')!r}, not our deposit of {deposit}")
             if voucher > deposit or voucher != req.amount:
                 raise ValueError(f"first voucher {voucher} is not the price {req.amount} within {deposit}")
-            await asyncio.to_thread(self.book.signing, channel_id, voucher)  # before it leaves
+            await asyncio.to_thread(self.book.signing, channel_id, voucher, durable=True)  # before it leaves
             payload = PaymentPayload(
                 x402_version=2,
                 payload=inner,
@@ -378,9 +379,6 @@ class ChannelHolder:
     async def _voucher(
         self, request: Exchange, session: Session, inner: Exchanger, live: _Live
     ) -> Outcome | None:
-        from x402.http.utils import encode_payment_signature_header
-        from x402.schemas import PaymentPayload
-
         row, payer = live.row, self.payer
         if to_budget_units(row.price, row.decimals) > payer.policy.max_per_payment:
             self._retire(row.channel_id, "the price is over max_per_payment now")
@@ -395,10 +393,9 @@ class ChannelHolder:
                 self._retire(row.channel_id, f"the next voucher ({cumulative}) would exceed the deposit")
                 return None
             row.signed = max(row.signed, cumulative)
-            payload = PaymentPayload(
-                x402_version=2, payload=inner_payload, accepted=live.requirements, resource=row.resource
-            )
-            outcome = await inner(request.with_headers({HEADER: encode_payment_signature_header(payload)}))
+            if live.header is None:
+                live.header = PaymentHeader(live.requirements, row.resource)
+            outcome = await inner(request.with_headers({HEADER: live.header.encode(inner_payload)}))
             status = outcome.response.status
             if status != 402:
                 if 200 <= status < 400:
@@ -487,6 +484,8 @@ class ChannelHolder:
         return None
 
     def _charged(self, live: _Live, outcome: Outcome) -> None:
+        """On a thread: the seller's answer to a voucher, through the SDK's rules; its context and
+        `charged` committed (NORMAL)."""
         from x402.mechanisms.evm.batch_settlement.client import process_payment_response
 
         headers = outcome.response.headers
@@ -527,6 +526,7 @@ class ChannelHolder:
         """Retire channels whose session is over, and (after a reload) those whose deposit the policy
         no longer allows; refund every closing channel. Returns refunds done."""
         now = self.clock()
+        await asyncio.to_thread(self.book.flush)  # answers' contexts not yet written with a voucher
         policy = self.payer.policy
         if policy is not self._policy_checked:
             await self._budget_cut(now)
@@ -605,6 +605,7 @@ class ChannelHolder:
         a time per channel (the sweep and an admin end may both ask): the second finds it done."""
         lock = self._refunding.setdefault(row.channel_id, asyncio.Lock())
         async with lock:
+            await asyncio.to_thread(self.book.flush)
             current = await asyncio.to_thread(self.book.get, row.channel_id)
             if current is None or current.state != "closing":
                 return False

@@ -16,6 +16,11 @@ most of a channel request's cost in the proxy (bench/channel_requests.py). For a
   `sign_voucher` of the same voucher (deterministic signatures, RFC 6979); if it does not (an SDK that
   changed its typed data), every voucher is signed by the SDK's `sign_voucher` instead.
 
+`PaymentHeader` is the PAYMENT-SIGNATURE value for one channel: the SDK's own encoding of its
+`PaymentPayload` (the channel's requirements and resource, dumped once by pydantic) with each voucher's
+payload spliced in, instead of a pydantic model built and dumped per request; checked byte for byte
+against `encode_payment_signature_header` when built (or every header is encoded by the SDK).
+
 The amount rules are the SDK's: the base is the context's `chargedCumulativeAmount`, the voucher is base
 + price; no balance (a deposit would be needed) or base + price above the balance (a top-up) means no
 voucher: the holder retires the channel, as it did when the SDK built a deposit payload.
@@ -23,6 +28,8 @@ voucher: the holder retires the channel, as it did when the SDK built a deposit 
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from typing import Any
 
@@ -94,3 +101,49 @@ class VoucherSigner:
 def voucher_payload(config_dict: dict[str, Any], voucher: Any) -> dict[str, Any]:
     """The SDK's `VoucherPayload(...).to_dict()` with the channel's config dict built once."""
     return {"type": "voucher", "channelConfig": config_dict, "voucher": voucher.to_dict()}
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class PaymentHeader:
+    """PAYMENT-SIGNATURE values of one channel's vouchers (see the module docstring)."""
+
+    _HOLE = {"x402-proxy-voucher-payload": 0}
+
+    def __init__(self, requirements: Any, resource: Any) -> None:
+        self._requirements = requirements
+        self._resource = resource
+        text = self._sdk_json(self._HOLE)
+        hole = _compact(self._HOLE)
+        before, found, after = text.partition(hole)
+        self._parts: tuple[str, str] | None = (before, after) if found and hole not in after else None
+        sample = voucher_payload({"sample": "x"}, _SampleVoucher())
+        if self._parts is not None and self.encode(sample) != self._sdk_encode(sample):
+            self._parts = None
+        if self._parts is None:
+            log.warning("vouchers: the SDK's payload encoding changed; each header is encoded by the SDK")
+
+    def _sdk_json(self, inner: dict[str, Any]) -> str:
+        from x402.schemas import PaymentPayload
+
+        payload = PaymentPayload(
+            x402_version=2, payload=inner, accepted=self._requirements, resource=self._resource
+        )
+        return payload.model_dump_json(by_alias=True, exclude_none=True)
+
+    def _sdk_encode(self, inner: dict[str, Any]) -> str:
+        return base64.b64encode(self._sdk_json(inner).encode()).decode()
+
+    def encode(self, inner: dict[str, Any]) -> str:
+        """The header value for a voucher's payload (`voucher_payload`)."""
+        if self._parts is None:
+            return self._sdk_encode(inner)
+        before, after = self._parts
+        return base64.b64encode((before + _compact(inner) + after).encode()).decode()
+
+
+class _SampleVoucher:
+    def to_dict(self) -> dict[str, Any]:
+        return {"channelId": "0x" + "11" * 32, "maxClaimableAmount": "12345", "signature": "0x" + "ab" * 65}
