@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Iterator
+
+import pytest
 
 from tests.stack import fixtures as _stack_fixtures
 from tests.stack.channels import ChannelStack, wait_for
@@ -27,6 +30,17 @@ from tests.support.paying_proxy import ledger
 
 x402_channel_stack = _stack_fixtures.x402_channel_stack
 proxy = _channels_support.proxy
+
+
+@pytest.fixture(autouse=True)
+def _refund_what_is_left(proxy: AdminProxy) -> Iterator[None]:
+    """After each test, every channel it left open is ended and refunded: the stack is shared, and the
+    seller's next batch claim (tests/test_channels_stack.py asserts the receiver's totals) would
+    otherwise claim these channels' vouchers too."""
+    yield
+    for session_id in {r["session_id"] for r in channels(proxy) if r["state"] == "open" and r["session_id"]}:
+        proxy.call("DELETE", f"/sessions/{session_id}")
+    assert wait_for(lambda: all(c["state"] in FINAL_STATES for c in channels(proxy)), 30), channels(proxy)
 
 APPLIED = "configuration reloaded: "
 NEEDS_RESTART = "changed but only applied at the next start: "
