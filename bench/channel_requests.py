@@ -48,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -184,17 +185,29 @@ def open_channels(proxy: AdminProxy, base: str, k: int, *, expected_open: int) -
 
 
 def throughput(
-    proxy: AdminProxy, scripts: dict[str, str], args: argparse.Namespace, work: Path
+    proxy: AdminProxy,
+    scripts: dict[str, str],
+    args: argparse.Namespace,
+    work: Path,
+    warmed: Callable[[], None] = lambda: None,
 ) -> dict[str, Any]:
-    """Interleaved wrk rounds of each script; medians, ratio channel / session hit, proxy CPU."""
+    """Interleaved wrk rounds of each script; medians, ratio channel / session hit, proxy CPU.
+    `warmed` runs between the warm-up and the counted rounds; with --profile, py-spy samples the
+    proxy during one more channel round after them."""
     for script in scripts.values():
         harness.wrk(proxy.port, script, args.warmup, args.connections, work, proxy.pid())
+    warmed()
     rounds: dict[str, list[harness.WrkRound]] = {name: [] for name in scripts}
     for _ in range(args.rounds):
         for name, script in scripts.items():
             rounds[name].append(
                 harness.wrk(proxy.port, script, args.duration, args.connections, work, proxy.pid())
             )
+    if args.profile is not None:  # py-spy (pip install py-spy)
+        spy_argv = ["py-spy", "record", "-r", "500", "-d", str(args.duration), "-f", "raw", "-t"]
+        spy = subprocess.Popen([*spy_argv, "-o", str(args.profile), "-p", str(proxy.pid())])
+        harness.wrk(proxy.port, scripts["channel"], args.duration, args.connections, work, proxy.pid())
+        spy.wait(60)
     rps = {name: [r.rps for r in rs] for name, rs in rounds.items()}
     cpu = {name: harness.median([r.proxy_us_per_request for r in rs]) for name, rs in rounds.items()}
     ratio = harness.median(rps["channel"]) / harness.median(rps["session_hit"])
@@ -275,7 +288,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="sequential requests per overhead run")
     parser.add_argument("--overhead-runs", type=int, default=3, help="overhead runs, interleaved")
     parser.add_argument("--nice", type=int, default=None, help="priority mode (root), as bench/run.py")
-    parser.add_argument("--profile", type=Path, default=None, help="py-spy the proxy in a channel round")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy the proxy in a proxy-bound round")
+    parser.add_argument("--proxy-bound-only", action="store_true", help="skip the SDK-seller rows")
     args = parser.parse_args()
     missing = harness.require("wrk", "taskset")
     if missing:
@@ -338,12 +352,10 @@ def main() -> int:
             "channel": many_script(base, args.channels),
             "session_hit": harness.wrk_script(f"{stack.server}/s/x"),
         }
-        if args.profile is not None:  # py-spy (pip install py-spy) on the proxy during one channel round
-            spy_argv = ["py-spy", "record", "-r", "500", "-d", str(args.duration), "-f", "raw", "-t"]
-            spy = subprocess.Popen([*spy_argv, "-o", str(args.profile), "-p", str(proxy.pid())])
-            harness.wrk(proxy.port, scripts["channel"], args.duration, args.connections, work, proxy.pid())
-            spy.wait(60)
-        result["throughput_sdk_seller"] = throughput(proxy, scripts, args, work)
+        if not args.proxy_bound_only:
+            result["throughput_sdk_seller"] = throughput(
+                proxy, scripts, argparse.Namespace(**{**vars(args), "profile": None}), work
+            )
 
         # -- throughput, proxy-bound: the same through nginx answering by itself -------------------
         front = harness.start_nginx(work, front_port, forward_block(server_port), name="front")
@@ -356,8 +368,13 @@ def main() -> int:
             "channel": many_script(front_base, args.channels),
             "session_hit": harness.wrk_script(f"{front_origin}/s/x"),
         }
-        before = sum(c["charged"] for c in channels(proxy))
-        result["throughput"] = throughput(proxy, scripts, args, work)
+        before = 0
+
+        def warmed() -> None:
+            nonlocal before
+            before = sum(c["charged"] for c in channels(proxy))
+
+        result["throughput"] = throughput(proxy, scripts, args, work, warmed)
         # Every channel request wrk counted was answered and charged by the SDK's rules: our table
         # advanced by one price per answer (read once the proxy has written its last answers).
         proxy.stop()
@@ -374,7 +391,7 @@ def main() -> int:
             relay.stop()
         harness.stop(front)
         stack.stop()
-    over, thr, sdk = result["overhead"], result["throughput"], result["throughput_sdk_seller"]
+    over, thr = result["overhead"], result["throughput"]
     lines = [
         f"request on an open channel: proxy-side {over['channel_ms_median']} ms median "
         f"(session hit {over['session_hit_ms_median']} ms, +{over['channel_minus_hit_ms']} ms) "
@@ -383,10 +400,14 @@ def main() -> int:
         f"{thr['session_hit_rps_median']} req/s, ratio {thr['ratio']} (>= {THROUGHPUT_TARGET}) "
         f"{harness.verdict(thr['ratio'] >= THROUGHPUT_TARGET)}; proxy CPU per request "
         f"{thr['proxy_us_per_channel_request']} us vs {thr['proxy_us_per_session_hit']} us",
-        f"with the SDK's seller (bound by its voucher check): {sdk['channel_rps_median']} req/s vs "
-        f"{sdk['session_hit_rps_median']} req/s, ratio {sdk['ratio']}; proxy CPU per request "
-        f"{sdk['proxy_us_per_channel_request']} us vs {sdk['proxy_us_per_session_hit']} us",
     ]
+    sdk = result.get("throughput_sdk_seller")
+    if sdk is not None:
+        lines.append(
+            f"with the SDK's seller (bound by its voucher check): {sdk['channel_rps_median']} req/s vs "
+            f"{sdk['session_hit_rps_median']} req/s, ratio {sdk['ratio']}; proxy CPU per request "
+            f"{sdk['proxy_us_per_channel_request']} us vs {sdk['proxy_us_per_session_hit']} us"
+        )
     result["throughput"]["target"] = THROUGHPUT_TARGET
     result["throughput"]["status"] = harness.verdict(thr["ratio"] >= THROUGHPUT_TARGET)
     result["verdicts"] = lines

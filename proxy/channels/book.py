@@ -18,9 +18,10 @@ kept as JSON in the row), so the SDK's view and ours live in one place and survi
 Durability: the deposit, its ledger link and every state change are committed with synchronous=FULL
 (on disk when the call returns). A voucher's `signed` amount is committed before the voucher leaves,
 with synchronous=NORMAL (WAL: it survives the process being killed at any point, and costs no fsync per
-request); the SDK's context and `charged` after an answer are committed with synchronous=NORMAL too
-(`answered` and `flush`, which keep an answer's context in memory until the next voucher, exist for a
-caller that processes answers on the event loop; the holder does not use them yet). A process killed
+request); the SDK's context and `charged` after an answer are committed with synchronous=NORMAL too,
+before the answer goes back to the client. Both are the holder's per-request writes: awaited on the
+event loop, committed off it by one writer thread in batches (`GroupCommit`: `signed`, `answered` +
+`write_answer`); the answer's context is processed on the loop and kept in memory until committed. A process killed
 between a voucher and its answer restarts with the context one answer behind: the next voucher is below
 the seller's view and the corrective 402 resyncs it within what `signed` says. A power loss (or an OS
 crash) may also roll back the last few `signed` amounts: the seller's view is then above what our table
@@ -37,10 +38,13 @@ PostgreSQL (a fleet's shared store) is not implemented: `[channels]` refuses to 
 
 from __future__ import annotations
 
+import asyncio
 import json
+import queue
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +146,123 @@ def _row(row: sqlite3.Row) -> Channel:
     return Channel(**data)
 
 
+# A write: its statements on the writer's connection (inside the batch's transaction); what it returns,
+# if anything, runs once that transaction is committed.
+_Write = Callable[[sqlite3.Connection], Callable[[], None] | None]
+_Job = tuple[_Write, "asyncio.Future[None]", asyncio.AbstractEventLoop]
+
+
+class GroupCommit:
+    """The per-request writes of open channels (a voucher's `signed`, an answer's context), awaited on
+    the event loop and committed off it: one thread with its own NORMAL connection takes every write
+    queued meanwhile and commits them in one transaction, then wakes the loop once for the batch. So a
+    channel request costs the loop a future, not a thread hop, and N concurrent requests one commit.
+    A batch that fails is retried write by write, so one bad write fails only its own request."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, write: _Write) -> asyncio.Future[None]:
+        """Queue `write`; the future is done once it is committed (or carries its error)."""
+        if self._closed:
+            raise RuntimeError("the channel book is closed")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="channel-book", daemon=True)
+                self._thread.start()
+        self._queue.put((write, done, loop))
+        return done
+
+    def close(self) -> None:
+        self._closed = True
+        with self._start_lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(10)
+
+    def _run(self) -> None:
+        db = sqlite3.connect(str(self._path), isolation_level=None)
+        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            while True:
+                job = self._queue.get()
+                if job is None:
+                    return
+                batch = [job]
+                while True:
+                    try:
+                        more = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        self._queue.put(None)  # stop after this batch
+                        break
+                    batch.append(more)
+                self._settle(batch, self._commit(db, [write for write, _, _ in batch]))
+        finally:
+            db.close()
+
+    @staticmethod
+    def _commit(db: sqlite3.Connection, writes: list[_Write]) -> list[BaseException | None]:
+        def one_transaction(group: list[_Write]) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                after = [write(db) for write in group]
+                db.execute("COMMIT")
+            except BaseException:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass  # SQLite rolled it back itself
+                raise
+            for committed in after:
+                if committed is not None:
+                    committed()
+
+        try:
+            one_transaction(writes)
+            return [None] * len(writes)
+        except Exception as exc:
+            if len(writes) == 1:
+                return [exc]
+        errors: list[BaseException | None] = []
+        for write in writes:
+            try:
+                one_transaction([write])
+                errors.append(None)
+            except Exception as exc:
+                errors.append(exc)
+        return errors
+
+    @staticmethod
+    def _settle(batch: list[_Job], errors: list[BaseException | None]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]] = {}
+        for (_, done, loop), error in zip(batch, errors, strict=True):
+            by_loop.setdefault(loop, []).append((done, error))
+        for loop, results in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_resolve, results)
+            except RuntimeError:
+                pass  # that loop is closed: nobody waits
+
+
+def _resolve(results: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    for done, error in results:
+        if done.done():
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+
 class ChannelBook:
     """Blocking, thread-safe; every write committed before it returns, but an answer's context
     (`answered`), which is committed with the next voucher or by `flush`."""
@@ -162,12 +283,14 @@ class ChannelBook:
         self._unwritten: dict[str, BatchSettlementClientContext] = {}
         self._cache_lock = threading.Lock()  # never held across I/O: a read waits for no fsync
         self._known: set[str] = set()  # channel ids with a row
+        self._group = GroupCommit(path)
         try:
             path.chmod(0o600)
         except OSError:
             pass
 
     def close(self) -> None:
+        self._group.close()
         self.flush()
         with self._lock:
             self._soft.close()
@@ -276,6 +399,51 @@ class ChannelBook:
                     with self._cache_lock:
                         self._unwritten.setdefault(key, unwritten)
                 raise
+
+    def _context_write(self, db: sqlite3.Connection, key: str) -> Callable[[], None] | None:
+        """Write the context `answered` kept for `key`, if any; forget it once committed (if no newer
+        answer replaced it meanwhile)."""
+        with self._cache_lock:
+            unwritten = self._unwritten.get(key)
+        if unwritten is None:
+            return None
+        self._write_context(db, key, unwritten)
+
+        def committed() -> None:
+            with self._cache_lock:
+                if self._unwritten.get(key) is unwritten:
+                    del self._unwritten[key]
+
+        return committed
+
+    async def signed(self, channel_id: str, cumulative: int) -> None:
+        """`signing` (NORMAL) from the event loop, committed by the group writer (`GroupCommit`)."""
+        key = channel_id.lower()
+
+        def write(db: sqlite3.Connection) -> Callable[[], None] | None:
+            committed = self._context_write(db, key)
+            db.execute("UPDATE channels SET signed = MAX(signed, ?) WHERE channel_id = ?", (cumulative, key))
+            return committed
+
+        await self._group.submit(write)
+
+    async def write_answer(self, channel_id: str) -> None:
+        """Commit the context `answered` kept for this channel (NORMAL), by the group writer; nothing to
+        do if none is kept. A failed commit keeps it in memory for the next voucher's commit."""
+        key = channel_id.lower()
+        with self._cache_lock:
+            if key not in self._unwritten:
+                return
+        await self._group.submit(lambda db: self._context_write(db, key))
+
+    def cached_context(self, channel_id: str) -> tuple[bool, BatchSettlementClientContext | None]:
+        """(known, a copy of the context) from memory only; known=False: `context` would read the row."""
+        key = channel_id.lower()
+        with self._cache_lock:
+            if key not in self._contexts:
+                return False, None
+            cached = self._contexts[key]
+        return True, None if cached is None else cached.copy()
 
     def update(self, channel_id: str, **fields: Any) -> None:
         allowed = {"session_id", "charged", "claimed", "refunded", "refund_tx", "state", "detail", "ended_at"}

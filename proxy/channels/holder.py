@@ -93,6 +93,7 @@ class ChannelHolder:
         self.manager = manager
         self.book = book
         self.storage = BookStorage(book)
+        self.answers = BookStorage(book, answers=True)  # a voucher's answer, processed on the loop
         self.rpc_url = rpc_url
         self.clock = clock
         self._live: dict[str, _Live] = {}  # channel id -> open channel
@@ -388,10 +389,14 @@ class ChannelHolder:
             if row.charged + row.price > row.deposit:
                 self._retire(row.channel_id, "deposit used up")
                 return None
-            inner_payload, cumulative, sendable = await asyncio.to_thread(self._sign, live)
+            voucher = self._next_voucher(live)
+            if voucher is None:  # no context in memory: read from our table, or built by the SDK
+                voucher = await asyncio.to_thread(self._sdk_voucher, live)
+            inner_payload, cumulative, sendable = voucher
             if not sendable:
                 self._retire(row.channel_id, f"the next voucher ({cumulative}) would exceed the deposit")
                 return None
+            await self.book.signed(row.channel_id, cumulative)  # committed before it leaves
             row.signed = max(row.signed, cumulative)
             if live.header is None:
                 live.header = PaymentHeader(live.requirements, row.resource)
@@ -399,7 +404,8 @@ class ChannelHolder:
             status = outcome.response.status
             if status != 402:
                 if 200 <= status < 400:
-                    await asyncio.to_thread(self._charged, live, outcome)
+                    self._charged(live, outcome)
+                    await self.book.write_answer(row.channel_id)
                 if self.manager is not None:
                     self.manager.touch(session, self.clock())
                 outcome.session_id = session.id
@@ -429,34 +435,38 @@ class ChannelHolder:
             outcome.session_id = session.id
             return outcome
 
-    def _sign(self, live: _Live) -> tuple[dict[str, Any], int, bool]:
-        """On a thread: the next voucher and whether it may be sent (a voucher, within the balance and
-        the deposit); if so its cumulative amount is persisted (FULL) before this returns, so before it
-        leaves. From the SDK's context in our table (proxy/channels/vouchers.py); without one, the SDK
-        builds it (it recovers the channel from the chain)."""
+    def _next_voucher(self, live: _Live) -> tuple[dict[str, Any], int, bool] | None:
+        """On the event loop, no I/O: the next voucher from the SDK's context held in memory
+        (proxy/channels/vouchers.py), and whether it may be sent (within the balance and the deposit).
+        None when the context is not in memory yet: `_sdk_voucher` on a thread."""
         row = live.row
-        context = self.storage.get(row.channel_id)
-        if context is None:
-            inner: dict[str, Any] = live.scheme.create_payment_payload(live.requirements)
-            cumulative = int(inner["voucher"]["maxClaimableAmount"])
-            sendable = inner.get("type") == "voucher" and cumulative <= row.deposit
-        else:
-            balance = int(context.balance or "0")
-            cumulative = int(context.charged_cumulative_amount or "0") + int(live.requirements.amount)
-            sendable = 0 < cumulative <= min(balance, row.deposit)
-            inner = {}
-            if sendable:
-                if live.config is None or live.sdk_channel_id is None:
-                    from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
+        known, context = self.book.cached_context(row.channel_id)
+        if not known or context is None:
+            return None
+        balance = int(context.balance or "0")
+        cumulative = int(context.charged_cumulative_amount or "0") + int(live.requirements.amount)
+        sendable = 0 < cumulative <= min(balance, row.deposit)
+        if not sendable:
+            return {}, cumulative, False
+        if live.config is None or live.sdk_channel_id is None:
+            from x402.mechanisms.evm.batch_settlement.utils import compute_channel_id
 
-                    config = live.scheme.build_channel_config(live.requirements)
-                    live.sdk_channel_id = str(compute_channel_id(config, row.network))
-                    live.config = config.to_dict()
-                voucher = self._voucher_signer(row.network).sign(live.sdk_channel_id, cumulative)
-                inner = voucher_payload(live.config, voucher)
-        if sendable:
-            self.book.signing(row.channel_id, cumulative)
-        return inner, cumulative, sendable
+            config = live.scheme.build_channel_config(live.requirements)
+            live.sdk_channel_id = str(compute_channel_id(config, row.network))
+            live.config = config.to_dict()
+        voucher = self._voucher_signer(row.network).sign(live.sdk_channel_id, cumulative)
+        return voucher_payload(live.config, voucher), cumulative, True
+
+    def _sdk_voucher(self, live: _Live) -> tuple[dict[str, Any], int, bool]:
+        """On a thread: the voucher as `_next_voucher`, the context read from our table, or built by
+        the SDK when there is none (it recovers the channel from the chain)."""
+        context = self.storage.get(live.row.channel_id)  # now in memory for the next voucher
+        voucher = self._next_voucher(live) if context is not None else None
+        if voucher is not None:
+            return voucher
+        inner = live.scheme.create_payment_payload(live.requirements)
+        cumulative = int(inner["voucher"]["maxClaimableAmount"])
+        return inner, cumulative, inner.get("type") == "voucher" and cumulative <= live.row.deposit
 
     def _voucher_signer(self, network: str) -> VoucherSigner:
         signer = self._vouchers.get(network)
@@ -484,13 +494,13 @@ class ChannelHolder:
         return None
 
     def _charged(self, live: _Live, outcome: Outcome) -> None:
-        """On a thread: the seller's answer to a voucher, through the SDK's rules; its context and
-        `charged` committed (NORMAL)."""
+        """The seller's answer to a voucher, through the SDK's rules, on the event loop: its context
+        kept in memory (`ChannelBook.answered`), committed next by `write_answer`."""
         from x402.mechanisms.evm.batch_settlement.client import process_payment_response
 
         headers = outcome.response.headers
         process_payment_response(
-            self.storage,
+            self.answers,
             headers.get,
             {"channel_id": live.row.channel_id, "request_amount": str(live.row.price)},
         )

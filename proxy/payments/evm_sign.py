@@ -16,6 +16,7 @@ reference facilitators. Anything else (Permit2, upto, keystores) still goes thro
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Final
 
 from coincurve import PrivateKey
@@ -112,11 +113,18 @@ def personal_digest(message: bytes) -> bytes:
     return keccak256(b"\x19Ethereum Signed Message:\n" + str(len(message)).encode("ascii") + message)
 
 
+@lru_cache(maxsize=4)
+def _private_key(secret: bytes) -> PrivateKey:
+    """Built once per wallet key: coincurve derives the public key (~0.1 ms, more than a signature)
+    when a PrivateKey is made. A few entries: a reloaded wallet's old key ages out."""
+    return PrivateKey(secret)
+
+
 def sign_digest(secret: bytes, digest: bytes) -> bytes:
     """65 bytes r || s || v with v = 27 or 28, as Ethereum wallets and eth-account sign."""
     if len(digest) != WORD:
         raise ValueError("a digest is 32 bytes")
-    signature = PrivateKey(secret).sign_recoverable(digest, hasher=None)
+    signature = _private_key(secret).sign_recoverable(digest, hasher=None)
     return signature[:64] + bytes([signature[64] + 27])
 
 
