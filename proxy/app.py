@@ -38,7 +38,7 @@ from proxy.sessions.manager import SessionManager
 from proxy.sessions.stage import SessionStage
 from proxy.store.base import AsyncLedgerStore
 from proxy.store.factory import Stores, open_stores
-from proxy.tls.ca import CertificateAuthority
+from proxy.tls.authority import InterceptionCA
 from proxy.tls.trust import upstream_client_context, write_combined_bundle
 from proxy.warmup import BACKENDS, PAID_PATH, SDK_PATH, SIWX_PATH, sdk_needed, warm_up
 
@@ -55,7 +55,7 @@ BALANCE_CACHE_SECONDS = 5.0
 class Runtime:
     config: Config
     home: Path
-    ca: CertificateAuthority
+    ca: InterceptionCA
     bundle: Path
     upstream: Upstream
     server: ProxyServer
@@ -134,7 +134,7 @@ def build_payer(config: Config, store: AsyncLedgerStore, wallet: Wallet | None) 
 
 async def start(config: Config, home: Path) -> Runtime:
     ensure_home(home)
-    ca = CertificateAuthority.load_or_create(home)
+    ca = InterceptionCA.open(home)
     bundle = write_combined_bundle(home, ca.ca_pem_path)
     upstream = Upstream(config.upstream, upstream_client_context(config.upstream.extra_ca_bundle))
     wallet = load_wallet(config.wallet, os.environ)
@@ -156,7 +156,7 @@ async def start(config: Config, home: Path) -> Runtime:
 async def _start(
     config: Config,
     home: Path,
-    ca: CertificateAuthority,
+    ca: InterceptionCA,
     bundle: Path,
     upstream: Upstream,
     wallet: Wallet | None,

@@ -124,7 +124,7 @@ def _run(args: argparse.Namespace, config: Config, home: Path) -> int:
     from proxy.app import run_loop, serve_forever
     from proxy.observability.logs import configure_logging
     from proxy.store.base import StoreError
-    from proxy.tls.ca import CAError
+    from proxy.tls.authority import CAError
 
     configure_logging(config.log.level, config.log.format)
     overrides = _cli_overrides(args)

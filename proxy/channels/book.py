@@ -21,8 +21,9 @@ with synchronous=NORMAL (WAL: it survives the process being killed at any point,
 request); the SDK's context and `charged` after an answer are committed with synchronous=NORMAL too,
 before the answer goes back to the client. Both are the holder's per-request writes: awaited on the
 event loop, committed off it by one writer thread in batches (`GroupCommit`: `signed`, `answered` +
-`write_answer`); the answer's context is processed on the loop and kept in memory until committed. A process killed
-between a voucher and its answer restarts with the context one answer behind: the next voucher is below
+`write_answer`); the answer's context is processed on the loop and kept in memory until committed.
+A process killed between a voucher and its answer restarts with the context one answer behind: the
+next voucher is below
 the seller's view and the corrective 402 resyncs it within what `signed` says. A power loss (or an OS
 crash) may also roll back the last few `signed` amounts: the seller's view is then above what our table
 says we signed, the corrective 402 is refused and the channel is retired and refunded; the refund's

@@ -23,6 +23,8 @@ from proxy.engine.responses import raw_error
 from proxy.engine.settings import ProxySettings, parse_port_ranges
 from proxy.engine.splice import Pending, Splice
 from proxy.hosts import normalize_host, normalize_host_pattern
+from proxy.tls.authority import TLS_MODULES
+from proxy.warmup import load_off_loop
 
 log = logging.getLogger("x402_proxy.front_door")
 
@@ -243,6 +245,8 @@ class FrontDoor(asyncio.Protocol):
             plain.connection_made(transport)
             transport.resume_reading()
             return
+        # The first interception loads the CA's X.509 code off the loop (proxy/tls/authority.py).
+        await load_off_loop(TLS_MODULES)
         try:
             context = self._ctx.leaf_context(authority.host)
         except Exception as exc:

@@ -1,4 +1,7 @@
-"""Local certificate authority and per-host leaf certificates for TLS interception."""
+"""Local certificate authority and per-host leaf certificates for TLS interception.
+
+The running proxy loads this module (and cryptography's X.509 half) at its first interception
+(proxy/tls/authority.py); the CLI and a first start use it directly."""
 
 from __future__ import annotations
 
@@ -11,7 +14,6 @@ import re
 import secrets
 import shutil
 import ssl
-import stat
 import tempfile
 import threading
 import weakref
@@ -26,10 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["CAError", "CertificateAuthority"]
+from proxy.tls.authority import CA_CERT_NAME, CA_KEY_NAME, CAError, read_private_key
 
-CA_CERT_NAME: Final = "ca.pem"
-CA_KEY_NAME: Final = "ca-key.pem"
+__all__ = ["CA_CERT_NAME", "CA_KEY_NAME", "CAError", "CertificateAuthority"]
+
 CA_COMMON_NAME: Final = "x402-proxy local CA"
 CA_VALIDITY: Final = dt.timedelta(days=3650)
 # 397 days: the ceiling browsers enforce on public leaves; some clients apply it to private roots too.
@@ -41,10 +43,6 @@ LEAF_CACHE_SIZE: Final = 1024
 _CN_MAX: Final = 64
 # Underscores are invalid in IDNA labels but occur in real hostnames, so ASCII names skip IDNA.
 _ASCII_HOST: Final = re.compile(r"^[a-z0-9_-]{1,63}(\.[a-z0-9_-]{1,63})*$")
-
-
-class CAError(Exception):
-    """The CA files are missing, unsafe, corrupt or do not belong together."""
 
 
 def _utcnow() -> dt.datetime:
@@ -89,30 +87,6 @@ def _publish_new(path: Path, data: bytes, mode: int) -> bool:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-
-def _read_private_key(path: Path) -> bytes:
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise CAError(f"cannot open CA key {path}: {exc.strerror}") from exc
-    try:
-        # fstat on the open descriptor, so the mode checked is the mode of the file actually read.
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CAError(f"CA key {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise CAError(
-                f"CA key {path} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"run: chmod 600 {path}"
-            )
-        chunks: list[bytes] = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def _ski(cert: x509.Certificate) -> x509.SubjectKeyIdentifier | None:
@@ -246,7 +220,7 @@ class CertificateAuthority:
 
     @staticmethod
     def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
-        data = _read_private_key(path)
+        data = read_private_key(path)
         try:
             key = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
