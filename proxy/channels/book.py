@@ -23,13 +23,12 @@ before the answer goes back to the client. Both are the holder's per-request wri
 event loop, committed off it by one writer thread in batches (`GroupCommit`: `signed`, `answered` +
 `write_answer`); the answer's context is processed on the loop and kept in memory until committed.
 A process killed between a voucher and its answer restarts with the context one answer behind: the
-next voucher is below
-the seller's view and the corrective 402 resyncs it within what `signed` says. A power loss (or an OS
-crash) may also roll back the last few `signed` amounts: the seller's view is then above what our table
-says we signed, the corrective 402 is refused and the channel is retired and refunded; the refund's
-claim is the seller's highest voucher, which we did sign, within the deposit (so nothing moves that the policy
-did not allow, and the chain's claim and refund are what the row records). The contexts are kept in
-memory (this process is the table's only writer), so a voucher reads no row.
+next voucher is below the seller's view and the corrective 402 resyncs it within what `signed` says.
+A power loss (or an OS crash) may also roll back the last few `signed` amounts: the seller's view is
+then above what our table says we signed, the corrective 402 is refused and the channel is retired and
+refunded; the refund's claim is the seller's highest voucher, which we did sign, within the deposit (so
+nothing moves that the policy did not allow, and the chain's claim and refund are what the row records).
+The contexts are kept in memory (this process is the table's only writer), so a voucher reads no row.
 
 PostgreSQL (a fleet's shared store) is not implemented: `[channels]` refuses to start with a
 `[store] url` (a channel must be held by one process: its vouchers are serialized by a local lock).

@@ -14,56 +14,25 @@ yet) creates it with cryptography right away, as before.
 from __future__ import annotations
 
 import base64
-import os
 import re
 import ssl
-import stat
 import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
+
+from proxy.tls.keyfile import CA_CERT_NAME, CA_KEY_NAME, CAError, read_private_key
 
 if TYPE_CHECKING:
     from proxy.tls.ca import CertificateAuthority
 
 __all__ = ["CA_CERT_NAME", "CA_KEY_NAME", "TLS_MODULES", "CAError", "InterceptionCA", "read_private_key"]
 
-CA_CERT_NAME: Final = "ca.pem"
-CA_KEY_NAME: Final = "ca-key.pem"
 # Imported off the loop before the first leaf certificate (front_door.py).
 TLS_MODULES: Final = ("proxy.tls.ca",)
 # id-ecPublicKey (1.2.840.10045.2.1), DER: in every PKCS#8 EC private key.
 _EC_OID: Final = bytes.fromhex("06072a8648ce3d0201")
 _PEM: Final = re.compile(rb"-----BEGIN ([A-Z ]+)-----\s+([A-Za-z0-9+/=\s]+?)-----END \1-----")
-
-
-class CAError(Exception):
-    """The CA files are missing, unsafe, corrupt or do not belong together."""
-
-
-def read_private_key(path: Path) -> bytes:
-    """The key file's bytes, refused unless it is a regular file with no group/other access."""
-    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise CAError(f"cannot open CA key {path}: {exc.strerror}") from exc
-    try:
-        # fstat on the open descriptor, so the mode checked is the mode of the file actually read.
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CAError(f"CA key {path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise CAError(
-                f"CA key {path} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"run: chmod 600 {path}"
-            )
-        chunks: list[bytes] = []
-        while chunk := os.read(fd, 65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 class _Encrypted(Exception):

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from proxy.tls.authority import CA_CERT_NAME, CA_KEY_NAME, CAError, read_private_key
+from proxy.tls.keyfile import CA_CERT_NAME, CA_KEY_NAME, CAError, read_private_key
 
 __all__ = ["CA_CERT_NAME", "CA_KEY_NAME", "CAError", "CertificateAuthority"]
 
