@@ -276,6 +276,9 @@ def main() -> int:
         "--serve", action="store_true", help="then keep the stack and the proxy running for your own requests"
     )
     args = parser.parse_args()
+    # Ctrl-C stops the demo even when it was started with SIGINT ignored (a background job of a
+    # non-interactive shell inherits SIG_IGN, and Python then installs no handler of its own).
+    signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     workdir = Path(tempfile.mkdtemp(prefix="x402-demo-"))
     code = 1
