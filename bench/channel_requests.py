@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -204,7 +205,8 @@ def throughput(
                 harness.wrk(proxy.port, script, args.duration, args.connections, work, proxy.pid())
             )
     if args.profile is not None:  # py-spy (pip install py-spy)
-        spy_argv = ["py-spy", "record", "-r", "500", "-d", str(args.duration), "-f", "raw", "-t"]
+        spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        spy_argv = [spy_bin, "record", "-r", "500", "-d", str(args.duration), "-f", "raw", "-t"]
         spy = subprocess.Popen([*spy_argv, "-o", str(args.profile), "-p", str(proxy.pid())])
         harness.wrk(proxy.port, scripts["channel"], args.duration, args.connections, work, proxy.pid())
         spy.wait(60)
