@@ -205,7 +205,7 @@ async def _start(
         forwarder.wrap(HttpPurchase(flow))
     forwarder.wrap(metrics.outcome_stage)  # one count per proxied request
     forwarder.wrap(access_stage(config.log.access_log))  # outermost: log context and the access line
-    server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context)
+    server = ProxyServer(config.proxy, config.upstream, forwarder, ca.leaf_context_off_loop)
     # The access line is written when the answer is out (bytes written, whole duration); None when off.
     server.set_completion_hook(access_hook(config.log.access_log))
     # Bound, not yet accepting: a client that finds the proxy port open finds the admin port open too.

@@ -132,3 +132,26 @@ def test_a_first_start_creates_the_ca(tmp_path: Path) -> None:
     assert ca.ca_pem_path == home / "ca.pem" and ca.ca_pem_path.exists()
     assert ca.leaf_context("localhost") is ca.leaf_context("localhost")
     assert InterceptionCA.open(home).authority().certificate == ca.authority().certificate
+
+
+def test_the_first_interception_loads_the_ca_off_the_event_loop(tmp_path: Path) -> None:
+    """The proxy's leaf contexts (front_door.py): import, file reads and checks in a worker thread."""
+    home = tmp_path / "home"
+    CertificateAuthority.load_or_create(home)
+    code = (
+        "import asyncio, sys, threading\nfrom pathlib import Path\nfrom proxy.tls.authority import InterceptionCA\n"
+        "reads = []\n"
+        "def audit(event, args):\n"
+        "    if event == 'open' and str(args[0]).endswith('.pem'):\n"
+        "        reads.append(threading.current_thread() is threading.main_thread())\n"
+        "sys.addaudithook(audit)\n"
+        f"ca = InterceptionCA.open(Path({str(home)!r}))\n"
+        "on_loop = len(reads)\n"
+        "asyncio.run(ca.leaf_context_off_loop('example.test'))\n"
+        "print(on_loop, reads[on_loop:])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    checked_at_start, later = out.stdout.split(" ", 1)
+    assert int(checked_at_start) >= 1, out  # the start's check_files, on the main thread
+    # The full load reads key and certificate again, off the loop (the leaf's own temporary file follows).
+    assert later.strip().startswith("[False, False"), out

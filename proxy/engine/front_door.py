@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from proxy.engine import http_semantics as hs
@@ -23,8 +23,6 @@ from proxy.engine.responses import raw_error
 from proxy.engine.settings import ProxySettings, parse_port_ranges
 from proxy.engine.splice import Pending, Splice
 from proxy.hosts import normalize_host, normalize_host_pattern
-from proxy.tls.authority import TLS_MODULES
-from proxy.warmup import load_off_loop
 
 log = logging.getLogger("x402_proxy.front_door")
 
@@ -36,7 +34,7 @@ TLS_HANDSHAKE_TIMEOUT = 15.0
 class FrontDoorContext:
     settings: ProxySettings
     make_handler: Callable[[TunnelInfo | None], asyncio.Protocol]
-    leaf_context: Callable[[str], ssl.SSLContext]
+    leaf_context: Callable[[str], Awaitable[ssl.SSLContext]]
     listen_addresses: Callable[[], list[tuple[str, int]]]
     connect_timeout: float
 
@@ -245,10 +243,8 @@ class FrontDoor(asyncio.Protocol):
             plain.connection_made(transport)
             transport.resume_reading()
             return
-        # The first interception loads the CA's X.509 code off the loop (proxy/tls/authority.py).
-        await load_off_loop(TLS_MODULES)
-        try:
-            context = self._ctx.leaf_context(authority.host)
+        try:  # the first interception loads the CA off the loop (proxy/tls/authority.py)
+            context = await self._ctx.leaf_context(authority.host)
         except Exception as exc:
             log.warning("leaf certificate for %s failed: %s", authority.host, exc)
             transport.abort()

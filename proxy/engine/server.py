@@ -10,7 +10,7 @@ import asyncio
 import gc
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from proxy.engine.client_http import ClientConnections
 from proxy.engine.forwarder import Forwarder
@@ -41,7 +41,7 @@ class ProxyServer:
         settings: ProxySettings,
         upstream_settings: UpstreamSettings,
         forwarder: Forwarder,
-        leaf_context: Callable[[str], ssl.SSLContext],
+        leaf_context: Callable[[str], Awaitable[ssl.SSLContext]],
     ) -> None:
         self._settings = settings
         self._forwarder = forwarder

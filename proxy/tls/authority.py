@@ -13,6 +13,7 @@ yet) creates it with cryptography right away, as before.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import re
 import ssl
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from proxy.tls.keyfile import CA_CERT_NAME, CA_KEY_NAME, CAError, read_private_key
+from proxy.warmup import load_off_loop
 
 if TYPE_CHECKING:
     from proxy.tls.ca import CertificateAuthority
@@ -130,3 +132,11 @@ class InterceptionCA:
     def leaf_context(self, host: str) -> ssl.SSLContext:
         """As `CertificateAuthority.leaf_context`; CAError if the CA's files went bad since the start."""
         return self.authority().leaf_context(host)
+
+    async def leaf_context_off_loop(self, host: str) -> ssl.SSLContext:
+        """`leaf_context` for the event loop: the first call imports proxy/tls/ca.py and reads and checks
+        the CA's files in a worker thread, so an interception never stalls other connections on them."""
+        if self._loaded is None:
+            await load_off_loop(TLS_MODULES)
+            await asyncio.to_thread(self.authority)
+        return self.leaf_context(host)
