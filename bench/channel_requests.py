@@ -204,12 +204,13 @@ def throughput(
             rounds[name].append(
                 harness.wrk(proxy.port, script, args.duration, args.connections, work, proxy.pid())
             )
-    if args.profile is not None:  # py-spy (pip install py-spy)
+    if args.profile is not None:  # py-spy (pip install py-spy): a channel round, then a session-hit round
         spy_bin = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         spy_argv = [spy_bin, "record", "-r", "500", "-d", str(args.duration), "-f", "raw", "-t"]
-        spy = subprocess.Popen([*spy_argv, "-o", str(args.profile), "-p", str(proxy.pid())])
-        harness.wrk(proxy.port, scripts["channel"], args.duration, args.connections, work, proxy.pid())
-        spy.wait(60)
+        for name, out in (("channel", args.profile), ("session_hit", args.profile.with_suffix(".hit"))):
+            spy = subprocess.Popen([*spy_argv, "-o", str(out), "-p", str(proxy.pid())])
+            harness.wrk(proxy.port, scripts[name], args.duration, args.connections, work, proxy.pid())
+            spy.wait(60)
     rps = {name: [r.rps for r in rs] for name, rs in rounds.items()}
     cpu = {name: harness.median([r.proxy_us_per_request for r in rs]) for name, rs in rounds.items()}
     ratio = harness.median(rps["channel"]) / harness.median(rps["session_hit"])
@@ -290,7 +291,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200, help="sequential requests per overhead run")
     parser.add_argument("--overhead-runs", type=int, default=3, help="overhead runs, interleaved")
     parser.add_argument("--nice", type=int, default=None, help="priority mode (root), as bench/run.py")
-    parser.add_argument("--profile", type=Path, default=None, help="py-spy the proxy in a proxy-bound round")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy proxy-bound rounds (hits: .hit)")
     parser.add_argument("--proxy-bound-only", action="store_true", help="skip the SDK-seller rows")
     args = parser.parse_args()
     missing = harness.require("wrk", "taskset")

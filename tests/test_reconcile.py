@@ -391,6 +391,18 @@ def record(**overrides: Any) -> PaymentRecord:
     return replace(base, **overrides)
 
 
+def test_a_channel_deposit_is_checked_like_an_exact_payment() -> None:
+    """A batch-settlement deposit row names the EIP-3009 authorization its collector takes."""
+    row = record(scheme="batch-settlement")
+    assert uncheckable(row) is None
+    verdict = decide(row, ChainFacts(12, 1_800_000_100, used=True, tx_hash=TX))
+    assert verdict.outcome is Outcome.SETTLED and verdict.tx_hash == TX
+    # A channel row without an EIP-3009 nonce (a Permit2 collector's) stays in doubt, whatever the chain says.
+    permit2 = record(scheme="batch-settlement", nonce="12345678901234567890")
+    assert "not an EIP-3009 authorization" in (uncheckable(permit2) or "")
+    assert decide(permit2, ChainFacts(12, 1_800_000_100, used=True, tx_hash=TX)).outcome is Outcome.IN_DOUBT
+
+
 def test_used_with_log_is_settled_with_its_hash() -> None:
     verdict = decide(record(), ChainFacts(12, 1_800_000_100, used=True, tx_hash=TX))
     assert verdict.outcome is Outcome.SETTLED and verdict.tx_hash == TX

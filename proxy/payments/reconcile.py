@@ -4,7 +4,8 @@ Candidates (``LedgerStore.list_unresolved``): rows in doubt (a crash, a transpor
 ``settlement_pending`` answer, a receipt without success or without a transaction), and also rows the
 *server* called settled, rejected or unsettled: a server's word about settlement is not proof (one
 that settles and answers 402 would otherwise be paid again once its rows left the budget). The EIP-3009
-token contract answers:
+token contract answers (for `exact` rows, and for a batch-settlement channel's deposit: the ERC-3009
+deposit collector takes it with the token's receiveWithAuthorization under the row's nonce):
 
 - ``authorizationState(payer, nonce)`` true: the authorization was used, the money moved. The
   ``AuthorizationUsed(authorizer, nonce)`` event names the transaction (when the server named one, its
@@ -59,6 +60,11 @@ LOG_LOOKBACK_SECONDS = 3600
 LOG_CHUNK_BLOCKS = 1000
 MAX_REASON_CHARS = 500
 EIP3009_NONCE = re.compile(r"^0x[0-9a-fA-F]{64}$")
+# Schemes whose rows may name an EIP-3009 authorization the token answers for: `exact`, and a
+# batch-settlement channel's deposit, which the ERC-3009 deposit collector takes with the token's
+# receiveWithAuthorization under the nonce on the row (proxy/channels/holder.py `open`), so the token's
+# authorizationState and AuthorizationUsed log tell whether the deposit moved, like any payment.
+EIP3009_SCHEMES = frozenset({"exact", "batch-settlement"})
 EVM_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 # keccak256("AuthorizationUsed(address,bytes32)")
 AUTHORIZATION_USED_TOPIC = "0x98de503528ee59b575ef0c0a2576a82497bfc029a5685b209e9ec333479b10a5"
@@ -124,7 +130,7 @@ def uncheckable(row: PaymentRecord) -> str | None:
         return f"the chain already answered ({row.chain_state})"
     if EIP155_PATTERN.match(row.network) is None:
         return f"{row.network} is not an EVM (eip155) network"
-    if row.scheme != "exact" or row.nonce is None or EIP3009_NONCE.match(row.nonce) is None:
+    if row.scheme not in EIP3009_SCHEMES or row.nonce is None or EIP3009_NONCE.match(row.nonce) is None:
         # Permit2 (exact or upto) nonces live in the Permit2 contract, not in the token.
         return "not an EIP-3009 authorization: the token's authorizationState cannot tell"
     if row.payer is None or EVM_ADDRESS.match(row.payer) is None:
