@@ -31,7 +31,7 @@ log = logging.getLogger("x402_proxy.warmup")
 
 PAID_PATH = (
     "coincurve",
-    "Crypto.Hash.keccak",
+    "sha3",
     "proxy.payments.evm_sign",
     "proxy.purchase.schemes",
     "proxy.payments.signer",

@@ -55,3 +55,11 @@ def test_payment_header_is_the_sdks_encoding_byte_for_byte() -> None:
                 PaymentPayload(x402_version=2, payload=inner, accepted=requirements, resource=resource)
             )
             assert header.encode(inner) == expected
+        # The config's JSON is kept per config dict: another channel's config is encoded afresh.
+        other = {"payer": account.address, "salt": "0x" + "00" * 31 + "02", "note": "ünïcode"}
+        for cfg in (other, config):
+            inner = voucher_payload(cfg, signer.sign("0x" + secrets.token_hex(32), 7))
+            expected = encode_payment_signature_header(
+                PaymentPayload(x402_version=2, payload=inner, accepted=requirements, resource=resource)
+            )
+            assert header.encode(inner) == expected

@@ -115,6 +115,7 @@ class PaymentHeader:
     def __init__(self, requirements: Any, resource: Any) -> None:
         self._requirements = requirements
         self._resource = resource
+        self._config_json: tuple[Any, str] | None = None
         text = self._sdk_json(self._HOLE)
         hole = _compact(self._HOLE)
         before, found, after = text.partition(hole)
@@ -141,7 +142,19 @@ class PaymentHeader:
         if self._parts is None:
             return self._sdk_encode(inner)
         before, after = self._parts
-        return base64.b64encode((before + _compact(inner) + after).encode()).decode()
+        return base64.b64encode((before + self._inner_json(inner) + after).encode()).decode()
+
+    def _inner_json(self, inner: dict[str, Any]) -> str:
+        """`_compact(inner)`; the channel's config (the same dict each voucher: `_Live.config`, built once,
+        never changed) encoded once: it is most of the payload's JSON."""
+        config = inner.get("channelConfig")
+        if list(inner) != ["type", "channelConfig", "voucher"] or inner["type"] != "voucher":
+            return _compact(inner)
+        cached = self._config_json
+        if cached is None or cached[0] is not config:
+            cached = self._config_json = (config, _compact(config))
+        voucher = _compact(inner["voucher"])
+        return '{"type":"voucher","channelConfig":' + cached[1] + ',"voucher":' + voucher + "}"
 
 
 class _SampleVoucher:
