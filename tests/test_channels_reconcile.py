@@ -1,5 +1,5 @@
-"""A channel's deposit row reconciled from the chain like any payment (proxy/payments/reconcile.py), on the
-real channel stack (anvil with our channel contracts, the SDK's facilitator and resource server).
+"""A channel's deposit row agrees with the chain (proxy/payments/reconcile.py, proxy/channels/holder.py), on
+the real channel stack (anvil with our channel contracts, the SDK's facilitator and resource server).
 
 The deposit is an EIP-3009 `receiveWithAuthorization` taken by the ERC-3009 deposit collector under the
 nonce on the row, so the token's `authorizationState` and `AuthorizationUsed` log answer for it:
@@ -7,12 +7,15 @@ nonce on the row, so the token's `authorizationState` and `AuthorizationUsed` lo
 - a deposit answered normally: the pass confirms it (`chain_state` used, the server's transaction);
 - a proxy SIGKILLed after the deposit settled but before anything was recorded: the row is in doubt at
   restart, then `settled_undelivered` with the transaction that moved the deposit, found by the log
-  search; the channel is refunded, and the payer's spend on chain is what the seller claimed.
+  search; the channel is refunded, and the payer's spend on chain is what the seller claimed;
+- a refund gives its money back to the budget: the deposit's row records what the chain shows came
+  back, budgets count the rest, and a deposit the budget refused before the refund fits after it.
 """
 
 from __future__ import annotations
 
 import signal
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,10 @@ from web3.logs import DISCARD
 
 from tests.stack import fixtures as _stack_fixtures
 from tests.stack.channels import ChannelStack
+from tests.support.admin import AdminProxy
 from tests.support.channels import (
     SESSION,
+    channel_config,
     channels,
     end_and_wait_refund,
     get,
@@ -114,5 +119,49 @@ def test_a_deposit_killed_before_it_was_recorded_is_settled_from_the_chain(
         assert spent == done["claimed"] <= stack.price, (spent, done)
         assert done["refunded"] == deposit - spent
         assert len(ledger(proxy)) == 1  # never a second deposit
+    finally:
+        proxy.stop()
+
+
+def test_a_refund_gives_its_money_back_to_the_budget(
+    x402_channel_stack: ChannelStack, tmp_path: Path
+) -> None:
+    stack = x402_channel_stack
+    price, deposit = stack.price, 10 * stack.price  # 0.001 and 0.010 TUSDC (6 decimals)
+    payer_before = stack.balance_of(stack.payer_address)
+    config = channel_config(stack, daily_budget="0.015")  # one deposit fits, two do not
+    proxy = AdminProxy(tmp_path / "home", config, {"X402_PROXY_PRIVATE_KEY": stack.payer_key}).start()
+
+    def spent() -> Decimal:
+        return Decimal(proxy.call("GET", "/budget").json()["global"]["spent"])
+
+    def units(amount: int) -> Decimal:
+        return Decimal(amount).scaleb(-6)
+
+    try:
+        first = [get(proxy, f"{stack.server}/paid/ch") for _ in range(3)]
+        assert [r.status_code for r in first] == [200] * 3, [r.text for r in first]
+        assert spent() == units(deposit)  # the whole deposit is committed money
+        refused = get(proxy, f"{stack.server}/paid/many/1")  # a second channel: 20 prices > 15
+        assert refused.status_code == 402 and refused.headers.get("X-402-Proxy-Error") == "budget_exhausted"
+
+        done = end_and_wait_refund(proxy, first[0].headers[SESSION])
+        assert done["refunded"] == deposit - 3 * price and done["claimed"] == 3 * price
+        [row] = ledger(proxy)
+        assert int(row["refunded"]) == deposit - 3 * price  # what the chain shows came back
+        assert payer_before - stack.balance_of(stack.payer_address) == 3 * price
+        assert spent() == units(3 * price)  # budgets count what was spent, as the chain does
+
+        second = get(proxy, f"{stack.server}/paid/many/1")  # 3 + 10 prices fit now
+        assert second.status_code == 200, second.text
+        assert spent() == units(13 * price)
+        done = end_and_wait_refund(proxy, second.headers[SESSION])
+        rows = ledger(proxy)
+        assert [int(r["refunded"]) for r in rows] == [deposit - 3 * price, deposit - price]
+        net = payer_before - stack.balance_of(stack.payer_address)
+        assert net == 4 * price and spent() == units(net)  # ledger, budget and chain agree
+        payments = proxy.call("GET", "/payments").json()
+        shown = payments["payments"] if isinstance(payments, dict) else payments
+        assert sorted(p["refunded"] for p in shown) == sorted(str(int(r["refunded"])) for r in rows)
     finally:
         proxy.stop()

@@ -315,6 +315,39 @@ async def test_spent_since_counts_money_that_may_move(store: AsyncLedgerStore) -
     assert (await store.spent_since(NOW + 1, now=NOW)).count == 0
 
 
+async def test_a_refund_is_counted_back_never_lowered_and_only_where_money_moved(store: AsyncLedgerStore) -> None:
+    """A channel's refunded deposit (record_refund): budgets count amount - refunded."""
+    huge = 2**256 - 1
+    deposit = await row_in(store, PaymentState.SETTLED, amount=huge, scheme="batch-settlement")
+    assert deposit.refunded == 0 and await store.get(deposit.id) == deposit
+    since = NOW - 86_400
+    assert (await store.spent_since(since, now=NOW)).by_asset == {KEY: huge}
+    refunded = await store.record_refund(deposit.id, huge - 3_000, now=NOW + 5)
+    assert refunded.refunded == huge - 3_000 and refunded.updated_at == NOW + 5
+    assert refunded.state is PaymentState.SETTLED and refunded.amount == huge  # the row itself stays
+    assert await store.get(deposit.id) == refunded
+    assert (await store.spent_since(since, now=NOW)).by_asset == {KEY: 3_000}
+    assert (await store.spent_since(since, "shop.test", now=NOW)).by_asset == {KEY: 3_000}
+    # Never lowered (a second, smaller reading changes nothing); never above the amount.
+    assert (await store.record_refund(deposit.id, 1, now=NOW + 6)).refunded == huge - 3_000
+    with pytest.raises(StoreError, match="not within its amount") as above:
+        await store.record_refund(deposit.id, huge + 1, now=NOW + 6)
+    assert above.value.kind == "transition"
+    with pytest.raises(StoreError, match="not within its amount"):
+        await store.record_refund(deposit.id, -1, now=NOW + 6)
+    # Only on rows whose money moved or may have.
+    for state in (PaymentState.IN_DOUBT, PaymentState.SETTLED_UNDELIVERED):
+        row = await row_in(store, state, amount=10)
+        assert (await store.record_refund(row.id, 4, now=NOW + 7)).refunded == 4
+    for state in (PaymentState.PENDING, PaymentState.REJECTED, PaymentState.UNSETTLED, PaymentState.DRY_RUN):
+        row = await row_in(store, state, amount=10)
+        with pytest.raises(StoreError, match="nothing can come back"):
+            await store.record_refund(row.id, 1, now=NOW + 7)
+        assert (await store.get(row.id)) == row
+    with pytest.raises(StoreError, match="does not exist"):
+        await store.record_refund(999_999, 1)
+
+
 async def test_spent_since_chain_checked_rule(store: AsyncLedgerStore) -> None:
     # Expired refusals: on a network whose chain can be asked, a refusal of an authorization that was sent
     # counts until the chain has answered; elsewhere it stops counting at validBefore.
@@ -685,8 +718,9 @@ async def test_migrations_applied_concurrently_by_three_replicas(postgres_url: s
         assert tables == 1
         row = await stores[0].insert_pending(new_payment(), now=NOW)
         assert await stores[2].get(row.id) == row  # one ledger for all
-        assert await migrate_ledger(postgres_url) == (1, 1)
-        assert await ledger_schema_status(postgres_url) == (1, 1)
+        latest = POSTGRES_LEDGER_MIGRATIONS[-1].version  # (the schema's version, the program's)
+        assert await migrate_ledger(postgres_url) == (latest, latest)
+        assert await ledger_schema_status(postgres_url) == (latest, latest)
     finally:
         for s in stores:
             await s.close()
@@ -712,7 +746,8 @@ async def test_migrations_applied_concurrently_by_three_processes(postgres_url: 
     ]
     results = [p.communicate(timeout=60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], results
-    assert await ledger_schema_status(postgres_url) == (1, 1)
+    latest = POSTGRES_LEDGER_MIGRATIONS[-1].version
+    assert await ledger_schema_status(postgres_url) == (latest, latest)
 
 
 async def test_recovery_leaves_a_live_replicas_pending_rows_alone(postgres_url: str) -> None:

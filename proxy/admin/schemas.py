@@ -285,6 +285,11 @@ PAYMENT: Schema = {
             "description": "who approved a payment above ask_above (ui, cli, api, mcp, or a grant)",
         },
         "approved_at": _NULLABLE_NUMBER,
+        "refunded": {
+            "type": "string",
+            "description": "what came back to the payer, proved on chain (a channel's refunded deposit); "
+            "budgets count amount - refunded",
+        },
     },
 }
 

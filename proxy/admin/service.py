@@ -497,6 +497,7 @@ def _payment_dict(record: PaymentRecord) -> dict[str, Any]:
         "evidence": _evidence(record.evidence),
         "approved_by": record.approved_by,
         "approved_at": record.approved_at,
+        "refunded": str(record.refunded),
     }
 
 

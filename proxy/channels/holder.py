@@ -37,7 +37,7 @@ from proxy.payments.doubt import Blocked
 from proxy.payments.payer import BUDGET_WINDOW_SECONDS, PaymentPlan, PaymentRequestInfo, Refused
 from proxy.payments.policy import Policy, ReasonCode, Refusal, Selection, choose_requirement
 from proxy.purchase.order import Answer, Carrier, ChallengeRead, Order, Presented, Purchase
-from proxy.store.base import PaymentState
+from proxy.store.base import PaymentState, StoreError
 
 if TYPE_CHECKING:
     from proxy.payments.payer import Payer
@@ -675,7 +675,21 @@ class ChannelHolder:
             row.deposit,
             settle.transaction,
         )
+        if settle.transaction and balance is not None:
+            await self._credit_refund(row, min(refunded, row.deposit - balance[0]))
         return True
+
+    async def _credit_refund(self, row: Channel, back: int) -> None:
+        """The deposit's ledger row learns what came back, so budgets count only what was spent. Only
+        after a refund transaction, and only what the chain shows left the channel (its `balance` is
+        deposited - refunded - withdrawn: one deposit, never a top-up, so deposit - balance came back).
+        A failed write leaves the budget counting the whole deposit: the safe side."""
+        if row.ledger_id is None or back <= 0:
+            return
+        try:
+            await self.payer.store.record_refund(row.ledger_id, back, now=self.clock())
+        except StoreError as exc:
+            log.warning("channel %s: refund of %s not counted back in budgets: %s", row.channel_id, back, exc)
 
     def _chain_balance(self, channel_id: str) -> tuple[int, int] | None:
         if not self.rpc_url:

@@ -59,6 +59,19 @@ CHAIN_CHECKED_STATES = frozenset(
     }
 )
 
+# Rows whose money moved or may have: the only ones a refund can be recorded on (record_refund).
+REFUNDABLE_STATES = frozenset({PaymentState.SETTLED, PaymentState.SETTLED_UNDELIVERED, PaymentState.IN_DOUBT})
+
+
+def refund_problem(record: PaymentRecord, refunded: int) -> str | None:
+    """Why `refunded` cannot be recorded on `record` (None: it can)."""
+    if record.state not in REFUNDABLE_STATES:
+        return f"payment #{record.id} is {record.state}: no money of it moved, nothing can come back"
+    if not 0 <= refunded <= record.amount:
+        return f"payment #{record.id}: a refund of {refunded} is not within its amount {record.amount}"
+    return None
+
+
 # Which states each transition may start from. Nothing ever goes back to pending.
 ALLOWED_TRANSITIONS: Mapping[PaymentState, frozenset[PaymentState]] = {
     # A success receipt (first answer or a re-presentation), or the chain for a delivered in-doubt row.
@@ -173,6 +186,9 @@ class PaymentRecord:
     evidence: str | None = None
     approved_by: str | None = None
     approved_at: float | None = None
+    # What came back to the payer, proved on chain (a batch-settlement channel's unused deposit, refunded):
+    # budgets count `amount - refunded` (`spent_since`). 0 for every other payment.
+    refunded: int = 0
 
 
 @dataclass(frozen=True)
@@ -210,6 +226,12 @@ class LedgerStore(Protocol):
         self, payment_id: int, *, nonce: str, valid_before: int, now: float | None = None
     ) -> PaymentRecord:
         """Record nonce/expiry drawn during signing (Permit2) on a pending row."""
+        ...
+
+    def record_refund(self, payment_id: int, refunded: int, *, now: float | None = None) -> PaymentRecord:
+        """What of a payment came back to the payer, read from the chain (a channel's refund): never
+        lowered, never above the amount, only on a row whose money moved or may have
+        (settled, settled_undelivered, in_doubt). Budgets then count `amount - refunded`."""
         ...
 
     def mark_settled(
@@ -348,6 +370,10 @@ class AsyncLedgerStore(Protocol):
 
     async def set_authorization(
         self, payment_id: int, *, nonce: str, valid_before: int, now: float | None = None
+    ) -> PaymentRecord: ...
+
+    async def record_refund(
+        self, payment_id: int, refunded: int, *, now: float | None = None
     ) -> PaymentRecord: ...
 
     async def mark_settled(
@@ -514,4 +540,5 @@ def record_from_row(row: Any) -> PaymentRecord:
         evidence=row["evidence"],
         approved_by=row["approved_by"],
         approved_at=None if row["approved_at"] is None else float(row["approved_at"]),
+        refunded=int(row["refunded"] or 0),
     )

@@ -52,6 +52,7 @@ from proxy.store.base import (
     StateTotal,
     StoreError,
     record_from_row,
+    refund_problem,
 )
 from proxy.store.locks import KeyedLocks
 from proxy.store.settings import REDACTED, redact_url
@@ -133,13 +134,16 @@ POSTGRES_LEDGER_MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX payments_need ON payments (need, state)",
         ),
     ),
+    # SQLite's ledger v4: what came back to the payer, proved on chain (a channel's refunded deposit).
+    Migration(2, ("ALTER TABLE payments ADD COLUMN refunded NUMERIC(78, 0) NOT NULL DEFAULT 0",)),
 )
 
 # Named columns, never `*`: a replica that migrated the table first must not change what the others read.
 _COLUMNS = (
     "id, created_at, updated_at, state, amount, decimals, asset, network, pay_to, host, method, url, "
     "x402_version, scheme, resource, nonce, valid_before, payment_id, payer, tx_hash, reason, session_id, "
-    "need, delivered, chain_state, presentations, last_presented_at, evidence, approved_by, approved_at"
+    "need, delivered, chain_state, presentations, last_presented_at, evidence, approved_by, approved_at, "
+    "refunded"
 )
 _RECONCILED = f"substr(COALESCE(reason, ''), 1, {len(RECONCILED_USED)}) = '{RECONCILED_USED}'"
 # Rows that may forbid a new authorization for their need (find_blocking); as in SQLite.
@@ -551,6 +555,33 @@ class PostgresLedgerStore:
 
         return await self._write(payment_id, update)
 
+    async def record_refund(
+        self, payment_id: int, refunded: int, *, now: float | None = None
+    ) -> PaymentRecord:
+        async def update(conn: asyncpg.Connection) -> PaymentRecord:
+            async with conn.transaction():
+                found = await conn.fetchrow(
+                    f"SELECT {_COLUMNS} FROM payments WHERE id = $1 FOR UPDATE",  # noqa: S608
+                    payment_id,
+                )
+                if found is None:
+                    raise StoreError(f"payment #{payment_id} does not exist", "transition")
+                record = record_from_row(found)
+                problem = refund_problem(record, refunded)
+                if problem is not None:
+                    raise StoreError(problem, "transition")
+                if refunded <= record.refunded:  # never lowered
+                    return record
+                row = await conn.fetchrow(
+                    f"UPDATE payments SET refunded = $2, updated_at = $3 WHERE id = $1 RETURNING {_COLUMNS}",  # noqa: S608
+                    payment_id,
+                    refunded,
+                    self._now(now),
+                )
+                return record_from_row(row)
+
+        return await self._write(payment_id, update)
+
     async def mark_settled(
         self,
         payment_id: int,
@@ -795,7 +826,8 @@ class PostgresLedgerStore:
     ) -> SpendTotals:
         # The rule of SqliteLedgerStore.spent_since (see there and store/base.py), summed by the server.
         sql = (
-            "SELECT network, asset, decimals, SUM(amount) AS total, COUNT(*) AS rows FROM payments "
+            "SELECT network, asset, decimals, SUM(amount - refunded) AS total, COUNT(*) AS rows "
+            "FROM payments "
             "WHERE created_at >= $1 AND ("
             "state IN ('pending', 'settled', 'in_doubt', 'settled_undelivered') "
             "OR (state IN ('rejected', 'unsettled') AND chain_state IS DISTINCT FROM 'unused' AND ("

@@ -33,6 +33,7 @@ from proxy.store.base import (
     StateTotal,
     StoreError,
     record_from_row,
+    refund_problem,
     safe_text,
 )
 
@@ -176,6 +177,9 @@ LEDGER_MIGRATIONS: tuple[Migration, ...] = (
             "ALTER TABLE payments ADD COLUMN approved_at REAL",
         ),
     ),
+    # What came back to the payer, proved on chain (a channel's refunded deposit): budgets count
+    # `amount - refunded`. TEXT, as `amount` (uint256).
+    Migration(4, ("ALTER TABLE payments ADD COLUMN refunded TEXT NOT NULL DEFAULT '0'",)),
 )
 
 # Rows that may forbid a new authorization for their need (find_blocking).
@@ -429,6 +433,19 @@ class SqliteLedgerStore:
             )
             return self._fetch(conn, payment_id)
 
+    def record_refund(self, payment_id: int, refunded: int, *, now: float | None = None) -> PaymentRecord:
+        with self._transaction() as conn:
+            record = self._fetch(conn, payment_id)
+            problem = refund_problem(record, refunded)
+            if problem is not None:
+                raise StoreError(problem, "transition")
+            if refunded > record.refunded:  # never lowered
+                conn.execute(
+                    "UPDATE payments SET refunded = ?, updated_at = ? WHERE id = ?",
+                    (str(refunded), self._now(now), payment_id),
+                )
+            return self._fetch(conn, payment_id)
+
     def mark_settled(
         self,
         payment_id: int,
@@ -638,7 +655,7 @@ class SqliteLedgerStore:
         marks = ", ".join("?" for _ in networks) or "NULL"
         # `marks` is a run of "?" placeholders: every value is a bound parameter.
         sql = (
-            "SELECT network, asset, decimals, amount FROM payments WHERE created_at >= ? AND ("  # noqa: S608
+            "SELECT network, asset, decimals, amount, refunded FROM payments WHERE created_at >= ? AND ("  # noqa: S608
             # Money that moved or may have: counted for its whole window, whatever the server answered.
             "state IN ('pending', 'settled', 'in_doubt', 'settled_undelivered') "
             # A refusal is the server's word, not the chain's: a signed authorization sent at least once
@@ -657,7 +674,7 @@ class SqliteLedgerStore:
         with self._reading() as conn:
             for row in conn.execute(sql, params):
                 key = (row["network"], str(row["asset"]).lower(), int(row["decimals"]))
-                totals[key] = totals.get(key, 0) + int(row["amount"])
+                totals[key] = totals.get(key, 0) + int(row["amount"]) - int(row["refunded"])
                 count += 1
         return SpendTotals(totals, count)
 

@@ -68,6 +68,11 @@ class ThreadedLedgerStore:
             self.sync.set_authorization, payment_id, nonce=nonce, valid_before=valid_before, now=now
         )
 
+    async def record_refund(
+        self, payment_id: int, refunded: int, *, now: float | None = None
+    ) -> PaymentRecord:
+        return await self._run(self.sync.record_refund, payment_id, refunded, now=now)
+
     async def mark_settled(
         self,
         payment_id: int,
