@@ -33,7 +33,7 @@ from tests.support.channels import (
     start_proxy,
     wait_all_refunded,
 )
-from tests.support.crash import in_background, wait_for
+from tests.support.crash import in_background, receipt_using_authorization, wait_for
 from tests.support.paying_proxy import ledger
 
 x402_channel_stack = _stack_fixtures.x402_channel_stack
@@ -49,14 +49,7 @@ def only_row(proxy: Any) -> dict[str, Any]:
 
 def assert_tx_moved_the_deposit(stack: ChannelStack, row: dict[str, Any]) -> None:
     """The row's transaction used the row's authorization and took the deposit from the payer."""
-    tx = row["tx_hash"]
-    assert tx and tx.startswith("0x") and len(tx) == 66, row
-    receipt = stack.chain.w3.eth.get_transaction_receipt(tx)
-    assert receipt["status"] == 1
-    used = stack.chain.token.events.AuthorizationUsed().process_receipt(receipt, errors=DISCARD)
-    assert [(e["args"]["authorizer"], "0x" + e["args"]["nonce"].hex()) for e in used] == [
-        (stack.payer_address, row["nonce"])
-    ]
+    receipt = receipt_using_authorization(stack.chain, stack.payer_address, row)
     transfers = stack.chain.token.events.Transfer().process_receipt(receipt, errors=DISCARD)
     from_payer = [e["args"]["value"] for e in transfers if e["args"]["from"] == stack.payer_address]
     assert from_payer == [int(row["amount"])], transfers

@@ -50,6 +50,7 @@ from tests.support.crash import (
     assert_ledger_matches_chain,
     get,
     in_background,
+    receipt_using_authorization,
     wait_for,
 )
 from tests.support.paying_proxy import ledger, stack_config
@@ -133,13 +134,7 @@ def test_answered_payment_is_settled_from_chain_with_its_transaction(
 
     # The hash is the transaction that used this authorization and moved this amount to payTo.
     tx = row["tx_hash"]
-    assert tx and tx.startswith("0x") and len(tx) == 66
-    receipt = stack.chain.w3.eth.get_transaction_receipt(tx)
-    assert receipt["status"] == 1
-    used = stack.chain.token.events.AuthorizationUsed().process_receipt(receipt, errors=DISCARD)
-    assert [(e["args"]["authorizer"], "0x" + e["args"]["nonce"].hex()) for e in used] == [
-        (stack.payer_address, row["nonce"])
-    ]
+    receipt = receipt_using_authorization(stack.chain, stack.payer_address, row)
     transfers = stack.chain.token.events.Transfer().process_receipt(receipt, errors=DISCARD)
     assert [(e["args"]["from"], e["args"]["to"], e["args"]["value"]) for e in transfers] == [
         (stack.payer_address, stack.pay_to, int(row["amount"]))

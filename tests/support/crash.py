@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+from web3.logs import DISCARD
 
 from tests.stack import Stack
 from tests.support.paying_proxy import ledger, proxies
@@ -53,6 +54,20 @@ def session_rows(home: Path) -> dict[str, dict[str, Any]]:
     with sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True) as conn:
         rows = conn.execute("SELECT id, ended_at, data FROM sessions").fetchall()
     return {row[0]: {"ended_at": row[1], **json.loads(row[2])} for row in rows}
+
+
+def receipt_using_authorization(chain: Any, payer: str, row: dict[str, Any]) -> Any:
+    """The receipt of the row's transaction, checked to be a success that used the row's EIP-3009
+    authorization (payer, nonce) and no other: what the reconciler's verdict names."""
+    tx = row["tx_hash"]
+    assert tx and tx.startswith("0x") and len(tx) == 66, row
+    receipt = chain.w3.eth.get_transaction_receipt(tx)
+    assert receipt["status"] == 1
+    used = chain.token.events.AuthorizationUsed().process_receipt(receipt, errors=DISCARD)
+    assert [(e["args"]["authorizer"], "0x" + e["args"]["nonce"].hex()) for e in used] == [
+        (payer, row["nonce"])
+    ]
+    return receipt
 
 
 def assert_ledger_matches_chain(
