@@ -147,9 +147,9 @@ class PaymentHeader:
     def _inner_json(self, inner: dict[str, Any]) -> str:
         """`_compact(inner)`; the channel's config (the same dict each voucher: `_Live.config`, built once,
         never changed) encoded once: it is most of the payload's JSON."""
-        config = inner.get("channelConfig")
         if list(inner) != ["type", "channelConfig", "voucher"] or inner["type"] != "voucher":
             return _compact(inner)
+        config = inner["channelConfig"]
         cached = self._config_json
         if cached is None or cached[0] is not config:
             cached = self._config_json = (config, _compact(config))
