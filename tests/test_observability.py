@@ -108,7 +108,9 @@ def raw_get(proxy: ProxyProcess, url: str, headers: str = "") -> bytes:
     """One request on its own connection (`Connection: close`): everything the proxy wrote, to its EOF."""
     authority = url.split("/")[2]
     with raw.connect(proxy.address, timeout=30) as sock:
-        sock.sendall(f"GET {url} HTTP/1.1\r\nHost: {authority}\r\n{headers}Connection: close\r\n\r\n".encode())
+        sock.sendall(
+            f"GET {url} HTTP/1.1\r\nHost: {authority}\r\n{headers}Connection: close\r\n\r\n".encode()
+        )
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
@@ -130,7 +132,9 @@ def test_access_line_counts_bytes_written_and_times_the_whole_answer(
     upstream: Upstream, upstream_ca: UpstreamCA, tmp_path: Path
 ) -> None:
     size = 300_000  # over the lean server's whole-body limit (64 KiB): relayed as it streams
-    proxy = ProxyProcess(tmp_path / "home", proxy_config(upstream_ca), {"X402_PROXY_LOG__FORMAT": "json"}).start()
+    proxy = ProxyProcess(
+        tmp_path / "home", proxy_config(upstream_ca), {"X402_PROXY_LOG__FORMAT": "json"}
+    ).start()
     try:
         chunked = raw_get(proxy, f"{upstream.http_url}/bytes?size={size}&chunked=1")
         sized = raw_get(proxy, f"{upstream.http_url}/bytes?size={size}")
@@ -155,7 +159,9 @@ def test_access_line_counts_bytes_written_and_times_the_whole_answer(
     assert all(0 <= r["ms"] < 800 for r in lines[:3]), lines
 
 
-def test_refused_requests_get_an_access_line(upstream_ca: UpstreamCA, upstream: Upstream, tmp_path: Path) -> None:
+def test_refused_requests_get_an_access_line(
+    upstream_ca: UpstreamCA, upstream: Upstream, tmp_path: Path
+) -> None:
     """Refusals before the stages (proxy auth, a bad target, the proxy itself as target) are logged too."""
     config = proxy_config(upstream_ca, '[proxy.auth]\nusername = "agent"\npassword = "pw-Wq9z"\n')
     proxy = ProxyProcess(tmp_path / "home", config, {"X402_PROXY_LOG__FORMAT": "json"}).start()
@@ -163,7 +169,9 @@ def test_refused_requests_get_an_access_line(upstream_ca: UpstreamCA, upstream: 
     try:
         unauthenticated = raw_get(proxy, f"{upstream.http_url}/echo/no-credentials")
         with raw.connect(proxy.address) as sock:
-            sock.sendall(f"GET /relative HTTP/1.1\r\nHost: x\r\n{authorized}Connection: close\r\n\r\n".encode())
+            sock.sendall(
+                f"GET /relative HTTP/1.1\r\nHost: x\r\n{authorized}Connection: close\r\n\r\n".encode()
+            )
             relative = raw.read_response(sock)
         own = raw_get(proxy, f"http://{proxy.address}/", authorized)
         fine = raw_get(proxy, f"{upstream.http_url}/echo/authorized", authorized)
@@ -190,17 +198,23 @@ def test_cut_answers_and_upgrade_handovers_get_one_line_each(
 ) -> None:
     """A client that leaves mid-stream or before any answer still gets its line; so does a request with an
     `Upgrade: h2c` offer (ignored: served as HTTP/1.1 on the same path as every request)."""
-    proxy = ProxyProcess(tmp_path / "home", proxy_config(upstream_ca), {"X402_PROXY_LOG__FORMAT": "json"}).start()
+    proxy = ProxyProcess(
+        tmp_path / "home", proxy_config(upstream_ca), {"X402_PROXY_LOG__FORMAT": "json"}
+    ).start()
     authority = upstream.http_url.split("/")[2]
     try:
         with raw.connect(proxy.address) as sock:  # leaves after the first of 5 events (0.5 s apart)
-            sock.sendall(f"GET {upstream.http_url}/sse?count=5&delay=0.5 HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            sock.sendall(
+                f"GET {upstream.http_url}/sse?count=5&delay=0.5 HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+            )
             got = b""
             while b"data: event 0" not in got:
                 got += sock.recv(65536)
         time.sleep(0.2)  # the proxy sees the close and logs before the next request (lines stay in order)
         with raw.connect(proxy.address) as sock:  # leaves while the upstream is still thinking
-            sock.sendall(f"GET {upstream.http_url}/slow?seconds=2 HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+            sock.sendall(
+                f"GET {upstream.http_url}/slow?seconds=2 HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode()
+            )
             time.sleep(0.3)
         time.sleep(0.2)
         # Pipelined: the first request, then one whose upgrade offer is ignored (it used to be handed to
@@ -278,10 +292,16 @@ def test_access_line_text_is_what_the_formatters_write(monkeypatch: Any) -> None
     refused = Outcome(Answer(), error_code="budget_exhausted")  # type: ignore[arg-type]
     cases = [
         (CompletedRequest("GET", "Example.COM.", 200, 478, 100.0, None), {}),
-        (CompletedRequest("GET", "127.0.0.2", 200, 478, 100.0, None), {"request": "ab12-2"}),  # the usual line
+        (
+            CompletedRequest("GET", "127.0.0.2", 200, 478, 100.0, None),
+            {"request": "ab12-2"},
+        ),  # the usual line
         (CompletedRequest("HEAD", "127.0.0.2", 200, None, 100.0, None), {"request": "ab12-5"}),
         (CompletedRequest("POST", "127.0.0.2", 200, 99, 100.0, paid), {"request": "ab12-3"}),
-        (CompletedRequest("GET", "127.0.0.2", 402, 512, 100.0, refused), {"request": "ab12-4", "session": "s-1"}),
+        (
+            CompletedRequest("GET", "127.0.0.2", 402, 512, 100.0, refused),
+            {"request": "ab12-4", "session": "s-1"},
+        ),
         (CompletedRequest("GET", "", 407, 308, 100.0, None, "proxy_auth_required"), {}),
         (CompletedRequest("GET", "127.0.0.2", 499, 0, 100.0, None, "client_gone"), {"payment": 7}),
     ]
@@ -300,3 +320,19 @@ def test_access_line_text_is_what_the_formatters_write(monkeypatch: Any) -> None
                 REQUEST_ID.reset(tokens[0])
                 SESSION_ID.reset(tokens[1])
                 PAYMENT_ID.reset(tokens[2])
+
+
+def test_ms_text_is_how_python_writes_the_rounded_number() -> None:
+    """The access line writes `ms` from two table lookups: the text must be `str(round(ms, 3))`."""
+    import random
+
+    from proxy.observability.access_log import ms_text, whole_micros
+
+    draws = random.Random(402)
+    samples = [0, 1, 10, 100, 999, 1000, 1500, 12_346, 10**9 + 1] + [
+        draws.randrange(10**12) for _ in range(5000)
+    ]
+    for micros in samples:
+        assert ms_text(micros) == str(micros / 1000), micros
+    for millis in (0.0, 0.0004, 0.0005, 1.5, 12.3456, 999.9996, draws.uniform(0, 1e6)):
+        assert whole_micros(millis) / 1000 == round(millis, 3) or abs(millis * 1000 % 1 - 0.5) < 1e-6, millis

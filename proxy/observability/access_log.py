@@ -107,7 +107,7 @@ def fields_of(
         "host": host,
         "status": status,
         "bytes": shown,
-        "ms": round(millis, 3),
+        "ms": whole_micros(millis) / 1000,
         "paid": payment_id is not None,
         "session": session_id is not None,
     }
@@ -136,16 +136,42 @@ def _line(
     log.info("%s", message, extra={FIELDS_ATTR: fields})
 
 
-# Timestamps change once a second: the formatted second is kept (local time for plain, UTC for json).
-_plain_second: list[object] = [-1, ""]
-_json_second: list[object] = [-1, ""]
+def whole_micros(millis: float) -> int:
+    """A duration in ms as whole microseconds, rounded half up: `ms` is logged to 3 decimals (cheaper
+    than `round(millis, 3)`, which goes through a decimal string)."""
+    return int(millis * 1000 + 0.5)
 
 
-def _stamp(cache: list[object], now: float, convert: Callable[[float], time.struct_time], fmt: str) -> str:
-    second = int(now)
-    if cache[0] != second:
-        cache[0], cache[1] = second, time.strftime(fmt, convert(now))
-    return str(cache[1])
+# The text `str(micros / 1000)` ends in, per value of micros % 1000: the digits after the point with
+# no trailing zero ("5" for 500), as float repr writes a number with at most 3 decimals.
+_FRACTIONS: tuple[str, ...] = tuple(f".{n:03d}".rstrip("0") if n else ".0" for n in range(1000))
+# `f"{n:03d}"` for the milliseconds of a timestamp.
+_MSECS: tuple[str, ...] = tuple(f"{n:03d}" for n in range(1000))
+
+
+def ms_text(micros: int) -> str:
+    """`str(micros / 1000)` for a non-negative count of microseconds below 10**15, built from two
+    table lookups."""
+    return f"{micros // 1000}{_FRACTIONS[micros % 1000]}"
+
+
+class _Second:
+    """A timestamp's second as text, kept while the clock stays in it (they change once a second)."""
+
+    __slots__ = ("convert", "fmt", "second", "text")
+
+    def __init__(self, convert: Callable[[float], time.struct_time], fmt: str) -> None:
+        self.convert, self.fmt, self.second, self.text = convert, fmt, -1, ""
+
+    def of(self, now: float) -> str:
+        second = int(now)
+        if self.second != second:
+            self.second, self.text = second, time.strftime(self.fmt, self.convert(now))
+        return self.text
+
+
+_plain_second = _Second(time.localtime, "%Y-%m-%d %H:%M:%S")  # local time, as logging's asctime
+_json_second = _Second(time.gmtime, "%Y-%m-%dT%H:%M:%S")
 
 
 def _plain(value: object) -> str:
@@ -194,31 +220,55 @@ def _json_head(method: str, host: str, status: int, shown: object) -> tuple[str,
     )
 
 
+# (method, host, status, bytes) -> the text before the request id and between it and `ms` of the usual
+# plain line (see `plain_line`), bounded like the heads.
+_plain_usual: dict[_HeadKey, tuple[str, str]] = {}
+
+
 def plain_line(done: CompletedRequest, now: float) -> str:
     """The access line as `PlainFormatter` writes it, for a record created at `now`.
 
-    Built by hand in the order `fields_of` and the log context give (context ids first, then the
-    fields, an id the stages reported replacing the context's value where both have it); the part
-    that depends only on method, host, status and bytes is kept per combination.
+    The usual request (neither paid nor in a session, no error) is one f-string around a request id,
+    a timestamp and `ms`, everything else kept per (method, host, status, bytes). Request ids are the
+    proxy's own ("<hex>-<n>", "admin-<n>"): never a character `plain_value` would quote.
     """
-    session_id, payment_id, error = stage_ids(done.outcome, done.error)
-    head = _head(_plain_heads, done, _plain_head)
-    request_id, context_session, context_payment = REQUEST_ID.get(), SESSION_ID.get(), PAYMENT_ID.get()
-    millis = round((time.perf_counter() - done.started) * 1000, 3)
-    msecs = int((now - int(now)) * 1000)  # LogRecord.msecs
-    stamp = _stamp(_plain_second, now, time.localtime, "%Y-%m-%d %H:%M:%S")
+    request_id = REQUEST_ID.get()
+    outcome = done.outcome
     if (
         request_id is not None
-        and context_session is None
-        and context_payment is None
-        and session_id is None
-        and payment_id is None
-        and not error
-    ):  # the usual request: neither paid nor in a session, no error
-        return (
-            f"{stamp},{msecs:03d} INFO x402_proxy.access {head[0]} request_id={plain_value(request_id)} "
-            f"{head[1]} ms={millis} paid=False session=False\n"
+        and not done.error
+        and (
+            outcome is None
+            or (outcome.session_id is None and outcome.payment_id is None and not outcome.error_code)
         )
+        and SESSION_ID.get() is None
+        and PAYMENT_ID.get() is None
+    ):
+        key = (done.method, done.host, done.status, done.bytes_sent)
+        around = _plain_usual.get(key)
+        if around is None:
+            message, fields = _head(_plain_heads, done, _plain_head)
+            around = (f" INFO x402_proxy.access {message} request_id=", f" {fields} ms=")
+            if len(_plain_usual) >= _HEADS_MAX:
+                _plain_usual.clear()
+            _plain_usual[key] = around
+        micros = int((time.perf_counter() - done.started) * 1_000_000 + 0.5)
+        return (
+            f"{_plain_second.of(now)},{_MSECS[int((now - int(now)) * 1000)]}{around[0]}{request_id}"
+            f"{around[1]}{ms_text(micros)} paid=False session=False\n"
+        )
+    return _plain_line_in_general(done, now, request_id)
+
+
+def _plain_line_in_general(done: CompletedRequest, now: float, request_id: str | None) -> str:
+    """`plain_line` of any request: in the order `fields_of` and the log context give (context ids
+    first, then the fields, an id the stages reported replacing the context's value where both have it)."""
+    session_id, payment_id, error = stage_ids(done.outcome, done.error)
+    head = _head(_plain_heads, done, _plain_head)
+    context_session, context_payment = SESSION_ID.get(), PAYMENT_ID.get()
+    millis = ms_text(int((time.perf_counter() - done.started) * 1_000_000 + 0.5))
+    msecs = _MSECS[int((now - int(now)) * 1000)]  # LogRecord.msecs
+    stamp = _plain_second.of(now)
     parts: list[str] = []
     if request_id is not None:
         parts.append(f"request_id={plain_value(request_id)}")
@@ -234,7 +284,7 @@ def plain_line(done: CompletedRequest, now: float) -> str:
         parts.append(f"session_id={plain_value(session_id)}")
     if payment_id is not None and context_payment is None:
         parts.append(f"payment_id={plain_value(payment_id)}")
-    return f"{stamp},{msecs:03d} INFO x402_proxy.access {head[0]} {' '.join(parts)}\n"
+    return f"{stamp},{msecs} INFO x402_proxy.access {head[0]} {' '.join(parts)}\n"
 
 
 def _json(value: object) -> str:
@@ -251,9 +301,9 @@ def json_line(done: CompletedRequest, now: float) -> str:
     """The access line as `JsonFormatter` writes it, for a record created at `now` (built as `plain_line`)."""
     session_id, payment_id, error = stage_ids(done.outcome, done.error)
     head = _head(_json_heads, done, _json_head)
-    msecs = int((now - int(now)) * 1000)
-    stamp = _stamp(_json_second, now, time.gmtime, "%Y-%m-%dT%H:%M:%S")
-    parts = [f'{{"ts":"{stamp}.{msecs:03d}Z","level":"info","logger":"x402_proxy.access","msg":{head[0]}']
+    msecs = _MSECS[int((now - int(now)) * 1000)]
+    stamp = _json_second.of(now)
+    parts = [f'{{"ts":"{stamp}.{msecs}Z","level":"info","logger":"x402_proxy.access","msg":{head[0]}']
     request_id, context_session, context_payment = REQUEST_ID.get(), SESSION_ID.get(), PAYMENT_ID.get()
     if request_id is not None:
         parts.append(f'"request_id":{_json(request_id)}')
@@ -262,8 +312,8 @@ def json_line(done: CompletedRequest, now: float) -> str:
     if context_payment is not None:
         parts.append(f'"payment_id":{_json(payment_id if payment_id is not None else context_payment)}')
     parts.append(head[1])
-    millis = round((time.perf_counter() - done.started) * 1000, 3)
-    parts.append(f'"ms":{_json(millis)},"paid":{_json(payment_id is not None)}')
+    millis = ms_text(int((time.perf_counter() - done.started) * 1_000_000 + 0.5))
+    parts.append(f'"ms":{millis},"paid":{_json(payment_id is not None)}')
     parts.append(f'"session":{_json(session_id is not None)}')
     if error:
         parts.append(f'"error":{_json(error)}')
