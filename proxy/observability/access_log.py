@@ -155,6 +155,16 @@ def ms_text(micros: int) -> str:
     return f"{micros // 1000}{_FRACTIONS[micros % 1000]}"
 
 
+def _elapsed(started: float) -> str:
+    """`ms` of a line: the time since `started` (a perf_counter reading), as `fields_of` rounds it."""
+    return ms_text(int((time.perf_counter() - started) * 1_000_000 + 0.5))
+
+
+def _msecs(now: float) -> str:
+    """The milliseconds of a timestamp, as `LogRecord.msecs` formatted with %03d."""
+    return _MSECS[int((now - int(now)) * 1000)]
+
+
 class _Second:
     """A timestamp's second as text, kept while the clock stays in it (they change once a second)."""
 
@@ -182,19 +192,19 @@ def _plain(value: object) -> str:
     return plain_value(value)
 
 
-# (method, host, status, bytes) -> (the message, the "method ... bytes" run) of a line, per format: the
-# part of a line that depends on nothing else, built once per combination (a bounded cache).
+# (method, host, status, bytes) -> (the message, the "method ... bytes" run, ...) of a line, per format:
+# the part of a line that depends on nothing else, built once per combination (a bounded cache).
 _HeadKey = tuple[str, str, int, int | None]
-_plain_heads: dict[_HeadKey, tuple[str, str]] = {}
-_json_heads: dict[_HeadKey, tuple[str, str]] = {}
+_plain_heads: dict[_HeadKey, tuple[str, ...]] = {}
+_json_heads: dict[_HeadKey, tuple[str, ...]] = {}
 _HEADS_MAX = 4096
 
 
 def _head(
-    cache: dict[_HeadKey, tuple[str, str]],
+    cache: dict[_HeadKey, tuple[str, ...]],
     done: CompletedRequest,
-    build: Callable[[str, str, int, object], tuple[str, str]],
-) -> tuple[str, str]:
+    build: Callable[[str, str, int, object], tuple[str, ...]],
+) -> tuple[str, ...]:
     key = (done.method, done.host, done.status, done.bytes_sent)
     head = cache.get(key)
     if head is None:
@@ -206,31 +216,27 @@ def _head(
     return head
 
 
-def _plain_head(method: str, host: str, status: int, shown: object) -> tuple[str, str]:
-    return (
-        f"{method} {host} {status} {shown}",
-        f"method={plain_value(method)} host={plain_value(host)} status={status} bytes={_plain(shown)}",
-    )
+def _plain_head(method: str, host: str, status: int, shown: object) -> tuple[str, ...]:
+    """(message, fields run, and the usual line's text before its request id and before its `ms`)."""
+    message = f"{method} {host} {status} {shown}"
+    fields = f"method={plain_value(method)} host={plain_value(host)} status={status} bytes={_plain(shown)}"
+    return message, fields, f" INFO x402_proxy.access {message} request_id=", f" {fields} ms="
 
 
-def _json_head(method: str, host: str, status: int, shown: object) -> tuple[str, str]:
+def _json_head(method: str, host: str, status: int, shown: object) -> tuple[str, ...]:
     return (
         _json(f"{method} {host} {status} {shown}"),
         f'"method":{_json(method)},"host":{_json(host)},"status":{status},"bytes":{_json(shown)}',
     )
 
 
-# (method, host, status, bytes) -> the text before the request id and between it and `ms` of the usual
-# plain line (see `plain_line`), bounded like the heads.
-_plain_usual: dict[_HeadKey, tuple[str, str]] = {}
-
-
 def plain_line(done: CompletedRequest, now: float) -> str:
     """The access line as `PlainFormatter` writes it, for a record created at `now`.
 
     The usual request (neither paid nor in a session, no error) is one f-string around a request id,
-    a timestamp and `ms`, everything else kept per (method, host, status, bytes). Request ids are the
-    proxy's own ("<hex>-<n>", "admin-<n>"): never a character `plain_value` would quote.
+    a timestamp and `ms`, everything else kept per (method, host, status, bytes) by `_plain_head`.
+    Request ids are the proxy's own ("<hex>-<n>", "admin-<n>"): never a character `plain_value` would
+    quote.
     """
     request_id = REQUEST_ID.get()
     outcome = done.outcome
@@ -244,18 +250,10 @@ def plain_line(done: CompletedRequest, now: float) -> str:
         and SESSION_ID.get() is None
         and PAYMENT_ID.get() is None
     ):
-        key = (done.method, done.host, done.status, done.bytes_sent)
-        around = _plain_usual.get(key)
-        if around is None:
-            message, fields = _head(_plain_heads, done, _plain_head)
-            around = (f" INFO x402_proxy.access {message} request_id=", f" {fields} ms=")
-            if len(_plain_usual) >= _HEADS_MAX:
-                _plain_usual.clear()
-            _plain_usual[key] = around
-        micros = int((time.perf_counter() - done.started) * 1_000_000 + 0.5)
+        head = _head(_plain_heads, done, _plain_head)
         return (
-            f"{_plain_second.of(now)},{_MSECS[int((now - int(now)) * 1000)]}{around[0]}{request_id}"
-            f"{around[1]}{ms_text(micros)} paid=False session=False\n"
+            f"{_plain_second.of(now)},{_msecs(now)}{head[2]}{request_id}{head[3]}{_elapsed(done.started)}"
+            " paid=False session=False\n"
         )
     return _plain_line_in_general(done, now, request_id)
 
@@ -266,8 +264,8 @@ def _plain_line_in_general(done: CompletedRequest, now: float, request_id: str |
     session_id, payment_id, error = stage_ids(done.outcome, done.error)
     head = _head(_plain_heads, done, _plain_head)
     context_session, context_payment = SESSION_ID.get(), PAYMENT_ID.get()
-    millis = ms_text(int((time.perf_counter() - done.started) * 1_000_000 + 0.5))
-    msecs = _MSECS[int((now - int(now)) * 1000)]  # LogRecord.msecs
+    millis = _elapsed(done.started)
+    msecs = _msecs(now)
     stamp = _plain_second.of(now)
     parts: list[str] = []
     if request_id is not None:
@@ -301,7 +299,7 @@ def json_line(done: CompletedRequest, now: float) -> str:
     """The access line as `JsonFormatter` writes it, for a record created at `now` (built as `plain_line`)."""
     session_id, payment_id, error = stage_ids(done.outcome, done.error)
     head = _head(_json_heads, done, _json_head)
-    msecs = _MSECS[int((now - int(now)) * 1000)]
+    msecs = _msecs(now)
     stamp = _json_second.of(now)
     parts = [f'{{"ts":"{stamp}.{msecs}Z","level":"info","logger":"x402_proxy.access","msg":{head[0]}']
     request_id, context_session, context_payment = REQUEST_ID.get(), SESSION_ID.get(), PAYMENT_ID.get()
@@ -312,8 +310,7 @@ def json_line(done: CompletedRequest, now: float) -> str:
     if context_payment is not None:
         parts.append(f'"payment_id":{_json(payment_id if payment_id is not None else context_payment)}')
     parts.append(head[1])
-    millis = ms_text(int((time.perf_counter() - done.started) * 1_000_000 + 0.5))
-    parts.append(f'"ms":{millis},"paid":{_json(payment_id is not None)}')
+    parts.append(f'"ms":{_elapsed(done.started)},"paid":{_json(payment_id is not None)}')
     parts.append(f'"session":{_json(session_id is not None)}')
     if error:
         parts.append(f'"error":{_json(error)}')
